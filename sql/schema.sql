@@ -1,0 +1,66 @@
+-- pgrelay schema: the event log and its metadata. Idempotent: run by every
+-- `pgrelay install`, inside one transaction.
+
+CREATE SCHEMA IF NOT EXISTS pgrelay;
+
+-- Event ids come from this sequence, but only while holding pgrelay's
+-- transaction-level advisory lock at commit time (see triggers/capture.sql), so
+-- ids are handed out in commit order.
+CREATE SEQUENCE IF NOT EXISTS pgrelay.events_id_seq AS bigint;
+
+CREATE TABLE IF NOT EXISTS pgrelay.events (
+    id          bigint      PRIMARY KEY,
+    channel     text        NOT NULL,
+    table_name  text        NOT NULL,
+    op          text        NOT NULL,
+    payload     jsonb       NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+CREATE INDEX IF NOT EXISTS events_created_at_idx ON pgrelay.events (created_at);
+
+-- One row. `epoch` identifies this event log: a cursor from another epoch (a
+-- restored or reinstalled database) gets `reset`, never a silent gap.
+-- `pruned_through` is the highest id that retention may have deleted: a cursor
+-- below it cannot be replayed completely.
+CREATE TABLE IF NOT EXISTS pgrelay.meta (
+    singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    epoch           text    NOT NULL,
+    pruned_through  bigint  NOT NULL DEFAULT 0
+);
+
+INSERT INTO pgrelay.meta (epoch)
+VALUES (md5(random()::text || clock_timestamp()::text || pg_backend_pid()::text))
+ON CONFLICT (singleton) DO NOTHING;
+
+-- Retention: deletes one batch of events older than p_older_than and records
+-- the highest deleted id in meta.pruned_through. Returns the rows deleted, or
+-- -1 when another pgrelay replica is pruning right now (one at a time).
+CREATE OR REPLACE FUNCTION pgrelay.prune(p_older_than interval, p_batch integer)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count integer;
+    v_max   bigint;
+BEGIN
+    -- 0x7067_7265 is "pgre": pgrelay's advisory lock class, object 2 = pruning.
+    IF NOT pg_try_advisory_xact_lock(1885827685, 2) THEN
+        RETURN -1;
+    END IF;
+    WITH doomed AS (
+        SELECT id FROM pgrelay.events
+        WHERE created_at < clock_timestamp() - p_older_than
+        ORDER BY id
+        LIMIT p_batch
+    ), deleted AS (
+        DELETE FROM pgrelay.events e USING doomed d WHERE e.id = d.id RETURNING e.id
+    )
+    SELECT count(*), max(id) INTO v_count, v_max FROM deleted;
+    IF v_count > 0 THEN
+        UPDATE pgrelay.meta SET pruned_through = greatest(pruned_through, v_max);
+    END IF;
+    RETURN v_count;
+END
+$$;

@@ -1,0 +1,419 @@
+//! Command line (clap), `PGRELAY_*` environment variables and an optional TOML
+//! file -> validated, typed configuration.
+//!
+//! Precedence, highest first: flag, environment variable, `--config` file,
+//! built-in default (`DATABASE_URL` is honoured after the file). Everything is
+//! parsed and checked here, before any port is bound or any connection made,
+//! and a problem is one [`ConfigError`] line that names the flag. Nothing here
+//! touches the network.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::auth::{AdminClaim, AuthConfig, KeySource};
+use crate::hub::QueueSizes;
+use crate::route::Routes;
+
+#[derive(Debug, Parser)]
+#[command(name = "pgrelay", version, about = "PostgreSQL row changes -> live WebSocket messages")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Relay events from PostgreSQL to WebSocket clients.
+    Serve(ServeArgs),
+    /// Install the pgrelay schema and capture triggers (idempotent).
+    Install(InstallArgs),
+    /// Print a signed HS256 token, for trying pgrelay out.
+    Token(TokenArgs),
+    /// Throwaway PostgreSQL + demo schema + server, with tokens printed.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection string (URL or key=value); DATABASE_URL is used
+    /// when neither this flag, its variable nor the config file sets it.
+    #[arg(long, env = "PGRELAY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// TOML file with any of the long options (underscores for dashes).
+    #[arg(long, env = "PGRELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Address to serve HTTP and WebSockets on [default: 127.0.0.1:8080].
+    #[arg(long, env = "PGRELAY_LISTEN")]
+    pub listen: Option<String>,
+    /// HS256 secret that tokens are signed with.
+    #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with the RS256 or ES256 public key tokens are signed for.
+    #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "PGRELAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on exp and nbf [default: 0s].
+    #[arg(long, env = "PGRELAY_JWT_LEEWAY")]
+    pub jwt_leeway: Option<String>,
+    /// Claim that makes a super admin, NAME=VALUE; repeatable [default: role=super_admin].
+    #[arg(long = "admin-claim", env = "PGRELAY_ADMIN_CLAIMS", value_delimiter = ';')]
+    pub admin_claims: Vec<String>,
+    /// CHANNEL=AUDIENCE[,AUDIENCE...], AUDIENCE being dashboard or user:FIELD; repeatable
+    /// [default: the demo routes].
+    #[arg(long = "route", env = "PGRELAY_ROUTES", value_delimiter = ';')]
+    pub routes: Vec<String>,
+    /// Events older than this are pruned from pgrelay.events [default: 24h].
+    #[arg(long, env = "PGRELAY_RETENTION")]
+    pub retention: Option<String>,
+    /// Frames a dashboard socket may fall behind before it is closed with 4008 [default: 4096].
+    #[arg(long, env = "PGRELAY_DASHBOARD_QUEUE")]
+    pub dashboard_queue: Option<usize>,
+    /// Frames a notifications socket may fall behind before it is closed with 4008 [default: 64].
+    #[arg(long, env = "PGRELAY_USER_QUEUE")]
+    pub user_queue: Option<usize>,
+    /// Connections in the read pool (replay, large events) [default: 8].
+    #[arg(long, env = "PGRELAY_POOL_SIZE")]
+    pub pool_size: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Also create the demo tables (users, businesses, reservations) and their triggers.
+    #[arg(long)]
+    pub demo: bool,
+    /// Attach the capture trigger to TABLE, notifying CHANNEL; repeatable.
+    #[arg(long = "watch", value_name = "TABLE=CHANNEL")]
+    pub watch: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// HS256 secret to sign with.
+    #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// TOML file to read jwt_secret from.
+    #[arg(long, env = "PGRELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The user id (claim sub).
+    #[arg(long)]
+    pub sub: String,
+    /// Claim role, e.g. super_admin.
+    #[arg(long)]
+    pub role: Option<String>,
+    /// Lifetime, e.g. 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+}
+
+/// The `--config` file. Keys are the long options with underscores.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    database_url: Option<String>,
+    listen: Option<String>,
+    jwt_secret: Option<String>,
+    jwt_public_key: Option<PathBuf>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    jwt_leeway: Option<String>,
+    admin_claim: Option<Vec<String>>,
+    route: Option<Vec<String>>,
+    retention: Option<String>,
+    dashboard_queue: Option<usize>,
+    user_queue: Option<usize>,
+    pool_size: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--config {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("missing --database-url (or PGRELAY_DATABASE_URL, DATABASE_URL, database_url in --config)")]
+    NoDatabase,
+    #[error("--database-url: invalid connection string: {0}")]
+    DatabaseUrl(String),
+    #[error("--listen {value:?}: {reason}")]
+    Listen { value: String, reason: String },
+    #[error("missing --jwt-secret or --jwt-public-key (or PGRELAY_JWT_SECRET, PGRELAY_JWT_PUBLIC_KEY)")]
+    NoKey,
+    #[error("--jwt-secret and --jwt-public-key are exclusive: pick one")]
+    TwoKeys,
+    #[error("--jwt-secret: empty secret")]
+    EmptySecret,
+    #[error("--{flag} {value:?}: {reason}")]
+    Value {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("--route: {0}")]
+    Route(#[from] crate::route::RouteError),
+    #[error("{0}")]
+    Key(#[from] crate::auth::KeyError),
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub database: tokio_postgres::Config,
+    pub listen: SocketAddr,
+    pub auth: AuthConfig,
+    pub routes: Routes,
+    pub retention: Duration,
+    pub queues: QueueSizes,
+    pub pool_size: usize,
+}
+
+impl ServeConfig {
+    /// Sensible values for everything but the database, listen address and key;
+    /// used by `demo`, tests and the benchmark.
+    pub fn new(database: tokio_postgres::Config, listen: SocketAddr, secret: &str) -> ServeConfig {
+        ServeConfig {
+            database,
+            listen,
+            auth: AuthConfig {
+                key: KeySource::Secret(secret.to_owned()),
+                issuer: None,
+                audience: None,
+                leeway: Duration::ZERO,
+                admin_claims: vec![default_admin_claim()],
+            },
+            routes: Routes::parse::<&str>(&[]).unwrap_or_else(|_| unreachable!("default routes parse")),
+            retention: DEFAULT_RETENTION,
+            queues: DEFAULT_QUEUES,
+            pool_size: DEFAULT_POOL_SIZE,
+        }
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_QUEUES: QueueSizes = QueueSizes {
+    dashboard: 4096,
+    user: 64,
+};
+pub const DEFAULT_POOL_SIZE: usize = 8;
+
+fn default_admin_claim() -> AdminClaim {
+    AdminClaim {
+        name: "role".into(),
+        value: "super_admin".into(),
+    }
+}
+
+fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let err = |reason: String| ConfigError::File {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        match line {
+            Some(line) => err(format!("line {line}: {}", e.message())),
+            None => err(e.message().to_owned()),
+        }
+    })
+}
+
+/// Resolves the connection string: flag/env, then file, then DATABASE_URL.
+fn database(flag: Option<String>, file: Option<String>) -> Result<tokio_postgres::Config, ConfigError> {
+    let url = flag
+        .or(file)
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .filter(|u| !u.trim().is_empty())
+        .ok_or(ConfigError::NoDatabase)?;
+    let mut config =
+        tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::DatabaseUrl(e.to_string()))?;
+    if config.get_application_name().is_none() {
+        config.application_name("pgrelay");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    // Detect a dead server or a cut network on idle connections (the LISTEN
+    // connection is idle most of the time).
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(30));
+    Ok(config)
+}
+
+fn duration(flag: &'static str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(&v).map_err(|e| ConfigError::Value {
+            flag,
+            value: v,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn positive(flag: &'static str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value {
+        Some(0) => Err(ConfigError::Value {
+            flag,
+            value: "0".into(),
+            reason: "must be at least 1".into(),
+        }),
+        v => Ok(v.unwrap_or(default)),
+    }
+}
+
+/// Flag (or env) values when given, else the file's, else empty.
+fn list(flag: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
+    if flag.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flag
+    }
+}
+
+impl ServeArgs {
+    pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
+        let file = load_file(self.db.config.as_deref())?;
+        let database = database(self.db.database_url, file.database_url)?;
+        let listen_text = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_text.parse().map_err(|e: std::net::AddrParseError| ConfigError::Listen {
+            value: listen_text.clone(),
+            reason: e.to_string(),
+        })?;
+        let key = match (
+            self.jwt_secret.or(file.jwt_secret),
+            self.jwt_public_key.or(file.jwt_public_key),
+        ) {
+            (Some(_), Some(_)) => return Err(ConfigError::TwoKeys),
+            (Some(secret), None) if secret.is_empty() => return Err(ConfigError::EmptySecret),
+            (Some(secret), None) => KeySource::Secret(secret),
+            (None, Some(path)) => KeySource::PublicKeyFile(path),
+            (None, None) => return Err(ConfigError::NoKey),
+        };
+        let admin_claims = list(self.admin_claims, file.admin_claim)
+            .iter()
+            .map(|c| c.parse())
+            .collect::<Result<Vec<AdminClaim>, _>>()?;
+        let admin_claims = if admin_claims.is_empty() {
+            vec![default_admin_claim()]
+        } else {
+            admin_claims
+        };
+        let auth = AuthConfig {
+            key,
+            issuer: self.jwt_issuer.or(file.jwt_issuer),
+            audience: self.jwt_audience.or(file.jwt_audience),
+            leeway: duration("jwt-leeway", self.jwt_leeway.or(file.jwt_leeway), Duration::ZERO)?,
+            admin_claims,
+        };
+        let routes = Routes::parse(&list(self.routes, file.route))?;
+        let retention = duration("retention", self.retention.or(file.retention), DEFAULT_RETENTION)?;
+        if retention < Duration::from_secs(60) {
+            return Err(ConfigError::Value {
+                flag: "retention",
+                value: humantime::format_duration(retention).to_string(),
+                reason: "must be at least 1m".into(),
+            });
+        }
+        let queues = QueueSizes {
+            dashboard: positive(
+                "dashboard-queue",
+                self.dashboard_queue.or(file.dashboard_queue),
+                DEFAULT_QUEUES.dashboard,
+            )?,
+            user: positive("user-queue", self.user_queue.or(file.user_queue), DEFAULT_QUEUES.user)?,
+        };
+        let pool_size = positive("pool-size", self.pool_size.or(file.pool_size), DEFAULT_POOL_SIZE)?;
+        Ok(ServeConfig {
+            database,
+            listen,
+            auth,
+            routes,
+            retention,
+            queues,
+            pool_size,
+        })
+    }
+}
+
+/// What `install` needs, validated.
+#[derive(Debug, Clone)]
+pub struct InstallConfig {
+    pub database: tokio_postgres::Config,
+    pub demo: bool,
+    /// (table, channel) pairs.
+    pub watch: Vec<(String, String)>,
+}
+
+impl InstallArgs {
+    pub fn resolve(self) -> Result<InstallConfig, ConfigError> {
+        let file = load_file(self.db.config.as_deref())?;
+        let database = database(self.db.database_url, file.database_url)?;
+        let watch = self
+            .watch
+            .iter()
+            .map(|spec| match spec.split_once('=') {
+                Some((table, channel)) if !table.trim().is_empty() && !channel.trim().is_empty() => {
+                    Ok((table.trim().to_owned(), channel.trim().to_owned()))
+                }
+                _ => Err(ConfigError::Value {
+                    flag: "watch",
+                    value: spec.clone(),
+                    reason: "expected TABLE=CHANNEL".into(),
+                }),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(InstallConfig {
+            database,
+            demo: self.demo,
+            watch,
+        })
+    }
+}
+
+impl TokenArgs {
+    /// The secret to sign with: flag or env, else the config file.
+    pub fn secret(&self) -> Result<String, ConfigError> {
+        let file = load_file(self.config.as_deref())?;
+        match self.jwt_secret.clone().or(file.jwt_secret) {
+            Some(s) if s.is_empty() => Err(ConfigError::EmptySecret),
+            Some(s) => Ok(s),
+            None => Err(ConfigError::Value {
+                flag: "jwt-secret",
+                value: String::new(),
+                reason: "required to sign a token".into(),
+            }),
+        }
+    }
+}

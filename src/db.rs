@@ -1,0 +1,166 @@
+//! The deadpool pool and every query pgrelay makes through it: replay pages,
+//! id-only event reads, the log's epoch and retention cursor, pruning.
+//!
+//! The LISTEN connection is not here (see `listen`): a pooled connection
+//! cannot carry LISTEN. Every query takes typed parameters; nothing is built by
+//! formatting strings.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use serde_json::value::RawValue;
+use tokio_postgres::{NoTls, Row};
+
+use crate::parse::{check_object, Event};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("could not create database pool: {0}")]
+    Build(#[from] deadpool_postgres::BuildError),
+    #[error("pgrelay is not installed in this database (run `pgrelay install`)")]
+    NotInstalled,
+    #[error("event {id} has a malformed payload: {reason}")]
+    BadRow { id: i64, reason: String },
+}
+
+/// Columns of an event row, in the order [`event_from_row`] reads them.
+const EVENT_COLUMNS: &str =
+    "id, channel, table_name, op, pgrelay.format_at(created_at), payload::text";
+
+/// The log's identity and retention cursor (`pgrelay.meta`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogInfo {
+    pub epoch: String,
+    /// Retention may have deleted every id up to this one.
+    pub pruned_through: i64,
+    /// The newest id in the log (0 when empty).
+    pub max_id: i64,
+}
+
+/// A small pool for reads: replay, id-only events, the epoch, pruning.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+impl Db {
+    pub fn new(config: tokio_postgres::Config, size: usize) -> Result<Db, DbError> {
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()?;
+        Ok(Db { pool })
+    }
+
+    /// The epoch, retention cursor and newest id; `NotInstalled` when the
+    /// pgrelay schema is missing.
+    pub async fn log_info(&self) -> Result<LogInfo, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT m.epoch, m.pruned_through, \
+                        coalesce((SELECT max(id) FROM pgrelay.events), 0) \
+                 FROM pgrelay.meta m",
+                &[],
+            )
+            .await
+            .map_err(|e| match e.code() {
+                Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => DbError::NotInstalled,
+                _ => DbError::Query(e),
+            })?
+            .ok_or(DbError::NotInstalled)?;
+        Ok(LogInfo {
+            epoch: row.try_get(0)?,
+            pruned_through: row.try_get(1)?,
+            max_id: row.try_get(2)?,
+        })
+    }
+
+    /// Up to `limit` events on `channels` with `after < id <= upto`, in id order.
+    pub async fn events_between(
+        &self,
+        after: i64,
+        upto: i64,
+        channels: &[String],
+        limit: i64,
+    ) -> Result<Vec<Event>, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM pgrelay.events \
+                 WHERE id > $1 AND id <= $2 AND channel = ANY($3) \
+                 ORDER BY id LIMIT $4"
+            ))
+            .await?;
+        let rows = client
+            .query(&statement, &[&after, &upto, &channels, &limit])
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// The event with this id, for NOTIFYs that carried only the id. `None`
+    /// if it is gone (pruned, or the NOTIFY was forged).
+    pub async fn event_by_id(&self, id: i64) -> Result<Option<Event>, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM pgrelay.events WHERE id = $1"
+            ))
+            .await?;
+        client
+            .query_opt(&statement, &[&id])
+            .await?
+            .as_ref()
+            .map(event_from_row)
+            .transpose()
+    }
+}
+
+fn event_from_row(row: &Row) -> Result<Event, DbError> {
+    let id: i64 = row.try_get(0)?;
+    let data: String = row.try_get(5)?;
+    let data = RawValue::from_string(data).map_err(|e| DbError::BadRow {
+        id,
+        reason: e.to_string(),
+    })?;
+    check_object(&data).map_err(|e| DbError::BadRow {
+        id,
+        reason: e.to_string(),
+    })?;
+    Ok(Event {
+        id,
+        channel: row.try_get(1)?,
+        table: row.try_get(2)?,
+        op: row.try_get(3)?,
+        at: row.try_get(4)?,
+        data,
+    })
+}
+
+impl Db {
+    /// Deletes one batch of events older than `older_than`; `None` when
+    /// another replica holds the pruning lock.
+    pub async fn prune(&self, older_than: Duration, batch: i32) -> Result<Option<i32>, DbError> {
+        let client = self.pool.get().await?;
+        let interval = format!("{} milliseconds", older_than.as_millis());
+        let row = client
+            .query_one("SELECT pgrelay.prune($1::text::interval, $2)", &[&interval, &batch])
+            .await?;
+        let deleted: i32 = row.try_get(0)?;
+        Ok((deleted >= 0).then_some(deleted))
+    }
+}

@@ -1,0 +1,235 @@
+//! Audience -> live subscribers. Each event is serialised once into a shared
+//! [`Delivery`] and handed to every socket that may see it without copying.
+//!
+//! Queues: one `tokio::sync::broadcast` ring for the dashboard and one per
+//! connected user, created on the user's first socket and removed with their
+//! last. A ring is each socket's bounded queue; overflow policy: the publisher
+//! never waits, it overwrites the oldest frame, and a socket that falls a whole
+//! ring behind sees `Lagged` and is closed with 4008 (it resumes losslessly
+//! from its last id). So a slow socket can never delay the listener or
+//! another socket.
+//!
+//! `last_id` is the newest id the listener has handed to the hub. It is read
+//! together with subscribing, under one lock, so a new socket gets every event
+//! above the `last_id` it reports in `hello`: no gap at connect.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use tokio::sync::broadcast;
+
+use crate::parse::Event;
+use crate::route::Targets;
+
+/// One event's frame, shared by every socket it goes to.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: i64,
+    pub frame: Utf8Bytes,
+}
+
+impl Delivery {
+    pub fn new(event: &Event) -> Delivery {
+        Delivery {
+            id: event.id,
+            frame: Utf8Bytes::from(event.frame()),
+        }
+    }
+}
+
+/// Queue sizes, in frames.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueSizes {
+    pub dashboard: usize,
+    pub user: usize,
+}
+
+pub struct Hub {
+    state: Mutex<State>,
+    dashboard: broadcast::Sender<Delivery>,
+    user_queue: usize,
+}
+
+struct State {
+    last_id: i64,
+    users: HashMap<String, broadcast::Sender<Delivery>>,
+}
+
+/// A socket's place in the hub: the `last_id` at the moment it subscribed and
+/// its queue. Dropping it unsubscribes.
+pub struct Subscription {
+    pub last_id: i64,
+    pub rx: broadcast::Receiver<Delivery>,
+    user: Option<(Arc<Hub>, String)>,
+}
+
+impl Hub {
+    pub fn new(sizes: QueueSizes) -> Arc<Hub> {
+        let (dashboard, _) = broadcast::channel(sizes.dashboard.max(1));
+        Arc::new(Hub {
+            state: Mutex::new(State {
+                last_id: 0,
+                users: HashMap::new(),
+            }),
+            dashboard,
+            user_queue: sizes.user.max(1),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain data behind: keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest id handed to the hub.
+    pub fn last_id(&self) -> i64 {
+        self.state().last_id
+    }
+
+    /// Moves `last_id` forward without an event (the log's newest id at start,
+    /// or an event routed to nobody). Never moves it back.
+    pub fn advance(&self, id: i64) {
+        let mut state = self.state();
+        state.last_id = state.last_id.max(id);
+    }
+
+    /// Hands one event to its audiences. Never waits.
+    pub fn publish(&self, event: &Event, targets: &Targets) {
+        let mut state = self.state();
+        state.last_id = state.last_id.max(event.id);
+        if !targets.dashboard && targets.users.is_empty() {
+            return;
+        }
+        let delivery = Delivery::new(event);
+        if targets.dashboard {
+            // `send` fails only when nobody listens: nothing to do then.
+            let _ = self.dashboard.send(delivery.clone());
+        }
+        for user in &targets.users {
+            if let Some(tx) = state.users.get(user) {
+                let _ = tx.send(delivery.clone());
+            }
+        }
+    }
+
+    pub fn subscribe_dashboard(&self) -> Subscription {
+        let state = self.state();
+        Subscription {
+            last_id: state.last_id,
+            rx: self.dashboard.subscribe(),
+            user: None,
+        }
+    }
+
+    pub fn subscribe_user(self: &Arc<Self>, user: &str) -> Subscription {
+        let mut state = self.state();
+        let rx = state
+            .users
+            .entry(user.to_owned())
+            .or_insert_with(|| broadcast::channel(self.user_queue).0)
+            .subscribe();
+        Subscription {
+            last_id: state.last_id,
+            rx,
+            user: Some((Arc::clone(self), user.to_owned())),
+        }
+    }
+
+    /// Users with at least one socket (for metrics and tests).
+    pub fn connected_users(&self) -> usize {
+        self.state().users.len()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some((hub, user)) = &self.user {
+            let mut state = hub.state();
+            // Our own receiver is still alive here: 1 means it was the last.
+            if state
+                .users
+                .get(user)
+                .is_some_and(|tx| tx.receiver_count() <= 1)
+            {
+                state.users.remove(user);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn event(id: i64) -> Event {
+        Event {
+            id,
+            channel: "c".into(),
+            table: "t".into(),
+            op: "INSERT".into(),
+            at: "x".into(),
+            data: RawValue::from_string("{}".into()).expect("json"),
+        }
+    }
+
+    fn hub() -> Arc<Hub> {
+        Hub::new(QueueSizes {
+            dashboard: 4,
+            user: 2,
+        })
+    }
+
+    #[test]
+    fn subscribers_get_only_their_audience() {
+        let hub = hub();
+        let mut dash = hub.subscribe_dashboard();
+        let mut alice = hub.subscribe_user("alice");
+        let mut bob = hub.subscribe_user("bob");
+        hub.publish(
+            &event(1),
+            &Targets {
+                dashboard: false,
+                users: vec!["alice".into()],
+            },
+        );
+        assert_eq!(alice.rx.try_recv().map(|d| d.id).ok(), Some(1));
+        assert!(bob.rx.try_recv().is_err());
+        assert!(dash.rx.try_recv().is_err());
+        assert_eq!(hub.last_id(), 1);
+        assert_eq!(hub.subscribe_dashboard().last_id, 1);
+    }
+
+    #[test]
+    fn a_full_queue_lags_instead_of_blocking() {
+        let hub = hub();
+        let mut alice = hub.subscribe_user("alice");
+        let to_alice = Targets {
+            dashboard: false,
+            users: vec!["alice".into()],
+        };
+        for id in 1..=3 {
+            hub.publish(&event(id), &to_alice);
+        }
+        assert!(matches!(
+            alice.rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(1))
+        ));
+    }
+
+    #[test]
+    fn last_socket_of_a_user_removes_the_queue() {
+        let hub = hub();
+        let first = hub.subscribe_user("alice");
+        let second = hub.subscribe_user("alice");
+        assert_eq!(hub.connected_users(), 1);
+        drop(first);
+        assert_eq!(hub.connected_users(), 1);
+        drop(second);
+        assert_eq!(hub.connected_users(), 0);
+        hub.advance(9);
+        hub.advance(3);
+        assert_eq!(hub.last_id(), 9);
+    }
+}

@@ -1,0 +1,204 @@
+//! pgrelay: PostgreSQL row changes -> live WebSocket messages.
+//!
+//! # Layout
+//!
+//! ```text
+//! INSERT/UPDATE on a watched table
+//!   -> capture trigger (triggers/)  pgrelay.events row + pg_notify, ids in commit order
+//!   -> listen    one dedicated LISTEN connection; reconnects, catches up from pgrelay.events
+//!   -> parse     NOTIFY payload -> Event (pure)
+//!   -> route     Event -> audiences: dashboard, user:<id> (pure)
+//!   -> hub       audience -> subscribers; each event serialised once, bounded rings
+//!   -> session   one task per WebSocket: hello, replay, live, refresh, close codes
+//! ```
+//!
+//! Beside the flow: `server` (HTTP, upgrade, auth at the door), `auth` (JWT,
+//! pure), `config` (flags, env, TOML -> typed config), `db` (the read pool),
+//! `install` (embedded SQL), `retention` (pruning), `metrics`, `cluster`
+//! (throwaway PostgreSQL for `demo` and tests), `demo`.
+//!
+//! Invariants: data flows one way; the listener never waits on a socket;
+//! nothing downstream of the listener touches PostgreSQL except replay reads
+//! through the pool; every spawned task is tracked and ends on the one
+//! cancellation token.
+
+pub mod auth;
+pub mod cluster;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod hub;
+pub mod install;
+pub mod listen;
+pub mod metrics;
+pub mod parse;
+pub mod retention;
+pub mod route;
+pub mod server;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{KeyError, Verifier};
+use crate::config::ServeConfig;
+use crate::db::{Db, DbError};
+use crate::hub::Hub;
+use crate::listen::Listener;
+use crate::metrics::Metrics;
+use crate::server::Shared;
+
+/// How long shutdown waits for sockets to close before giving up on them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+/// WebSocket ping interval; a peer that has not answered the previous ping
+/// by the next one is dropped.
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Liveness facts the listener publishes and the server reads.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// LISTEN is active and caught up.
+    pub ready: AtomicBool,
+    epoch: RwLock<String>,
+}
+
+impl Status {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn epoch(&self) -> String {
+        self.epoch.read().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    pub fn set_epoch(&self, epoch: &str) {
+        if let Ok(mut e) = self.epoch.write() {
+            epoch.clone_into(&mut e);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("cannot reach the database: {0}")]
+    Database(String),
+    #[error("pgrelay is not installed in this database: run `pgrelay install` first")]
+    NotInstalled,
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running relay: the listener, the server and retention, sharing one
+/// shutdown token and task tracker.
+pub struct Relay {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    status: Arc<Status>,
+}
+
+impl Relay {
+    /// Checks the key and the database, binds, and starts every task. Any
+    /// problem is reported before a port is bound or a socket accepted.
+    pub async fn start(config: ServeConfig) -> Result<Relay, StartError> {
+        Self::start_with(config, PING_INTERVAL).await
+    }
+
+    /// [`Relay::start`] with a chosen ping interval (tests use a short one).
+    pub async fn start_with(config: ServeConfig, ping_interval: Duration) -> Result<Relay, StartError> {
+        let verifier = Verifier::new(&config.auth)?;
+        let db = Db::new(config.database.clone(), config.pool_size)
+            .map_err(|e| StartError::Database(e.to_string()))?;
+        let info = db.log_info().await.map_err(|e| match e {
+            DbError::NotInstalled => StartError::NotInstalled,
+            DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => {
+                StartError::Database(install::db_message(&e))
+            }
+            other => StartError::Database(other.to_string()),
+        })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::default());
+        let status = Arc::new(Status::default());
+        status.set_epoch(&info.epoch);
+        let hub = Hub::new(config.queues);
+        tracker.spawn(
+            Listener {
+                config: config.database.clone(),
+                routes: config.routes.clone(),
+                db: db.clone(),
+                hub: Arc::clone(&hub),
+                status: Arc::clone(&status),
+                metrics: Arc::clone(&metrics),
+                shutdown: shutdown.clone(),
+                tracker: tracker.clone(),
+            }
+            .run(),
+        );
+        let prune_every = (config.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        tracker.spawn(retention::run(db.clone(), config.retention, prune_every, shutdown.clone()));
+        let shared = Arc::new(Shared {
+            verifier,
+            hub,
+            db,
+            routes: config.routes,
+            metrics,
+            status: Arc::clone(&status),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            ping_interval,
+            leeway: config.auth.leeway,
+        });
+        tracker.spawn(server::serve(listener, shared));
+        tracing::info!(%addr, "serving");
+        Ok(Relay {
+            addr,
+            shutdown,
+            tracker,
+            status,
+        })
+    }
+
+    /// The address the server is bound to (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether LISTEN is active and caught up (what `/readyz` says).
+    pub fn is_ready(&self) -> bool {
+        self.status.is_ready()
+    }
+
+    /// Stops accepting, closes every socket with 1001, and waits for the
+    /// tasks, at most [`SHUTDOWN_GRACE`]. Returns whether all tasks ended.
+    pub async fn shutdown(self) -> bool {
+        self.shutdown.cancel();
+        self.tracker.close();
+        tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+}

@@ -1,0 +1,219 @@
+//! The one dedicated LISTEN connection: LISTEN on every routed channel, decode
+//! each notification, route it, hand it to the hub, in commit (= id) order.
+//!
+//! Faults: when the connection dies (terminated backend, restart, network cut,
+//! failed heartbeat) it reconnects with capped exponential backoff and jitter,
+//! LISTENs again, then catches up from `pgrelay.events` everything committed
+//! since the last id it handed on, before live notifications. LISTEN comes
+//! before the catch-up query, so nothing falls between the two; the overlap is
+//! dropped by id. `/readyz` is 503 from the loss until the catch-up is done.
+//!
+//! The connection is driven by its own task that only forwards notifications
+//! into a bounded queue (overflow policy: the driver waits, so notifications
+//! back up in PostgreSQL's own 8 GB queue, visible as
+//! `pg_notification_queue_usage`; handling an event never waits on a socket, so
+//! in practice the queue stays near empty). Catch-up and large events are read
+//! through the pool, never on this connection, so the driver is never blocked
+//! behind our own query. Nothing here waits on a socket.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::poll_fn;
+use postgres_protocol::escape::escape_identifier;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls, Notification};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::db::{Db, DbError};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::parse::{parse_notification, Event, Notice};
+use crate::route::Routes;
+use crate::Status;
+
+/// Notifications read from the socket but not yet handled.
+const NOTIFY_QUEUE: usize = 16_384;
+/// Events per catch-up page.
+const CATCH_UP_PAGE: i64 = 1_000;
+/// How often the connection proves it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("connect: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("LISTEN: {0}")]
+    Listen(#[source] tokio_postgres::Error),
+    #[error("connection lost: {0}")]
+    Lost(#[source] tokio_postgres::Error),
+    #[error("connection closed by the server")]
+    Closed,
+    #[error("heartbeat: {0}")]
+    Heartbeat(String),
+    #[error("{0}")]
+    Db(#[from] DbError),
+}
+
+pub struct Listener {
+    pub config: tokio_postgres::Config,
+    pub routes: Routes,
+    pub db: Db,
+    pub hub: Arc<Hub>,
+    pub status: Arc<Status>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Listener {
+    /// Runs until shutdown, reconnecting as often as it takes.
+    pub async fn run(self) {
+        let mut cursor: Option<i64> = None;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let result = self.connected(&mut cursor, &mut backoff).await;
+            self.status.ready.store(false, Ordering::SeqCst);
+            match result {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, "listener connection down; reconnecting"),
+            }
+            // Full jitter in [backoff/2, backoff]: replicas that lost the
+            // same server do not come back in step.
+            let delay = rand::rng().random_range(backoff / 2..=backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            self.metrics.listener_reconnects.inc();
+        }
+    }
+
+    /// One connection's life: connect, LISTEN, catch up, relay. Returns Ok only
+    /// at shutdown.
+    async fn connected(&self, cursor: &mut Option<i64>, backoff: &mut Duration) -> Result<(), ListenError> {
+        let (client, mut connection) = self.config.connect(NoTls).await.map_err(ListenError::Connect)?;
+        let (tx, mut rx) = mpsc::channel::<Result<Notification, tokio_postgres::Error>>(NOTIFY_QUEUE);
+        self.tracker.spawn(async move {
+            loop {
+                let message = poll_fn(|cx| connection.poll_message(cx)).await;
+                let forward = match message {
+                    Some(Ok(AsyncMessage::Notification(n))) => Ok(n),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => Err(e),
+                    None => return,
+                };
+                let failed = forward.is_err();
+                if tx.send(forward).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let listen: String = self
+            .routes
+            .channels()
+            .iter()
+            .map(|c| format!("LISTEN {};", escape_identifier(c)))
+            .collect();
+        client.batch_execute(&listen).await.map_err(ListenError::Listen)?;
+
+        let info = self.db.log_info().await?;
+        self.status.set_epoch(&info.epoch);
+        // First start: live from now. Later: from the last id handed on.
+        let start = *cursor.get_or_insert(info.max_id);
+        self.hub.advance(start);
+        let caught_up = self.catch_up(start).await?;
+        *cursor = Some(caught_up);
+        self.status.ready.store(true, Ordering::SeqCst);
+        *backoff = BACKOFF_MIN;
+        tracing::info!(channels = %self.routes, last_id = caught_up, "listening");
+
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                message = rx.recv() => match message {
+                    Some(Ok(n)) => self.handle(&n, cursor).await?,
+                    Some(Err(e)) => return Err(ListenError::Lost(e)),
+                    None => return Err(ListenError::Closed),
+                },
+                _ = heartbeat.tick() => {
+                    let usage = tokio::time::timeout(
+                        HEARTBEAT_TIMEOUT,
+                        client.query_one("SELECT pg_notification_queue_usage()", &[]),
+                    )
+                    .await
+                    .map_err(|_| ListenError::Heartbeat("no answer within 5s".into()))?
+                    .map_err(|e| ListenError::Heartbeat(e.to_string()))?;
+                    let usage: f64 = usage.try_get(0).map_err(|e| ListenError::Heartbeat(e.to_string()))?;
+                    self.metrics.notification_queue_usage.set(usage);
+                }
+            }
+        }
+    }
+
+    /// Hands on, in order, every routed event above `after`; returns the last id.
+    async fn catch_up(&self, after: i64) -> Result<i64, ListenError> {
+        let channels = self.routes.channels();
+        let mut cursor = after;
+        loop {
+            let page = self
+                .db
+                .events_between(cursor, i64::MAX, &channels, CATCH_UP_PAGE)
+                .await?;
+            self.metrics.replay_rows.inc_by(page.len() as u64);
+            let full = page.len() as i64 == CATCH_UP_PAGE;
+            for event in page {
+                cursor = event.id;
+                self.deliver(&event);
+            }
+            if !full {
+                return Ok(cursor);
+            }
+        }
+    }
+
+    async fn handle(&self, n: &Notification, cursor: &mut Option<i64>) -> Result<(), ListenError> {
+        let last = cursor.unwrap_or(0);
+        let event = match parse_notification(n.channel(), n.payload()) {
+            Err(e) => {
+                self.metrics.bad_notifications.inc();
+                tracing::warn!(channel = n.channel(), error = %e, "skipping notification");
+                return Ok(());
+            }
+            Ok(Notice::Full(event)) if event.id > last => event,
+            Ok(Notice::IdOnly { id }) if id > last => match self.db.event_by_id(id).await? {
+                Some(event) if event.channel == n.channel() => event,
+                _ => {
+                    self.metrics.bad_notifications.inc();
+                    tracing::warn!(channel = n.channel(), id, "skipping notification: no such event");
+                    return Ok(());
+                }
+            },
+            // Already handed on by the catch-up.
+            Ok(_) => return Ok(()),
+        };
+        *cursor = Some(event.id);
+        self.deliver(&event);
+        Ok(())
+    }
+
+    fn deliver(&self, event: &Event) {
+        self.metrics.events_received.inc();
+        let targets = self.routes.route(event);
+        self.hub.publish(event, &targets);
+        if let Ok(at) = humantime::parse_rfc3339(&event.at) {
+            if let Ok(lag) = SystemTime::now().duration_since(at) {
+                self.metrics.event_lag.observe(lag.as_secs_f64());
+            }
+        }
+    }
+}

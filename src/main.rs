@@ -1,0 +1,104 @@
+//! The `pgrelay` binary: parses the command line, sets up logging, runs the
+//! command from the library, maps errors to exit codes (2 for anything wrong
+//! with the configuration or the environment at start, 1 otherwise).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use pgrelay::config::{Cli, Command};
+use pgrelay::{auth, demo, install, Relay};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("pgrelay=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(1, &format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(run(cli))
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("pgrelay: error: {message}");
+    ExitCode::from(code)
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match args.resolve() {
+                Ok(config) => config,
+                Err(e) => return fail(2, &e.to_string()),
+            };
+            let relay = match Relay::start(config).await {
+                Ok(relay) => relay,
+                Err(e) => return fail(2, &e.to_string()),
+            };
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            if !relay.shutdown().await {
+                tracing::warn!("some sockets did not close in time");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Install(args) => {
+            let config = match args.resolve() {
+                Ok(config) => config,
+                Err(e) => return fail(2, &e.to_string()),
+            };
+            match install::install(&config).await {
+                Ok(installed) => {
+                    println!("pgrelay schema and capture triggers installed");
+                    if installed.demo {
+                        println!("demo tables users, businesses, reservations installed");
+                    }
+                    for (table, channel) in installed.watched {
+                        println!("watching {table} on channel {channel}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(2, &e.to_string()),
+            }
+        }
+        Command::Token(args) => {
+            let secret = match args.secret() {
+                Ok(secret) => secret,
+                Err(e) => return fail(2, &e.to_string()),
+            };
+            match auth::mint(&secret, &args.sub, args.role.as_deref(), args.ttl) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &e.to_string()),
+            }
+        }
+        Command::Demo(args) => match demo::run(&args.listen, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(2, &e.to_string()),
+        },
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT, alike.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers, Ctrl-C through tokio's portable API.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Event -> audiences: which streams an event goes to.
+//!
+//! Pure: no I/O. A route is `CHANNEL=AUDIENCE[,AUDIENCE...]`, an audience is
+//! `dashboard` or `user:FIELD`, FIELD a top-level key of the row payload whose
+//! value (number or string) is a user id. User ids are compared as text, so `42`
+//! and `"42"` are the same user. The same [`Routes::route`] decides live
+//! delivery and replay, so a resumed socket sees exactly what a live one would.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+use crate::parse::Event;
+
+/// Who an event is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Audience {
+    Dashboard,
+    /// The user whose id is in this payload field.
+    User(String),
+}
+
+/// Channel -> audiences, from `--route` flags or the defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routes {
+    by_channel: BTreeMap<String, Vec<Audience>>,
+}
+
+/// Where one event goes: the dashboard stream and/or these users.
+#[derive(Debug, Default, PartialEq)]
+pub struct Targets {
+    pub dashboard: bool,
+    pub users: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RouteError {
+    #[error("route {0:?} is not CHANNEL=AUDIENCE[,AUDIENCE...]")]
+    Syntax(String),
+    #[error("route {route:?}: unknown audience {audience:?} (expected dashboard or user:FIELD)")]
+    UnknownAudience { route: String, audience: String },
+    #[error("route {0:?}: channel name must be 1 to 63 bytes")]
+    ChannelLength(String),
+    #[error("channel {0:?} is routed twice")]
+    Duplicate(String),
+}
+
+/// The routes of the demo domain, used when no `--route` is given.
+pub const DEFAULT_ROUTES: [&str; 2] = [
+    "business_events=dashboard,user:owner_id",
+    "reservation_events=dashboard,user:business_owner_id,user:customer_id",
+];
+
+impl FromStr for Audience {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.trim() {
+            "dashboard" => Ok(Audience::Dashboard),
+            other => match other.strip_prefix("user:") {
+                Some(field) if !field.is_empty() => Ok(Audience::User(field.to_owned())),
+                _ => Err(()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Audience {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Audience::Dashboard => f.write_str("dashboard"),
+            Audience::User(field) => write!(f, "user:{field}"),
+        }
+    }
+}
+
+impl Routes {
+    /// Parses `--route` values; an empty list means the default routes.
+    pub fn parse<S: AsRef<str>>(specs: &[S]) -> Result<Routes, RouteError> {
+        let mut by_channel = BTreeMap::new();
+        let defaults = DEFAULT_ROUTES.map(String::from);
+        let specs: Vec<&str> = if specs.is_empty() {
+            defaults.iter().map(String::as_str).collect()
+        } else {
+            specs.iter().map(AsRef::as_ref).collect()
+        };
+        for spec in specs {
+            let (channel, audiences) = spec
+                .split_once('=')
+                .ok_or_else(|| RouteError::Syntax(spec.to_owned()))?;
+            let channel = channel.trim();
+            if channel.is_empty() || audiences.trim().is_empty() {
+                return Err(RouteError::Syntax(spec.to_owned()));
+            }
+            // PostgreSQL truncates identifiers to 63 bytes: a longer channel
+            // would LISTEN on a different name than the trigger notifies.
+            if channel.len() > 63 {
+                return Err(RouteError::ChannelLength(spec.to_owned()));
+            }
+            let mut parsed: Vec<Audience> = Vec::new();
+            for audience in audiences.split(',') {
+                let a = audience
+                    .parse()
+                    .map_err(|()| RouteError::UnknownAudience {
+                        route: spec.to_owned(),
+                        audience: audience.trim().to_owned(),
+                    })?;
+                if !parsed.contains(&a) {
+                    parsed.push(a);
+                }
+            }
+            if by_channel.insert(channel.to_owned(), parsed).is_some() {
+                return Err(RouteError::Duplicate(channel.to_owned()));
+            }
+        }
+        Ok(Routes { by_channel })
+    }
+
+    /// Every routed channel: the listener LISTENs on each.
+    pub fn channels(&self) -> Vec<String> {
+        self.by_channel.keys().cloned().collect()
+    }
+
+    /// Channels with at least one audience of the given stream, for replay
+    /// queries (a superset: the router still decides per event).
+    pub fn channels_for(&self, dashboard: bool) -> Vec<String> {
+        self.by_channel
+            .iter()
+            .filter(|(_, audiences)| {
+                audiences
+                    .iter()
+                    .any(|a| matches!(a, Audience::Dashboard) == dashboard)
+            })
+            .map(|(channel, _)| channel.clone())
+            .collect()
+    }
+
+    /// The audiences of an event, or nothing for an unrouted channel.
+    pub fn route(&self, event: &Event) -> Targets {
+        let Some(audiences) = self.by_channel.get(&event.channel) else {
+            return Targets::default();
+        };
+        let mut targets = Targets::default();
+        let mut row: Option<Map<String, Value>> = None;
+        for audience in audiences {
+            match audience {
+                Audience::Dashboard => targets.dashboard = true,
+                Audience::User(field) => {
+                    let row = row.get_or_insert_with(|| {
+                        serde_json::from_str(event.data.get()).unwrap_or_default()
+                    });
+                    if let Some(user) = row.get(field).and_then(user_id) {
+                        if !targets.users.contains(&user) {
+                            targets.users.push(user);
+                        }
+                    }
+                }
+            }
+        }
+        targets
+    }
+}
+
+impl fmt::Display for Routes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (channel, audiences)) in self.by_channel.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{channel}=")?;
+            for (j, a) in audiences.iter().enumerate() {
+                if j > 0 {
+                    f.write_str(",")?;
+                }
+                write!(f, "{a}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A user id as text: numbers and non-empty strings are ids, anything else is not.
+pub fn user_id(value: &Value) -> Option<String> {
+    match value {
+        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn event(channel: &str, data: &str) -> Event {
+        Event {
+            id: 1,
+            channel: channel.into(),
+            table: "t".into(),
+            op: "INSERT".into(),
+            at: "2026-11-25T00:00:00.000000Z".into(),
+            data: RawValue::from_string(data.into()).expect("test data is JSON"),
+        }
+    }
+
+    fn check(routes: &[&str], channel: &str, data: &str, dashboard: bool, users: &[&str]) {
+        let routes = Routes::parse(routes).expect("routes parse");
+        let got = routes.route(&event(channel, data));
+        assert_eq!(got.dashboard, dashboard, "dashboard for {channel} {data}");
+        assert_eq!(got.users, users, "users for {channel} {data}");
+    }
+
+    #[test]
+    fn routing_matrix() {
+        let d: &[&str] = &[];
+        check(d, "business_events", r#"{"owner_id":42}"#, true, &["42"]);
+        check(d, "business_events", r#"{"owner_id":"42"}"#, true, &["42"]);
+        check(d, "business_events", r#"{"owner_id":null}"#, true, &[]);
+        check(d, "business_events", r#"{"owner_id":true}"#, true, &[]);
+        check(d, "business_events", r#"{"owner_id":""}"#, true, &[]);
+        check(d, "other", r#"{"owner_id":42}"#, false, &[]);
+        check(
+            d,
+            "reservation_events",
+            r#"{"business_owner_id":1,"customer_id":2}"#,
+            true,
+            &["1", "2"],
+        );
+        // The owner booking their own business is notified once.
+        check(
+            d,
+            "reservation_events",
+            r#"{"business_owner_id":5,"customer_id":5}"#,
+            true,
+            &["5"],
+        );
+        check(&["c=user:u"], "c", r#"{"u":7}"#, false, &["7"]);
+        check(&["c=dashboard"], "c", r#"{"u":7}"#, true, &[]);
+    }
+
+    #[test]
+    fn parse_errors() {
+        let cases: &[(&str, &str)] = &[
+            ("nochannel", "not CHANNEL=AUDIENCE"),
+            ("=dashboard", "not CHANNEL=AUDIENCE"),
+            ("c=", "not CHANNEL=AUDIENCE"),
+            ("c=admins", "unknown audience \"admins\""),
+            ("c=user:", "unknown audience"),
+            ("c=dashboard,,user:x", "unknown audience \"\""),
+        ];
+        for (spec, want) in cases {
+            let err = Routes::parse(&[*spec]).expect_err(spec).to_string();
+            assert!(err.contains(want), "{spec}: {err}");
+        }
+        let long = format!("{}=dashboard", "x".repeat(64));
+        assert!(Routes::parse(&[long]).is_err());
+        assert_eq!(
+            Routes::parse(&["c=dashboard", "c=user:x"]),
+            Err(RouteError::Duplicate("c".into()))
+        );
+    }
+
+    #[test]
+    fn defaults_and_display() {
+        let routes = Routes::parse::<&str>(&[]).expect("defaults parse");
+        assert_eq!(
+            routes.to_string(),
+            "business_events=dashboard,user:owner_id \
+             reservation_events=dashboard,user:business_owner_id,user:customer_id"
+        );
+        assert_eq!(
+            routes.channels(),
+            ["business_events", "reservation_events"]
+        );
+        assert_eq!(routes.channels_for(false).len(), 2);
+        let routes = Routes::parse(&["a=dashboard", "b=user:x"]).expect("parse");
+        assert_eq!(routes.channels_for(true), ["a"]);
+        assert_eq!(routes.channels_for(false), ["b"]);
+    }
+}

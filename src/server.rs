@@ -1,0 +1,285 @@
+//! HTTP: the accept loop, hyper connections with upgrades, `/ws/*` (auth at
+//! the door), `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Every refusal happens before the 101, as a plain HTTP response whose body
+//! says why in one line: 404 unknown path, 405 wrong method, 400 not a
+//! WebSocket request or bad resume parameters, 401 no/invalid/expired token,
+//! 403 valid token without the right. Logs carry the path, never the query
+//! string (it may hold `?token=`), and never a token. Accept errors are logged
+//! and retried after a pause; they never stop the server. Upgraded sockets
+//! escape hyper's graceful shutdown, so their tasks are tracked here and close
+//! themselves on the shared cancellation token.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE, SEC_WEBSOCKET_PROTOCOL};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::auth::{presented_token, Verifier};
+use crate::db::Db;
+use crate::hub::Hub;
+use crate::metrics::{Metrics, Stream};
+use crate::route::Routes;
+use crate::session::{self, Resume};
+use crate::Status;
+
+/// Client frames are tiny (`refresh` carries one token): anything larger is
+/// refused with 1009.
+const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+
+/// What every connection and socket shares.
+pub struct Shared {
+    pub verifier: Verifier,
+    pub hub: Arc<Hub>,
+    pub db: Db,
+    pub routes: Routes,
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<Status>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    pub ping_interval: Duration,
+    pub leeway: Duration,
+}
+
+type Body = Full<Bytes>;
+
+fn websocket_config() -> WebSocketConfig {
+    // tungstenite's defaults (128 KiB read buffer allocated up front, a write
+    // buffer that never shrinks) would cost 10,000 idle sockets over a GiB.
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(16 * 1024 * 1024)
+        .max_message_size(Some(MAX_CLIENT_MESSAGE))
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
+}
+
+/// Accepts connections until shutdown.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, addr) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let span = tracing::debug_span!("conn", client.addr = %addr);
+        let shutdown = shared.shutdown.clone();
+        let for_service = Arc::clone(&shared);
+        shared.tracker.spawn(
+            async move {
+                let service = service_fn(move |req| {
+                    let shared = Arc::clone(&for_service);
+                    async move { Ok::<_, Infallible>(handle(req, &shared, addr)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "http connection ended");
+                        }
+                    }
+                    _ = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let stream = match path.as_str() {
+        "/ws/dashboard/" | "/ws/dashboard" => Stream::Dashboard,
+        "/ws/notifications/" | "/ws/notifications" => Stream::Notifications,
+        "/healthz" if req.method() == Method::GET => return text(StatusCode::OK, "ok"),
+        "/readyz" if req.method() == Method::GET => {
+            return if shared.status.is_ready() {
+                text(StatusCode::OK, "ready")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: LISTEN connection down or catching up",
+                )
+            };
+        }
+        "/metrics" if req.method() == Method::GET => {
+            let mut response = text(StatusCode::OK, &shared.metrics.render());
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            return response;
+        }
+        "/healthz" | "/readyz" | "/metrics" => return text(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        _ => return refuse(shared, StatusCode::NOT_FOUND, "not_found", "no such endpoint", &path),
+    };
+    if req.method() != Method::GET {
+        return refuse(shared, StatusCode::METHOD_NOT_ALLOWED, "method", "use GET", &path);
+    }
+    if !hyper_tungstenite::is_upgrade_request(&req) {
+        return refuse(
+            shared,
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "not a WebSocket request (expected Upgrade: websocket)",
+            &path,
+        );
+    }
+    let query = query_params(req.uri().query());
+    let Some(presented) = presented_token(req.headers(), &query) else {
+        return refuse(shared, StatusCode::UNAUTHORIZED, "no_token", "missing token", &path);
+    };
+    let identity = match shared.verifier.verify(&presented.token) {
+        Ok(identity) => identity,
+        Err(e) => {
+            let reason = match e {
+                crate::auth::AuthError::Expired => "expired_token",
+                _ => "invalid_token",
+            };
+            return refuse(shared, StatusCode::UNAUTHORIZED, reason, &e.to_string(), &path);
+        }
+    };
+    if stream == Stream::Dashboard && !identity.admin {
+        return refuse(
+            shared,
+            StatusCode::FORBIDDEN,
+            "not_admin",
+            "the dashboard is for super admins only",
+            &path,
+        );
+    }
+    let resume = match parse_resume(&query) {
+        Ok(resume) => resume,
+        Err(why) => return refuse(shared, StatusCode::BAD_REQUEST, "bad_resume", why, &path),
+    };
+    let (mut response, websocket) = match hyper_tungstenite::upgrade(&mut req, Some(websocket_config())) {
+        Ok(upgrade) => upgrade,
+        Err(e) => {
+            return refuse(
+                shared,
+                StatusCode::BAD_REQUEST,
+                "bad_handshake",
+                &format!("bad WebSocket handshake: {e}"),
+                &path,
+            )
+        }
+    };
+    if presented.via_subprotocol {
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer"));
+    }
+    tracing::debug!(path, user = %identity.user, admin = identity.admin, resume = ?resume.as_ref().map(|r| r.last_id), "upgrading");
+    let shared = Arc::clone(shared);
+    let span = tracing::debug_span!("socket", client.addr = %addr, user = %identity.user);
+    shared.tracker.clone().spawn(
+        async move {
+            match websocket.await {
+                Ok(ws) => session::run(ws, shared, stream, identity, resume).await,
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    response
+}
+
+fn refuse(shared: &Shared, status: StatusCode, reason: &'static str, why: &str, path: &str) -> Response<Body> {
+    shared.metrics.refused(reason);
+    tracing::debug!(path, status = status.as_u16(), why, "refused");
+    text(status, why)
+}
+
+fn query_params(query: Option<&str>) -> HashMap<String, String> {
+    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
+}
+
+/// `last_id` (a non-negative integer) and optional `epoch`.
+fn parse_resume(query: &HashMap<String, String>) -> Result<Option<Resume>, &'static str> {
+    let Some(last_id) = query.get("last_id") else {
+        return if query.contains_key("epoch") {
+            Err("epoch given without last_id")
+        } else {
+            Ok(None)
+        };
+    };
+    let last_id: i64 = last_id
+        .parse()
+        .ok()
+        .filter(|id| *id >= 0)
+        .ok_or("last_id must be a non-negative integer")?;
+    Ok(Some(Resume {
+        last_id,
+        epoch: query.get("epoch").filter(|e| !e.is_empty()).cloned(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_parameters() {
+        let q = |s: &str| query_params(Some(s));
+        assert_eq!(parse_resume(&q("")), Ok(None));
+        assert_eq!(parse_resume(&q("token=x")), Ok(None));
+        assert_eq!(
+            parse_resume(&q("last_id=5&epoch=ab")),
+            Ok(Some(Resume {
+                last_id: 5,
+                epoch: Some("ab".into())
+            }))
+        );
+        assert_eq!(
+            parse_resume(&q("last_id=0")),
+            Ok(Some(Resume {
+                last_id: 0,
+                epoch: None
+            }))
+        );
+        assert!(parse_resume(&q("last_id=-1")).is_err());
+        assert!(parse_resume(&q("last_id=x")).is_err());
+        assert!(parse_resume(&q("epoch=x")).is_err());
+    }
+}

@@ -1,0 +1,322 @@
+//! One WebSocket, after a successful upgrade: `hello`, optional replay, then
+//! live events until the peer leaves, the token expires, the socket falls too
+//! far behind, or the server shuts down.
+//!
+//! Invariants: frames reach the socket in id order and at most once, because
+//! the session keeps a cursor and skips anything at or below it (replay and
+//! live meet at the hub's `last_id` taken when subscribing, and a cursor from
+//! a replica further ahead is honoured too). Queued frames are written in one
+//! batch and flushed once. A write that stalls longer than [`WRITE_TIMEOUT`]
+//! drops the socket. The only database access is the replay, through the pool.
+//!
+//! Close codes: 1001 shutdown, 1003 binary frame, 1008 unexpected message,
+//! 1009 oversized frame, 1011 replay failed (retry), 4001 token expired or
+//! refresh refused, 4008 too slow (resume with `last_id`).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use hyper_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::protocol::CloseFrame;
+use hyper_tungstenite::tungstenite::{Message, Utf8Bytes};
+use hyper_tungstenite::HyperWebsocketStream;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::time::{timeout, Instant};
+
+use crate::auth::Identity;
+use crate::hub::Subscription;
+use crate::metrics::Stream;
+use crate::parse::Event;
+use crate::server::Shared;
+
+/// A stalled peer is dropped after this long.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames written per flush at most, so one busy socket yields to others.
+const MAX_BATCH: usize = 256;
+/// Events per replay page: bounds the memory a large backlog can take.
+const REPLAY_PAGE: i64 = 500;
+
+/// `?last_id=N&epoch=E` from the request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resume {
+    pub last_id: i64,
+    pub epoch: Option<String>,
+}
+
+/// How a session ends.
+enum End {
+    /// Send a close frame with this code and reason.
+    Close(u16, &'static str),
+    /// The peer is gone or stalled: nothing to say.
+    Gone,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ClientMessage {
+    Refresh { token: String },
+}
+
+/// Runs one socket to its end.
+pub async fn run(
+    mut ws: HyperWebsocketStream,
+    shared: Arc<Shared>,
+    stream: Stream,
+    identity: Identity,
+    resume: Option<Resume>,
+) {
+    let gauge = shared.metrics.connections(stream.clone());
+    gauge.inc();
+    let end = session(&mut ws, &shared, &stream, identity, resume).await;
+    gauge.dec();
+    if let End::Close(code, reason) = end {
+        tracing::debug!(code, reason, "closing socket");
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from_static(reason),
+        };
+        let _ = timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+    }
+}
+
+async fn session(
+    ws: &mut HyperWebsocketStream,
+    shared: &Shared,
+    stream: &Stream,
+    mut identity: Identity,
+    resume: Option<Resume>,
+) -> End {
+    let mut sub: Subscription = match stream {
+        Stream::Dashboard => shared.hub.subscribe_dashboard(),
+        Stream::Notifications => shared.hub.subscribe_user(&identity.user),
+    };
+    let hello = serde_json::json!({
+        "type": "hello",
+        "stream": stream_name(stream),
+        "user": identity.user,
+        "last_id": sub.last_id,
+        "epoch": shared.status.epoch(),
+    });
+    if let Err(end) = write(ws, [Message::text(hello.to_string())]).await {
+        return end;
+    }
+    let mut cursor = sub.last_id;
+    if let Some(resume) = resume {
+        match replay(ws, shared, stream, &identity.user, &resume, sub.last_id).await {
+            Ok(c) => cursor = c,
+            Err(end) => return end,
+        }
+    }
+
+    let mut deadline = expiry(&identity, shared);
+    let mut ping = tokio::time::interval_at(Instant::now() + shared.ping_interval, shared.ping_interval);
+    let mut awaiting_pong = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return End::Close(1001, "server shutting down"),
+            _ = tokio::time::sleep_until(deadline) => return End::Close(4001, "token expired"),
+            received = sub.rx.recv() => {
+                let first = match received {
+                    Ok(delivery) => delivery,
+                    Err(RecvError::Lagged(_)) => return slow(shared),
+                    Err(RecvError::Closed) => return End::Close(1001, "server shutting down"),
+                };
+                // Coalesce: everything already queued goes out in one flush.
+                let mut batch = Vec::new();
+                let mut next = Some(first);
+                while let Some(delivery) = next.take() {
+                    if delivery.id > cursor {
+                        cursor = delivery.id;
+                        batch.push(Message::Text(delivery.frame));
+                    }
+                    if batch.len() >= MAX_BATCH {
+                        break;
+                    }
+                    match sub.rx.try_recv() {
+                        Ok(d) => next = Some(d),
+                        Err(TryRecvError::Lagged(_)) => return slow(shared),
+                        Err(_) => {}
+                    }
+                }
+                let n = batch.len() as u64;
+                if let Err(end) = write(ws, batch).await {
+                    return end;
+                }
+                shared.metrics.deliveries.inc_by(n);
+            },
+            message = ws.next() => match message {
+                None | Some(Ok(Message::Close(_))) => {
+                    // tungstenite queued the close reply: send it.
+                    let _ = timeout(Duration::from_secs(1), ws.flush()).await;
+                    return End::Gone;
+                }
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                    return End::Close(1009, "message too big");
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "socket read failed");
+                    return End::Gone;
+                }
+                Some(Ok(Message::Text(text))) => {
+                    match refresh(shared, stream, &identity, &text) {
+                        Ok(renewed) => {
+                            identity = renewed;
+                            deadline = expiry(&identity, shared);
+                        }
+                        Err(end) => return end,
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => return End::Close(1003, "binary frames are not accepted"),
+                Some(Ok(Message::Pong(_))) => awaiting_pong = false,
+                Some(Ok(Message::Ping(_))) => {
+                    // tungstenite queued the pong: send it.
+                    if timeout(WRITE_TIMEOUT, ws.flush()).await.map_or(true, |r| r.is_err()) {
+                        return End::Gone;
+                    }
+                }
+                Some(Ok(Message::Frame(_))) => {}
+            },
+            _ = ping.tick() => {
+                if awaiting_pong {
+                    tracing::debug!("no pong since the last ping: dropping socket");
+                    return End::Gone;
+                }
+                awaiting_pong = true;
+                if let Err(end) = write(ws, [Message::Ping(Default::default())]).await {
+                    return end;
+                }
+            }
+        }
+    }
+}
+
+fn slow(shared: &Shared) -> End {
+    shared.metrics.slow_closes.inc();
+    End::Close(4008, "too slow: reconnect with last_id")
+}
+
+fn stream_name(stream: &Stream) -> &'static str {
+    match stream {
+        Stream::Dashboard => "dashboard",
+        Stream::Notifications => "notifications",
+    }
+}
+
+/// When the socket must close: the token's `exp`, plus the configured leeway.
+fn expiry(identity: &Identity, shared: &Shared) -> Instant {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let left = Duration::from_secs(identity.exp.saturating_sub(now)) + shared.leeway;
+    Instant::now() + left
+}
+
+/// An in-band `{"type":"refresh","token":...}`: a valid token for the same
+/// user (still an admin on the dashboard) extends the socket; anything else
+/// closes it.
+fn refresh(shared: &Shared, stream: &Stream, current: &Identity, text: &str) -> Result<Identity, End> {
+    let ClientMessage::Refresh { token } =
+        serde_json::from_str(text).map_err(|_| End::Close(1008, "unexpected message: only refresh is accepted"))?;
+    match shared.verifier.verify(&token) {
+        Ok(renewed)
+            if renewed.user == current.user && (*stream != Stream::Dashboard || renewed.admin) =>
+        {
+            tracing::debug!(exp = renewed.exp, "token refreshed");
+            Ok(renewed)
+        }
+        Ok(_) => Err(End::Close(4001, "refresh refused: token is for another user")),
+        Err(e) => {
+            tracing::debug!(error = %e, "refresh refused");
+            Err(End::Close(4001, "refresh refused: invalid token"))
+        }
+    }
+}
+
+/// Replays the events after `resume.last_id` up to `upto` (the hub's `last_id`
+/// when this socket subscribed) that this socket may see, in pages. Returns
+/// the cursor live delivery continues from.
+async fn replay(
+    ws: &mut HyperWebsocketStream,
+    shared: &Shared,
+    stream: &Stream,
+    user: &str,
+    resume: &Resume,
+    upto: i64,
+) -> Result<i64, End> {
+    let unavailable = |e: crate::db::DbError| {
+        tracing::warn!(error = %e, "replay failed");
+        End::Close(1011, "replay unavailable: retry later")
+    };
+    let info = shared.db.log_info().await.map_err(unavailable)?;
+    let reset = if resume.epoch.as_ref().is_some_and(|e| *e != info.epoch) {
+        Some("epoch_mismatch")
+    } else if resume.last_id < info.pruned_through {
+        Some("cursor_expired")
+    } else if resume.last_id > info.max_id {
+        Some("cursor_unknown")
+    } else {
+        None
+    };
+    if let Some(reason) = reset {
+        let frame = serde_json::json!({"type": "reset", "reason": reason}).to_string();
+        write(ws, [Message::text(frame)]).await?;
+        return Ok(upto);
+    }
+    let dashboard = *stream == Stream::Dashboard;
+    let channels = shared.routes.channels_for(dashboard);
+    let visible = |event: &Event| {
+        let targets = shared.routes.route(event);
+        if dashboard {
+            targets.dashboard
+        } else {
+            targets.users.iter().any(|u| u == user)
+        }
+    };
+    let mut after = resume.last_id;
+    while after < upto {
+        let page = shared
+            .db
+            .events_between(after, upto, &channels, REPLAY_PAGE)
+            .await
+            .map_err(unavailable)?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        shared.metrics.replay_rows.inc_by(page.len() as u64);
+        let frames: Vec<Message> = page
+            .iter()
+            .filter(|e| visible(e))
+            .map(|e| Message::text(e.frame()))
+            .collect();
+        let n = frames.len() as u64;
+        write(ws, frames).await?;
+        shared.metrics.deliveries.inc_by(n);
+    }
+    Ok(resume.last_id.max(upto))
+}
+
+/// Feeds the frames and flushes once, within [`WRITE_TIMEOUT`].
+async fn write(ws: &mut HyperWebsocketStream, frames: impl IntoIterator<Item = Message>) -> Result<(), End> {
+    let written = timeout(WRITE_TIMEOUT, async {
+        for frame in frames {
+            ws.feed(frame).await?;
+        }
+        ws.flush().await
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "socket write failed");
+            Err(End::Gone)
+        }
+        Err(_) => {
+            tracing::debug!("socket write stalled: dropping socket");
+            Err(End::Gone)
+        }
+    }
+}
