@@ -115,7 +115,10 @@ pub struct AuthConfig {
 impl Verifier {
     pub fn new(config: &AuthConfig) -> Result<Verifier, KeyError> {
         let (key, algorithm) = match &config.key {
-            KeySource::Secret(secret) => (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256),
+            KeySource::Secret(secret) => (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            ),
             KeySource::PublicKeyFile(path) => {
                 let shown = path.display().to_string();
                 let pem = std::fs::read(path).map_err(|source| KeyError::Read {
@@ -158,12 +161,12 @@ impl Verifier {
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
             .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::MissingRequiredClaim(claim) => {
-                    AuthError::Invalid(format!("missing required claim {claim}"))
-                }
-                _ => AuthError::Invalid(e.to_string()),
-            })?;
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::MissingRequiredClaim(claim) => {
+                AuthError::Invalid(format!("missing required claim {claim}"))
+            }
+            _ => AuthError::Invalid(e.to_string()),
+        })?;
         let claims = data.claims;
         // SimpleJWT issues refresh tokens signed with the same key: only an
         // access token opens a socket.
@@ -181,10 +184,11 @@ impl Verifier {
             .and_then(Value::as_f64)
             .map(|exp| exp.max(0.0) as u64)
             .ok_or_else(|| AuthError::Invalid("exp is not a number".into()))?;
-        let admin = self
-            .admin_claims
-            .iter()
-            .any(|c| claims.get(&c.name).is_some_and(|v| claim_matches(v, &c.value)));
+        let admin = self.admin_claims.iter().any(|c| {
+            claims
+                .get(&c.name)
+                .is_some_and(|v| claim_matches(v, &c.value))
+        });
         Ok(Identity { user, admin, exp })
     }
 }
@@ -215,7 +219,9 @@ pub fn presented_token(headers: &HeaderMap, query: &HashMap<String, String>) -> 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, token) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
         });
     if let Some(token) = from_header.filter(|t| !t.is_empty()) {
         return Some(Presented {
@@ -248,7 +254,12 @@ pub fn presented_token(headers: &HeaderMap, query: &HashMap<String, String>) -> 
 }
 
 /// Signs an HS256 token for `pgrelay token` and the demo.
-pub fn mint(secret: &str, sub: &str, role: Option<&str>, ttl: Duration) -> Result<String, AuthError> {
+pub fn mint(
+    secret: &str,
+    sub: &str,
+    role: Option<&str>,
+    ttl: Duration,
+) -> Result<String, AuthError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -320,8 +331,14 @@ mod tests {
     #[test]
     fn claims() {
         let exp = in_an_hour();
-        check(serde_json::json!({"sub": "42", "exp": exp}), Ok(("42", false)));
-        check(serde_json::json!({"sub": 42, "exp": exp}), Ok(("42", false)));
+        check(
+            serde_json::json!({"sub": "42", "exp": exp}),
+            Ok(("42", false)),
+        );
+        check(
+            serde_json::json!({"sub": 42, "exp": exp}),
+            Ok(("42", false)),
+        );
         check(
             serde_json::json!({"user_id": 7, "exp": exp, "token_type": "access", "jti": "x"}),
             Ok(("7", false)),
@@ -338,7 +355,10 @@ mod tests {
             serde_json::json!({"sub": "1", "exp": exp, "role": "owner"}),
             Ok(("1", false)),
         );
-        check(serde_json::json!({"sub": "1"}), Err("missing required claim exp"));
+        check(
+            serde_json::json!({"sub": "1"}),
+            Err("missing required claim exp"),
+        );
         check(serde_json::json!({"sub": "1", "exp": 1000}), Err("expired"));
         check(serde_json::json!({"exp": exp}), Err("no user id"));
         check(
@@ -376,15 +396,27 @@ mod tests {
         let mut query = HashMap::new();
         assert_eq!(presented_token(&headers, &query), None);
         query.insert("token".to_owned(), "q".to_owned());
-        assert_eq!(presented_token(&headers, &query).map(|p| p.token), Some("q".into()));
+        assert_eq!(
+            presented_token(&headers, &query).map(|p| p.token),
+            Some("q".into())
+        );
         headers.insert(SEC_WEBSOCKET_PROTOCOL, "bearer, p".parse().expect("header"));
         assert_eq!(
             presented_token(&headers, &query),
-            Some(Presented { token: "p".into(), via_subprotocol: true })
+            Some(Presented {
+                token: "p".into(),
+                via_subprotocol: true
+            })
         );
         headers.insert(AUTHORIZATION, "Bearer h".parse().expect("header"));
-        assert_eq!(presented_token(&headers, &query).map(|p| p.token), Some("h".into()));
+        assert_eq!(
+            presented_token(&headers, &query).map(|p| p.token),
+            Some("h".into())
+        );
         headers.insert(AUTHORIZATION, "Basic x".parse().expect("header"));
-        assert_eq!(presented_token(&headers, &query).map(|p| p.token), Some("p".into()));
+        assert_eq!(
+            presented_token(&headers, &query).map(|p| p.token),
+            Some("p".into())
+        );
     }
 }

@@ -20,7 +20,11 @@ use crate::hub::QueueSizes;
 use crate::route::Routes;
 
 #[derive(Debug, Parser)]
-#[command(name = "pgrelay", version, about = "PostgreSQL row changes -> live WebSocket messages")]
+#[command(
+    name = "pgrelay",
+    version,
+    about = "PostgreSQL row changes -> live WebSocket messages"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -72,7 +76,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_JWT_LEEWAY")]
     pub jwt_leeway: Option<String>,
     /// Claim that makes a super admin, NAME=VALUE; repeatable [default: role=super_admin].
-    #[arg(long = "admin-claim", env = "PGRELAY_ADMIN_CLAIMS", value_delimiter = ';')]
+    #[arg(
+        long = "admin-claim",
+        env = "PGRELAY_ADMIN_CLAIMS",
+        value_delimiter = ';'
+    )]
     pub admin_claims: Vec<String>,
     /// CHANNEL=AUDIENCE[,AUDIENCE...], AUDIENCE being dashboard or user:FIELD; repeatable
     /// [default: the demo routes].
@@ -90,6 +98,9 @@ pub struct ServeArgs {
     /// Connections in the read pool (replay, large events) [default: 8].
     #[arg(long, env = "PGRELAY_POOL_SIZE")]
     pub pool_size: Option<usize>,
+    /// Print the resolved configuration (secrets redacted) and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 #[derive(Debug, Args)]
@@ -153,13 +164,17 @@ struct FileConfig {
 pub enum ConfigError {
     #[error("--config {path}: {reason}")]
     File { path: String, reason: String },
-    #[error("missing --database-url (or PGRELAY_DATABASE_URL, DATABASE_URL, database_url in --config)")]
+    #[error(
+        "missing --database-url (or PGRELAY_DATABASE_URL, DATABASE_URL, database_url in --config)"
+    )]
     NoDatabase,
     #[error("--database-url: invalid connection string: {0}")]
     DatabaseUrl(String),
     #[error("--listen {value:?}: {reason}")]
     Listen { value: String, reason: String },
-    #[error("missing --jwt-secret or --jwt-public-key (or PGRELAY_JWT_SECRET, PGRELAY_JWT_PUBLIC_KEY)")]
+    #[error(
+        "missing --jwt-secret or --jwt-public-key (or PGRELAY_JWT_SECRET, PGRELAY_JWT_PUBLIC_KEY)"
+    )]
     NoKey,
     #[error("--jwt-secret and --jwt-public-key are exclusive: pick one")]
     TwoKeys,
@@ -203,7 +218,8 @@ impl ServeConfig {
                 leeway: Duration::ZERO,
                 admin_claims: vec![default_admin_claim()],
             },
-            routes: Routes::parse::<&str>(&[]).unwrap_or_else(|_| unreachable!("default routes parse")),
+            routes: Routes::parse::<&str>(&[])
+                .unwrap_or_else(|_| unreachable!("default routes parse")),
             retention: DEFAULT_RETENTION,
             queues: DEFAULT_QUEUES,
             pool_size: DEFAULT_POOL_SIZE,
@@ -247,14 +263,17 @@ fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
 }
 
 /// Resolves the connection string: flag/env, then file, then DATABASE_URL.
-fn database(flag: Option<String>, file: Option<String>) -> Result<tokio_postgres::Config, ConfigError> {
+fn database(
+    flag: Option<String>,
+    file: Option<String>,
+) -> Result<tokio_postgres::Config, ConfigError> {
     let url = flag
         .or(file)
         .or_else(|| std::env::var("DATABASE_URL").ok())
         .filter(|u| !u.trim().is_empty())
         .ok_or(ConfigError::NoDatabase)?;
-    let mut config =
-        tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::DatabaseUrl(e.to_string()))?;
+    let mut config = tokio_postgres::Config::from_str(&url)
+        .map_err(|e| ConfigError::DatabaseUrl(e.to_string()))?;
     if config.get_application_name().is_none() {
         config.application_name("pgrelay");
     }
@@ -268,7 +287,11 @@ fn database(flag: Option<String>, file: Option<String>) -> Result<tokio_postgres
     Ok(config)
 }
 
-fn duration(flag: &'static str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration(
+    flag: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
         Some(v) => humantime::parse_duration(&v).map_err(|e| ConfigError::Value {
@@ -279,7 +302,11 @@ fn duration(flag: &'static str, value: Option<String>, default: Duration) -> Res
     }
 }
 
-fn positive(flag: &'static str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+fn positive(
+    flag: &'static str,
+    value: Option<usize>,
+    default: usize,
+) -> Result<usize, ConfigError> {
     match value {
         Some(0) => Err(ConfigError::Value {
             flag,
@@ -307,10 +334,13 @@ impl ServeArgs {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen = listen_text.parse().map_err(|e: std::net::AddrParseError| ConfigError::Listen {
-            value: listen_text.clone(),
-            reason: e.to_string(),
-        })?;
+        let listen =
+            listen_text
+                .parse()
+                .map_err(|e: std::net::AddrParseError| ConfigError::Listen {
+                    value: listen_text.clone(),
+                    reason: e.to_string(),
+                })?;
         let key = match (
             self.jwt_secret.or(file.jwt_secret),
             self.jwt_public_key.or(file.jwt_public_key),
@@ -334,11 +364,19 @@ impl ServeArgs {
             key,
             issuer: self.jwt_issuer.or(file.jwt_issuer),
             audience: self.jwt_audience.or(file.jwt_audience),
-            leeway: duration("jwt-leeway", self.jwt_leeway.or(file.jwt_leeway), Duration::ZERO)?,
+            leeway: duration(
+                "jwt-leeway",
+                self.jwt_leeway.or(file.jwt_leeway),
+                Duration::ZERO,
+            )?,
             admin_claims,
         };
         let routes = Routes::parse(&list(self.routes, file.route))?;
-        let retention = duration("retention", self.retention.or(file.retention), DEFAULT_RETENTION)?;
+        let retention = duration(
+            "retention",
+            self.retention.or(file.retention),
+            DEFAULT_RETENTION,
+        )?;
         if retention < Duration::from_secs(60) {
             return Err(ConfigError::Value {
                 flag: "retention",
@@ -352,9 +390,17 @@ impl ServeArgs {
                 self.dashboard_queue.or(file.dashboard_queue),
                 DEFAULT_QUEUES.dashboard,
             )?,
-            user: positive("user-queue", self.user_queue.or(file.user_queue), DEFAULT_QUEUES.user)?,
+            user: positive(
+                "user-queue",
+                self.user_queue.or(file.user_queue),
+                DEFAULT_QUEUES.user,
+            )?,
         };
-        let pool_size = positive("pool-size", self.pool_size.or(file.pool_size), DEFAULT_POOL_SIZE)?;
+        let pool_size = positive(
+            "pool-size",
+            self.pool_size.or(file.pool_size),
+            DEFAULT_POOL_SIZE,
+        )?;
         Ok(ServeConfig {
             database,
             listen,
@@ -364,6 +410,73 @@ impl ServeArgs {
             queues,
             pool_size,
         })
+    }
+}
+
+impl std::fmt::Display for ServeConfig {
+    /// The effective settings as TOML-like lines; no password, no secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let db = &self.database;
+        let hosts: Vec<String> = db
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        writeln!(
+            f,
+            "database = \"host={} port={:?} dbname={} user={}\"",
+            hosts.join(","),
+            db.get_ports(),
+            db.get_dbname().unwrap_or("-"),
+            db.get_user().unwrap_or("-"),
+        )?;
+        writeln!(f, "listen = \"{}\"", self.listen)?;
+        match &self.auth.key {
+            KeySource::Secret(_) => writeln!(f, "jwt_key = \"HS256 secret (redacted)\"")?,
+            KeySource::PublicKeyFile(path) => {
+                writeln!(f, "jwt_public_key = {:?}", path.display().to_string())?
+            }
+        }
+        writeln!(
+            f,
+            "jwt_issuer = {:?}",
+            self.auth.issuer.as_deref().unwrap_or("")
+        )?;
+        writeln!(
+            f,
+            "jwt_audience = {:?}",
+            self.auth.audience.as_deref().unwrap_or("")
+        )?;
+        writeln!(
+            f,
+            "jwt_leeway = \"{}\"",
+            humantime::format_duration(self.auth.leeway)
+        )?;
+        let claims: Vec<String> = self
+            .auth
+            .admin_claims
+            .iter()
+            .map(|c| format!("{:?}", format!("{}={}", c.name, c.value)))
+            .collect();
+        writeln!(f, "admin_claim = [{}]", claims.join(", "))?;
+        let routes: Vec<String> = self
+            .routes
+            .to_string()
+            .split(' ')
+            .map(|r| format!("{r:?}"))
+            .collect();
+        writeln!(f, "route = [{}]", routes.join(", "))?;
+        writeln!(
+            f,
+            "retention = \"{}\"",
+            humantime::format_duration(self.retention)
+        )?;
+        writeln!(f, "dashboard_queue = {}", self.queues.dashboard)?;
+        writeln!(f, "user_queue = {}", self.queues.user)?;
+        write!(f, "pool_size = {}", self.pool_size)
     }
 }
 
@@ -384,7 +497,9 @@ impl InstallArgs {
             .watch
             .iter()
             .map(|spec| match spec.split_once('=') {
-                Some((table, channel)) if !table.trim().is_empty() && !channel.trim().is_empty() => {
+                Some((table, channel))
+                    if !table.trim().is_empty() && !channel.trim().is_empty() =>
+                {
                     Ok((table.trim().to_owned(), channel.trim().to_owned()))
                 }
                 _ => Err(ConfigError::Value {

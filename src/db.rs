@@ -27,6 +27,23 @@ pub enum DbError {
     BadRow { id: i64, reason: String },
 }
 
+/// One line for a database error: the server's own message when there is one,
+/// else the error with its causes ("error connecting to server: Connection
+/// refused (os error 111)"), never the connection string.
+pub fn db_message(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_owned();
+    }
+    let mut line = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
 /// Columns of an event row, in the order [`event_from_row`] reads them.
 const EVENT_COLUMNS: &str =
     "id, channel, table_name, op, pgrelay.format_at(created_at), payload::text";
@@ -158,7 +175,10 @@ impl Db {
         let client = self.pool.get().await?;
         let interval = format!("{} milliseconds", older_than.as_millis());
         let row = client
-            .query_one("SELECT pgrelay.prune($1::text::interval, $2)", &[&interval, &batch])
+            .query_one(
+                "SELECT pgrelay.prune($1::text::interval, $2)",
+                &[&interval, &batch],
+            )
             .await?;
         let deleted: i32 = row.try_get(0)?;
         Ok((deleted >= 0).then_some(deleted))

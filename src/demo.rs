@@ -12,7 +12,8 @@ use tokio_postgres::NoTls;
 use crate::auth::mint;
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::{InstallConfig, ServeConfig};
-use crate::install::{db_message, install, InstallError};
+use crate::db::db_message;
+use crate::install::{install, InstallError};
 use crate::{Relay, StartError};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,11 +42,15 @@ ON CONFLICT (id) DO NOTHING;
 SELECT setval(pg_get_serial_sequence('users', 'id'), 3);";
 
 pub async fn run(listen: &str, signal: impl Future<Output = ()>) -> Result<(), DemoError> {
-    let listen: SocketAddr = listen.parse().map_err(|_| DemoError::Listen(listen.to_owned()))?;
+    let listen: SocketAddr = listen
+        .parse()
+        .map_err(|_| DemoError::Listen(listen.to_owned()))?;
     eprintln!("starting a throwaway PostgreSQL...");
     let cluster = Cluster::start().await?;
     let url = cluster.url("postgres");
-    let database: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| DemoError::Seed(e.to_string()))?;
+    let database: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| DemoError::Seed(e.to_string()))?;
     install(&InstallConfig {
         database: database.clone(),
         demo: true,

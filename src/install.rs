@@ -9,6 +9,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 use crate::config::InstallConfig;
+use crate::db::db_message;
 
 const SCHEMA: &str = include_str!("../sql/schema.sql");
 const CAPTURE: &str = include_str!("../triggers/capture.sql");
@@ -36,14 +37,6 @@ pub struct Installed {
     pub watched: Vec<(String, String)>,
 }
 
-/// One line from a database error: the server's message, not the wrapper's.
-pub fn db_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => db.message().to_owned(),
-        None => e.to_string(),
-    }
-}
-
 fn sql_error(what: &'static str) -> impl Fn(tokio_postgres::Error) -> InstallError {
     move |e| match e.code() {
         Some(&SqlState::INSUFFICIENT_PRIVILEGE) => InstallError::Privilege {
@@ -65,14 +58,19 @@ pub async fn install(config: &InstallConfig) -> Result<Installed, InstallError> 
         .map_err(|e| InstallError::Connect(db_message(&e)))?;
     let driver = tokio::spawn(connection);
     let result = async {
-        let tx = client.transaction().await.map_err(sql_error("the schema"))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(sql_error("the schema"))?;
         tx.batch_execute(
             "SET LOCAL client_min_messages = warning; \
              SELECT pg_advisory_xact_lock(1885827685, 3);",
         )
         .await
         .map_err(sql_error("the schema"))?;
-        tx.batch_execute(SCHEMA).await.map_err(sql_error("the schema"))?;
+        tx.batch_execute(SCHEMA)
+            .await
+            .map_err(sql_error("the schema"))?;
         tx.batch_execute(CAPTURE)
             .await
             .map_err(sql_error("the capture triggers"))?;
@@ -96,11 +94,16 @@ pub async fn install(config: &InstallConfig) -> Result<Installed, InstallError> 
                 .await
                 .map_err(sql_error("a watch trigger"))?;
             if !exists.get::<_, bool>(0) {
-                return Err(InstallError::NoTable { table: table.clone() });
+                return Err(InstallError::NoTable {
+                    table: table.clone(),
+                });
             }
-            tx.execute("SELECT pgrelay.watch($1::text::regclass, $2)", &[table, channel])
-                .await
-                .map_err(sql_error("a watch trigger"))?;
+            tx.execute(
+                "SELECT pgrelay.watch($1::text::regclass, $2)",
+                &[table, channel],
+            )
+            .await
+            .map_err(sql_error("a watch trigger"))?;
         }
         tx.commit().await.map_err(sql_error("the schema"))?;
         Ok(Installed {

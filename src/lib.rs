@@ -117,23 +117,27 @@ impl Relay {
     }
 
     /// [`Relay::start`] with a chosen ping interval (tests use a short one).
-    pub async fn start_with(config: ServeConfig, ping_interval: Duration) -> Result<Relay, StartError> {
+    pub async fn start_with(
+        config: ServeConfig,
+        ping_interval: Duration,
+    ) -> Result<Relay, StartError> {
         let verifier = Verifier::new(&config.auth)?;
         let db = Db::new(config.database.clone(), config.pool_size)
             .map_err(|e| StartError::Database(e.to_string()))?;
         let info = db.log_info().await.map_err(|e| match e {
             DbError::NotInstalled => StartError::NotInstalled,
             DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => {
-                StartError::Database(install::db_message(&e))
+                StartError::Database(db::db_message(&e))
             }
             other => StartError::Database(other.to_string()),
         })?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
@@ -158,8 +162,14 @@ impl Relay {
             }
             .run(),
         );
-        let prune_every = (config.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        tracker.spawn(retention::run(db.clone(), config.retention, prune_every, shutdown.clone()));
+        let prune_every =
+            (config.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        tracker.spawn(retention::run(
+            db.clone(),
+            config.retention,
+            prune_every,
+            shutdown.clone(),
+        ));
         let shared = Arc::new(Shared {
             verifier,
             hub,

@@ -98,9 +98,22 @@ impl Listener {
 
     /// One connection's life: connect, LISTEN, catch up, relay. Returns Ok only
     /// at shutdown.
-    async fn connected(&self, cursor: &mut Option<i64>, backoff: &mut Duration) -> Result<(), ListenError> {
-        let (client, mut connection) = self.config.connect(NoTls).await.map_err(ListenError::Connect)?;
-        let (tx, mut rx) = mpsc::channel::<Result<Notification, tokio_postgres::Error>>(NOTIFY_QUEUE);
+    async fn connected(
+        &self,
+        cursor: &mut Option<i64>,
+        backoff: &mut Duration,
+    ) -> Result<(), ListenError> {
+        // A distinct application_name lets operators (and tests) find the
+        // LISTEN backend in pg_stat_activity.
+        let mut config = self.config.clone();
+        let name = format!(
+            "{}:listen",
+            config.get_application_name().unwrap_or("pgrelay")
+        );
+        config.application_name(name);
+        let (client, mut connection) = config.connect(NoTls).await.map_err(ListenError::Connect)?;
+        let (tx, mut rx) =
+            mpsc::channel::<Result<Notification, tokio_postgres::Error>>(NOTIFY_QUEUE);
         self.tracker.spawn(async move {
             loop {
                 let message = poll_fn(|cx| connection.poll_message(cx)).await;
@@ -122,7 +135,10 @@ impl Listener {
             .iter()
             .map(|c| format!("LISTEN {};", escape_identifier(c)))
             .collect();
-        client.batch_execute(&listen).await.map_err(ListenError::Listen)?;
+        client
+            .batch_execute(&listen)
+            .await
+            .map_err(ListenError::Listen)?;
 
         let info = self.db.log_info().await?;
         self.status.set_epoch(&info.epoch);
@@ -194,7 +210,11 @@ impl Listener {
                 Some(event) if event.channel == n.channel() => event,
                 _ => {
                     self.metrics.bad_notifications.inc();
-                    tracing::warn!(channel = n.channel(), id, "skipping notification: no such event");
+                    tracing::warn!(
+                        channel = n.channel(),
+                        id,
+                        "skipping notification: no such event"
+                    );
                     return Ok(());
                 }
             },

@@ -32,10 +32,15 @@ fn fail(code: u8, message: &str) -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
+            let print_only = args.print_config;
             let config = match args.resolve() {
                 Ok(config) => config,
                 Err(e) => return fail(2, &e.to_string()),
             };
+            if print_only {
+                println!("{config}");
+                return ExitCode::SUCCESS;
+            }
             let relay = match Relay::start(config).await {
                 Ok(relay) => relay,
                 Err(e) => return fail(2, &e.to_string()),
@@ -89,7 +94,10 @@ async fn run(cli: Cli) -> ExitCode {
 /// Resolves on SIGTERM or SIGINT, alike.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

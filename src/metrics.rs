@@ -47,7 +47,11 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("pgrelay");
         let connections = Family::<StreamLabels, Gauge>::default();
-        registry.register("connections", "Open WebSocket connections", connections.clone());
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
         let refusals = Family::<ReasonLabels, Counter>::default();
         registry.register("refusals", "Refused WebSocket requests", refusals.clone());
         let events_received = Counter::default();

@@ -161,7 +161,9 @@ mod tests {
         check(
             "business_events",
             r#"{"id" : 7, "channel" : "business_events", "table" : "businesses", "op" : "INSERT", "at" : "2026-11-25T18:40:00.123456Z", "data" : {"id": 3, "owner_id": 42}}"#,
-            Ok(r#"{"type":"event","id":7,"channel":"business_events","table":"businesses","op":"INSERT","at":"2026-11-25T18:40:00.123456Z","data":{"id": 3, "owner_id": 42}}"#),
+            Ok(
+                r#"{"type":"event","id":7,"channel":"business_events","table":"businesses","op":"INSERT","at":"2026-11-25T18:40:00.123456Z","data":{"id": 3, "owner_id": 42}}"#,
+            ),
         );
         check(
             "business_events",
@@ -175,10 +177,18 @@ mod tests {
         check("c", "not json", Err("not a pgrelay envelope"));
         check("c", "", Err("not a pgrelay envelope"));
         check("c", "[]", Err("not a pgrelay envelope"));
-        check("c", r#"{"id":"x","channel":"c"}"#, Err("not a pgrelay envelope"));
+        check(
+            "c",
+            r#"{"id":"x","channel":"c"}"#,
+            Err("not a pgrelay envelope"),
+        );
         check("c", r#"{"id":1,"channel":"d"}"#, Err("arrived on"));
         check("c", r#"{"id":0,"channel":"c"}"#, Err("non-positive id"));
-        check("c", r#"{"id":1,"channel":"c","op":"INSERT"}"#, Err("none of them"));
+        check(
+            "c",
+            r#"{"id":1,"channel":"c","op":"INSERT"}"#,
+            Err("none of them"),
+        );
         check(
             "c",
             r#"{"id":1,"channel":"c","table":"t","op":"INSERT","at":"x","data":[1]}"#,

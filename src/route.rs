@@ -101,12 +101,10 @@ impl Routes {
             }
             let mut parsed: Vec<Audience> = Vec::new();
             for audience in audiences.split(',') {
-                let a = audience
-                    .parse()
-                    .map_err(|()| RouteError::UnknownAudience {
-                        route: spec.to_owned(),
-                        audience: audience.trim().to_owned(),
-                    })?;
+                let a = audience.parse().map_err(|()| RouteError::UnknownAudience {
+                    route: spec.to_owned(),
+                    audience: audience.trim().to_owned(),
+                })?;
                 if !parsed.contains(&a) {
                     parsed.push(a);
                 }
@@ -271,10 +269,7 @@ mod tests {
             "business_events=dashboard,user:owner_id \
              reservation_events=dashboard,user:business_owner_id,user:customer_id"
         );
-        assert_eq!(
-            routes.channels(),
-            ["business_events", "reservation_events"]
-        );
+        assert_eq!(routes.channels(), ["business_events", "reservation_events"]);
         assert_eq!(routes.channels_for(false).len(), 2);
         let routes = Routes::parse(&["a=dashboard", "b=user:x"]).expect("parse");
         assert_eq!(routes.channels_for(true), ["a"]);

@@ -119,9 +119,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 fn text(status: StatusCode, body: &str) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -145,15 +146,33 @@ fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) ->
             let mut response = text(StatusCode::OK, &shared.metrics.render());
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             return response;
         }
-        "/healthz" | "/readyz" | "/metrics" => return text(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
-        _ => return refuse(shared, StatusCode::NOT_FOUND, "not_found", "no such endpoint", &path),
+        "/healthz" | "/readyz" | "/metrics" => {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+        }
+        _ => {
+            return refuse(
+                shared,
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint",
+                &path,
+            )
+        }
     };
     if req.method() != Method::GET {
-        return refuse(shared, StatusCode::METHOD_NOT_ALLOWED, "method", "use GET", &path);
+        return refuse(
+            shared,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+            "use GET",
+            &path,
+        );
     }
     if !hyper_tungstenite::is_upgrade_request(&req) {
         return refuse(
@@ -166,7 +185,13 @@ fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) ->
     }
     let query = query_params(req.uri().query());
     let Some(presented) = presented_token(req.headers(), &query) else {
-        return refuse(shared, StatusCode::UNAUTHORIZED, "no_token", "missing token", &path);
+        return refuse(
+            shared,
+            StatusCode::UNAUTHORIZED,
+            "no_token",
+            "missing token",
+            &path,
+        );
     };
     let identity = match shared.verifier.verify(&presented.token) {
         Ok(identity) => identity,
@@ -175,7 +200,13 @@ fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) ->
                 crate::auth::AuthError::Expired => "expired_token",
                 _ => "invalid_token",
             };
-            return refuse(shared, StatusCode::UNAUTHORIZED, reason, &e.to_string(), &path);
+            return refuse(
+                shared,
+                StatusCode::UNAUTHORIZED,
+                reason,
+                &e.to_string(),
+                &path,
+            );
         }
     };
     if stream == Stream::Dashboard && !identity.admin {
@@ -191,18 +222,19 @@ fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) ->
         Ok(resume) => resume,
         Err(why) => return refuse(shared, StatusCode::BAD_REQUEST, "bad_resume", why, &path),
     };
-    let (mut response, websocket) = match hyper_tungstenite::upgrade(&mut req, Some(websocket_config())) {
-        Ok(upgrade) => upgrade,
-        Err(e) => {
-            return refuse(
-                shared,
-                StatusCode::BAD_REQUEST,
-                "bad_handshake",
-                &format!("bad WebSocket handshake: {e}"),
-                &path,
-            )
-        }
-    };
+    let (mut response, websocket) =
+        match hyper_tungstenite::upgrade(&mut req, Some(websocket_config())) {
+            Ok(upgrade) => upgrade,
+            Err(e) => {
+                return refuse(
+                    shared,
+                    StatusCode::BAD_REQUEST,
+                    "bad_handshake",
+                    &format!("bad WebSocket handshake: {e}"),
+                    &path,
+                )
+            }
+        };
     if presented.via_subprotocol {
         response
             .headers_mut()
@@ -223,7 +255,13 @@ fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) ->
     response
 }
 
-fn refuse(shared: &Shared, status: StatusCode, reason: &'static str, why: &str, path: &str) -> Response<Body> {
+fn refuse(
+    shared: &Shared,
+    status: StatusCode,
+    reason: &'static str,
+    why: &str,
+    path: &str,
+) -> Response<Body> {
     shared.metrics.refused(reason);
     tracing::debug!(path, status = status.as_u16(), why, "refused");
     text(status, why)

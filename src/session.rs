@@ -112,7 +112,8 @@ async fn session(
     }
 
     let mut deadline = expiry(&identity, shared);
-    let mut ping = tokio::time::interval_at(Instant::now() + shared.ping_interval, shared.ping_interval);
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + shared.ping_interval, shared.ping_interval);
     let mut awaiting_pong = false;
     loop {
         tokio::select! {
@@ -219,9 +220,14 @@ fn expiry(identity: &Identity, shared: &Shared) -> Instant {
 /// An in-band `{"type":"refresh","token":...}`: a valid token for the same
 /// user (still an admin on the dashboard) extends the socket; anything else
 /// closes it.
-fn refresh(shared: &Shared, stream: &Stream, current: &Identity, text: &str) -> Result<Identity, End> {
-    let ClientMessage::Refresh { token } =
-        serde_json::from_str(text).map_err(|_| End::Close(1008, "unexpected message: only refresh is accepted"))?;
+fn refresh(
+    shared: &Shared,
+    stream: &Stream,
+    current: &Identity,
+    text: &str,
+) -> Result<Identity, End> {
+    let ClientMessage::Refresh { token } = serde_json::from_str(text)
+        .map_err(|_| End::Close(1008, "unexpected message: only refresh is accepted"))?;
     match shared.verifier.verify(&token) {
         Ok(renewed)
             if renewed.user == current.user && (*stream != Stream::Dashboard || renewed.admin) =>
@@ -229,7 +235,10 @@ fn refresh(shared: &Shared, stream: &Stream, current: &Identity, text: &str) -> 
             tracing::debug!(exp = renewed.exp, "token refreshed");
             Ok(renewed)
         }
-        Ok(_) => Err(End::Close(4001, "refresh refused: token is for another user")),
+        Ok(_) => Err(End::Close(
+            4001,
+            "refresh refused: token is for another user",
+        )),
         Err(e) => {
             tracing::debug!(error = %e, "refresh refused");
             Err(End::Close(4001, "refresh refused: invalid token"))
@@ -300,7 +309,10 @@ async fn replay(
 }
 
 /// Feeds the frames and flushes once, within [`WRITE_TIMEOUT`].
-async fn write(ws: &mut HyperWebsocketStream, frames: impl IntoIterator<Item = Message>) -> Result<(), End> {
+async fn write(
+    ws: &mut HyperWebsocketStream,
+    frames: impl IntoIterator<Item = Message>,
+) -> Result<(), End> {
     let written = timeout(WRITE_TIMEOUT, async {
         for frame in frames {
             ws.feed(frame).await?;

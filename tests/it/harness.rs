@@ -1,0 +1,379 @@
+//! Test harness: a fresh database per test on a real PostgreSQL, a relay on
+//! port 0, WebSocket clients, and bounded waits (never a bare sleep).
+//!
+//! PostgreSQL: `PGRELAY_TEST_DATABASE_URL` (a superuser URL; each test creates
+//! its own database there) if set, else one throwaway cluster per test binary,
+//! started from the local binaries and stopped by a watchdog when the binary
+//! exits. A missing PostgreSQL fails the tests, saying what to install.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pgrelay::cluster::Cluster;
+use pgrelay::config::{InstallConfig, ServeConfig};
+use pgrelay::Relay;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::sync::OnceCell;
+use tokio_postgres::{Client, NoTls};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "pgrelay-test-secret";
+/// The bound on every wait for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Where test databases are created: a server URL without the database name.
+struct Server {
+    /// Connection string for the maintenance database.
+    admin_url: String,
+    /// `url_for(db)` replaces the database in this URL.
+    base: url::Url,
+    _cluster: Option<Cluster>,
+}
+
+static SERVER: OnceCell<Server> = OnceCell::const_new();
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+async fn server() -> &'static Server {
+    SERVER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("PGRELAY_TEST_DATABASE_URL") {
+                let base = url::Url::parse(&url)
+                    .expect("PGRELAY_TEST_DATABASE_URL must be a postgres:// URL");
+                return Server {
+                    admin_url: url,
+                    base,
+                    _cluster: None,
+                };
+            }
+            let cluster = Cluster::start().await.unwrap_or_else(|e| {
+                panic!(
+                    "the tests need PostgreSQL: set PGRELAY_TEST_DATABASE_URL or install the \
+                     server binaries (apt-get install postgresql): {e}"
+                )
+            });
+            cluster
+                .stop_when_process_exits(std::process::id())
+                .expect("start the cluster watchdog");
+            let admin_url = cluster.url("postgres");
+            Server {
+                base: url::Url::parse(&admin_url).expect("cluster url"),
+                admin_url,
+                _cluster: Some(cluster),
+            }
+        })
+        .await
+}
+
+/// Connects and drives the connection in the background.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to test database: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// A database of one's own.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// An empty database named after the test.
+    pub async fn empty(test: &str) -> TestDb {
+        let server = server().await;
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("t_{}_{}_{}", test, std::process::id(), n).to_lowercase();
+        let admin = connect(&server.admin_url).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+        let mut url = server.base.clone();
+        url.set_path(&format!("/{name}"));
+        TestDb {
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    /// A database with `pgrelay install --demo` applied.
+    pub async fn demo(test: &str) -> TestDb {
+        let db = TestDb::empty(test).await;
+        pgrelay::install::install(&InstallConfig {
+            database: db.config(),
+            demo: true,
+            watch: Vec::new(),
+        })
+        .await
+        .expect("install --demo");
+        db.exec(
+            "INSERT INTO users (id, email, role) VALUES \
+             (1, 'admin@example.com', 'super_admin'), (2, 'owner@example.com', 'owner'), \
+             (3, 'customer@example.com', 'customer'), (4, 'other@example.com', 'owner'); \
+             SELECT setval(pg_get_serial_sequence('users', 'id'), 4);",
+        )
+        .await;
+        db
+    }
+
+    pub fn config(&self) -> tokio_postgres::Config {
+        self.url.parse().expect("test url parses")
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// Runs SQL in its own connection (and so its own transaction per statement).
+    pub async fn exec(&self, sql: &str) {
+        self.client()
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Inserts a business and returns its id.
+    pub async fn business(&self, owner: i64, name: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(
+                "INSERT INTO businesses (owner_id, name) VALUES ($1, $2) RETURNING id",
+                &[&owner, &name],
+            )
+            .await
+            .expect("insert business")
+            .get(0)
+    }
+
+    /// Inserts a reservation and returns its id.
+    pub async fn reservation(&self, business: i64, customer: i64) -> i64 {
+        self.client()
+            .await
+            .query_one(
+                "INSERT INTO reservations (business_id, customer_id, starts_at, party_size) \
+                 VALUES ($1, $2, now() + interval '1 day', 2) RETURNING id",
+                &[&business, &customer],
+            )
+            .await
+            .expect("insert reservation")
+            .get(0)
+    }
+}
+
+/// A relay on 127.0.0.1:0 against a test database.
+pub struct TestRelay {
+    pub relay: Relay,
+}
+
+impl TestRelay {
+    pub async fn start(db: &TestDb) -> TestRelay {
+        TestRelay::start_with(db, |_| {}).await
+    }
+
+    pub async fn start_with(db: &TestDb, tweak: impl FnOnce(&mut ServeConfig)) -> TestRelay {
+        let mut config =
+            ServeConfig::new(db.config(), "127.0.0.1:0".parse().expect("addr"), SECRET);
+        tweak(&mut config);
+        let relay = Relay::start_with(config, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("relay start: {e}"));
+        let relay = TestRelay { relay };
+        relay.wait_ready().await;
+        relay
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_for("relay ready", || async { self.relay.is_ready() }).await;
+    }
+
+    pub fn ws_url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{}", self.relay.addr(), path_and_query)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.relay.addr(), path)
+    }
+
+    /// Connects to `path_and_query` with `Authorization: Bearer token`.
+    pub async fn ws(&self, path_and_query: &str, token: &str) -> Ws {
+        Ws::connect(&self.ws_url(path_and_query), Some(token))
+            .await
+            .unwrap_or_else(|e| panic!("connect {path_and_query}: {e:?}"))
+    }
+
+    /// The dashboard as the admin, past `hello`.
+    pub async fn dashboard(&self) -> Ws {
+        let mut ws = self.ws("/ws/dashboard/", &token("1", true)).await;
+        ws.hello().await;
+        ws
+    }
+
+    /// A user's notifications, past `hello`.
+    pub async fn notifications(&self, user: &str) -> Ws {
+        let mut ws = self.ws("/ws/notifications/", &token(user, false)).await;
+        ws.hello().await;
+        ws
+    }
+}
+
+/// A one-hour HS256 token for `sub`, a super admin when `admin`.
+pub fn token(sub: &str, admin: bool) -> String {
+    pgrelay::auth::mint(
+        SECRET,
+        sub,
+        admin.then_some("super_admin"),
+        Duration::from_secs(3600),
+    )
+    .expect("mint token")
+}
+
+/// Signs arbitrary claims with the test secret.
+pub fn sign(claims: &Value) -> String {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    encode(
+        &Header::default(),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign claims")
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// Polls `check` every 20 ms until it is true; panics after [`WAIT`].
+pub async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A WebSocket client that reads JSON frames with bounded waits.
+pub struct Ws {
+    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub subprotocol: Option<String>,
+}
+
+/// How a handshake was refused: status and body.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Ws {
+    pub async fn connect(url: &str, bearer: Option<&str>) -> Result<Ws, Refused> {
+        let mut request = url.into_client_request().expect("valid ws url");
+        if let Some(token) = bearer {
+            request.headers_mut().insert(
+                "Authorization",
+                HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+            );
+        }
+        Ws::connect_request(request).await
+    }
+
+    pub async fn connect_request(
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Result<Ws, Refused> {
+        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request)).await {
+            Err(_) => panic!("handshake timed out"),
+            Ok(Ok((stream, response))) => Ok(Ws {
+                stream,
+                subprotocol: response
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            }),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => Err(Refused {
+                status: response.status().as_u16(),
+                body: response
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+            }),
+            Ok(Err(e)) => panic!("handshake failed: {e}"),
+        }
+    }
+
+    /// The next frame, or `None` when the socket closed; panics after [`WAIT`].
+    pub async fn next_message(&mut self) -> Option<Message> {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("timed out waiting for a frame");
+            match next {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(m)) => return Some(m),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// The next text frame as JSON; panics on a close or timeout.
+    pub async fn next_json(&mut self) -> Value {
+        match self.next_message().await {
+            Some(Message::Text(t)) => serde_json::from_str(&t).expect("frames are JSON"),
+            other => panic!("expected a JSON frame, got {other:?}"),
+        }
+    }
+
+    /// Reads the `hello` frame.
+    pub async fn hello(&mut self) -> Value {
+        let hello = self.next_json().await;
+        assert_eq!(hello["type"], "hello", "{hello}");
+        hello
+    }
+
+    /// The next `event` frame.
+    pub async fn event(&mut self) -> Value {
+        let event = self.next_json().await;
+        assert_eq!(event["type"], "event", "{event}");
+        event
+    }
+
+    /// Reads until the close frame and returns its code and reason.
+    pub async fn close_code(&mut self) -> (u16, String) {
+        loop {
+            match self.next_message().await {
+                Some(Message::Close(Some(frame))) => {
+                    return (u16::from(frame.code), frame.reason.to_string())
+                }
+                Some(Message::Close(None)) => return (1005, String::new()),
+                None => panic!("socket ended without a close frame"),
+                Some(_) => continue,
+            }
+        }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.stream
+            .send(Message::text(text.to_owned()))
+            .await
+            .expect("send text");
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests: one binary, each test with its own database on a real
+//! PostgreSQL (see harness.rs). Test names say which promise they prove.
+
+mod cli;
+mod faults;
+mod harness;
+mod install;
+mod refusals;
+mod relay;
+mod resume;
