@@ -149,6 +149,9 @@ impl Relay {
         let status = Arc::new(Status::default());
         status.set_epoch(&info.epoch);
         let hub = Hub::new(config.queues);
+        // Sockets may connect before the listener is up: their `hello` must
+        // already name the log's newest id, which the listener starts from.
+        hub.advance(info.max_id);
         tracker.spawn(
             Listener {
                 config: config.database.clone(),

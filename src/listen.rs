@@ -142,9 +142,10 @@ impl Listener {
 
         let info = self.db.log_info().await?;
         self.status.set_epoch(&info.epoch);
-        // First start: live from now. Later: from the last id handed on.
-        let start = *cursor.get_or_insert(info.max_id);
-        self.hub.advance(start);
+        // First start: from the hub's last id (the log's newest id when the
+        // relay started, which every `hello` reports). Later: from the last
+        // id handed on.
+        let start = *cursor.get_or_insert(self.hub.last_id());
         let caught_up = self.catch_up(start).await?;
         *cursor = Some(caught_up);
         self.status.ready.store(true, Ordering::SeqCst);

@@ -120,35 +120,8 @@ async fn session(
             biased;
             _ = shared.shutdown.cancelled() => return End::Close(1001, "server shutting down"),
             _ = tokio::time::sleep_until(deadline) => return End::Close(4001, "token expired"),
-            received = sub.rx.recv() => {
-                let first = match received {
-                    Ok(delivery) => delivery,
-                    Err(RecvError::Lagged(_)) => return slow(shared),
-                    Err(RecvError::Closed) => return End::Close(1001, "server shutting down"),
-                };
-                // Coalesce: everything already queued goes out in one flush.
-                let mut batch = Vec::new();
-                let mut next = Some(first);
-                while let Some(delivery) = next.take() {
-                    if delivery.id > cursor {
-                        cursor = delivery.id;
-                        batch.push(Message::Text(delivery.frame));
-                    }
-                    if batch.len() >= MAX_BATCH {
-                        break;
-                    }
-                    match sub.rx.try_recv() {
-                        Ok(d) => next = Some(d),
-                        Err(TryRecvError::Lagged(_)) => return slow(shared),
-                        Err(_) => {}
-                    }
-                }
-                let n = batch.len() as u64;
-                if let Err(end) = write(ws, batch).await {
-                    return end;
-                }
-                shared.metrics.deliveries.inc_by(n);
-            },
+            // The peer's frames first: a busy stream must not starve pongs
+            // and refreshes. A peer flooding frames only slows itself.
             message = ws.next() => match message {
                 None | Some(Ok(Message::Close(_))) => {
                     // tungstenite queued the close reply: send it.
@@ -180,6 +153,35 @@ async fn session(
                     }
                 }
                 Some(Ok(Message::Frame(_))) => {}
+            },
+            received = sub.rx.recv() => {
+                let first = match received {
+                    Ok(delivery) => delivery,
+                    Err(RecvError::Lagged(_)) => return slow(shared),
+                    Err(RecvError::Closed) => return End::Close(1001, "server shutting down"),
+                };
+                // Coalesce: everything already queued goes out in one flush.
+                let mut batch = Vec::new();
+                let mut next = Some(first);
+                while let Some(delivery) = next.take() {
+                    if delivery.id > cursor {
+                        cursor = delivery.id;
+                        batch.push(Message::Text(delivery.frame));
+                    }
+                    if batch.len() >= MAX_BATCH {
+                        break;
+                    }
+                    match sub.rx.try_recv() {
+                        Ok(d) => next = Some(d),
+                        Err(TryRecvError::Lagged(_)) => return slow(shared),
+                        Err(_) => {}
+                    }
+                }
+                let n = batch.len() as u64;
+                if let Err(end) = write(ws, batch).await {
+                    return end;
+                }
+                shared.metrics.deliveries.inc_by(n);
             },
             _ = ping.tick() => {
                 if awaiting_pong {
