@@ -57,6 +57,8 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--jwt-secret-file {path}: {reason}")]
+    SecretFile { path: String, reason: String },
     #[error("--jwt-public-key {path}: not an RSA or EC public key in PEM format")]
     Pem { path: String },
     #[error("--admin-claim {0:?} is not NAME=VALUE")]
@@ -99,6 +101,8 @@ impl std::fmt::Debug for Verifier {
 #[derive(Debug, Clone)]
 pub enum KeySource {
     Secret(String),
+    /// A file holding the HS256 secret (surrounding whitespace ignored).
+    SecretFile(std::path::PathBuf),
     PublicKeyFile(std::path::PathBuf),
 }
 
@@ -119,6 +123,24 @@ impl Verifier {
                 DecodingKey::from_secret(secret.as_bytes()),
                 Algorithm::HS256,
             ),
+            KeySource::SecretFile(path) => {
+                let shown = path.display().to_string();
+                let secret = std::fs::read_to_string(path).map_err(|e| KeyError::SecretFile {
+                    path: shown.clone(),
+                    reason: e.to_string(),
+                })?;
+                let secret = secret.trim();
+                if secret.is_empty() {
+                    return Err(KeyError::SecretFile {
+                        path: shown,
+                        reason: "file is empty".into(),
+                    });
+                }
+                (
+                    DecodingKey::from_secret(secret.as_bytes()),
+                    Algorithm::HS256,
+                )
+            }
             KeySource::PublicKeyFile(path) => {
                 let shown = path.display().to_string();
                 let pem = std::fs::read(path).map_err(|source| KeyError::Read {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::admission::Limits;
 use crate::auth::{AdminClaim, AuthConfig, KeySource};
 use crate::hub::QueueSizes;
 use crate::route::Routes;
@@ -63,7 +64,10 @@ pub struct ServeArgs {
     /// HS256 secret that tokens are signed with.
     #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// PEM file with the RS256 or ES256 public key tokens are signed for.
+    /// File holding the HS256 secret (re-read on SIGHUP, for rotation).
+    #[arg(long, env = "PGRELAY_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM file with the RS256 or ES256 public key tokens are signed for (re-read on SIGHUP).
     #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
     /// Required `iss` claim.
@@ -98,6 +102,37 @@ pub struct ServeArgs {
     /// Connections in the read pool (replay, large events) [default: 8].
     #[arg(long, env = "PGRELAY_POOL_SIZE")]
     pub pool_size: Option<usize>,
+    /// Browser origin allowed to open sockets, exactly as sent in `Origin`; repeatable
+    /// [default: any].
+    #[arg(
+        long = "allowed-origin",
+        env = "PGRELAY_ALLOWED_ORIGINS",
+        value_delimiter = ';'
+    )]
+    pub allowed_origins: Vec<String>,
+    /// SQL deciding super admin for tokens without an admin claim, e.g.
+    /// "SELECT role = 'super_admin' FROM users WHERE id = $1" ($1: the user id).
+    #[arg(long, env = "PGRELAY_ADMIN_QUERY")]
+    pub admin_query: Option<String>,
+    /// How long an --admin-query answer is cached [default: 30s].
+    #[arg(long, env = "PGRELAY_ADMIN_CACHE")]
+    pub admin_cache: Option<String>,
+    /// Open sockets in total; more are refused with 503 [default: 50000].
+    #[arg(long, env = "PGRELAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Open sockets per user; more are refused with 429 [default: 32].
+    #[arg(long, env = "PGRELAY_MAX_SOCKETS_PER_USER")]
+    pub max_sockets_per_user: Option<usize>,
+    /// Time a client has to send its request headers [default: 10s].
+    #[arg(long, env = "PGRELAY_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<String>,
+    /// Largest client message in bytes; larger closes the socket with 1009 [default: 16384].
+    #[arg(long, env = "PGRELAY_MAX_CLIENT_MESSAGE")]
+    pub max_client_message: Option<usize>,
+    /// Client messages per second per socket (bursts of 10x); more closes it with 1008
+    /// [default: 2].
+    #[arg(long, env = "PGRELAY_CLIENT_RATE")]
+    pub client_rate: Option<u32>,
     /// Print the resolved configuration (secrets redacted) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -148,6 +183,7 @@ struct FileConfig {
     database_url: Option<String>,
     listen: Option<String>,
     jwt_secret: Option<String>,
+    jwt_secret_file: Option<PathBuf>,
     jwt_public_key: Option<PathBuf>,
     jwt_issuer: Option<String>,
     jwt_audience: Option<String>,
@@ -158,6 +194,14 @@ struct FileConfig {
     dashboard_queue: Option<usize>,
     user_queue: Option<usize>,
     pool_size: Option<usize>,
+    allowed_origin: Option<Vec<String>>,
+    admin_query: Option<String>,
+    admin_cache: Option<String>,
+    max_connections: Option<usize>,
+    max_sockets_per_user: Option<usize>,
+    handshake_timeout: Option<String>,
+    max_client_message: Option<usize>,
+    client_rate: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,10 +217,10 @@ pub enum ConfigError {
     #[error("--listen {value:?}: {reason}")]
     Listen { value: String, reason: String },
     #[error(
-        "missing --jwt-secret or --jwt-public-key (or PGRELAY_JWT_SECRET, PGRELAY_JWT_PUBLIC_KEY)"
+        "missing --jwt-secret, --jwt-secret-file or --jwt-public-key (or PGRELAY_JWT_SECRET...)"
     )]
     NoKey,
-    #[error("--jwt-secret and --jwt-public-key are exclusive: pick one")]
+    #[error("--jwt-secret, --jwt-secret-file and --jwt-public-key are exclusive: pick one")]
     TwoKeys,
     #[error("--jwt-secret: empty secret")]
     EmptySecret,
@@ -202,6 +246,10 @@ pub struct ServeConfig {
     pub retention: Duration,
     pub queues: QueueSizes,
     pub pool_size: usize,
+    pub allowed_origins: Vec<String>,
+    pub admin_query: Option<String>,
+    pub admin_cache: Duration,
+    pub limits: Limits,
 }
 
 impl ServeConfig {
@@ -223,6 +271,10 @@ impl ServeConfig {
             retention: DEFAULT_RETENTION,
             queues: DEFAULT_QUEUES,
             pool_size: DEFAULT_POOL_SIZE,
+            allowed_origins: Vec::new(),
+            admin_query: None,
+            admin_cache: DEFAULT_ADMIN_CACHE,
+            limits: Limits::default(),
         }
     }
 }
@@ -234,6 +286,7 @@ pub const DEFAULT_QUEUES: QueueSizes = QueueSizes {
     user: 64,
 };
 pub const DEFAULT_POOL_SIZE: usize = 8;
+pub const DEFAULT_ADMIN_CACHE: Duration = Duration::from_secs(30);
 
 fn default_admin_claim() -> AdminClaim {
     AdminClaim {
@@ -343,13 +396,17 @@ impl ServeArgs {
                 })?;
         let key = match (
             self.jwt_secret.or(file.jwt_secret),
+            self.jwt_secret_file.or(file.jwt_secret_file),
             self.jwt_public_key.or(file.jwt_public_key),
         ) {
-            (Some(_), Some(_)) => return Err(ConfigError::TwoKeys),
-            (Some(secret), None) if secret.is_empty() => return Err(ConfigError::EmptySecret),
-            (Some(secret), None) => KeySource::Secret(secret),
-            (None, Some(path)) => KeySource::PublicKeyFile(path),
-            (None, None) => return Err(ConfigError::NoKey),
+            (Some(secret), None, None) if secret.is_empty() => {
+                return Err(ConfigError::EmptySecret)
+            }
+            (Some(secret), None, None) => KeySource::Secret(secret),
+            (None, Some(path), None) => KeySource::SecretFile(path),
+            (None, None, Some(path)) => KeySource::PublicKeyFile(path),
+            (None, None, None) => return Err(ConfigError::NoKey),
+            _ => return Err(ConfigError::TwoKeys),
         };
         let admin_claims = list(self.admin_claims, file.admin_claim)
             .iter()
@@ -401,7 +458,56 @@ impl ServeArgs {
             self.pool_size.or(file.pool_size),
             DEFAULT_POOL_SIZE,
         )?;
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_connections: positive(
+                "max-connections",
+                self.max_connections.or(file.max_connections),
+                defaults.max_connections,
+            )?,
+            max_per_user: positive(
+                "max-sockets-per-user",
+                self.max_sockets_per_user.or(file.max_sockets_per_user),
+                defaults.max_per_user,
+            )?,
+            handshake_timeout: duration(
+                "handshake-timeout",
+                self.handshake_timeout.or(file.handshake_timeout),
+                defaults.handshake_timeout,
+            )?,
+            max_client_message: positive(
+                "max-client-message",
+                self.max_client_message.or(file.max_client_message),
+                defaults.max_client_message,
+            )?,
+            client_messages_per_second: positive(
+                "client-rate",
+                self.client_rate.or(file.client_rate).map(|r| r as usize),
+                defaults.client_messages_per_second as usize,
+            )? as u32,
+        };
+        let admin_query = self
+            .admin_query
+            .or(file.admin_query)
+            .filter(|q| !q.trim().is_empty());
+        if let Some(query) = &admin_query {
+            if !query.contains("$1") {
+                return Err(ConfigError::Value {
+                    flag: "admin-query",
+                    value: query.clone(),
+                    reason: "must use $1 for the user id".into(),
+                });
+            }
+        }
         Ok(ServeConfig {
+            allowed_origins: list(self.allowed_origins, file.allowed_origin),
+            admin_query,
+            admin_cache: duration(
+                "admin-cache",
+                self.admin_cache.or(file.admin_cache),
+                DEFAULT_ADMIN_CACHE,
+            )?,
+            limits,
             database,
             listen,
             auth,
@@ -436,6 +542,9 @@ impl std::fmt::Display for ServeConfig {
         writeln!(f, "listen = \"{}\"", self.listen)?;
         match &self.auth.key {
             KeySource::Secret(_) => writeln!(f, "jwt_key = \"HS256 secret (redacted)\"")?,
+            KeySource::SecretFile(path) => {
+                writeln!(f, "jwt_secret_file = {:?}", path.display().to_string())?
+            }
             KeySource::PublicKeyFile(path) => {
                 writeln!(f, "jwt_public_key = {:?}", path.display().to_string())?
             }
@@ -476,7 +585,33 @@ impl std::fmt::Display for ServeConfig {
         )?;
         writeln!(f, "dashboard_queue = {}", self.queues.dashboard)?;
         writeln!(f, "user_queue = {}", self.queues.user)?;
-        write!(f, "pool_size = {}", self.pool_size)
+        writeln!(f, "pool_size = {}", self.pool_size)?;
+        let origins: Vec<String> = self
+            .allowed_origins
+            .iter()
+            .map(|o| format!("{o:?}"))
+            .collect();
+        writeln!(f, "allowed_origin = [{}]", origins.join(", "))?;
+        writeln!(
+            f,
+            "admin_query = {:?}",
+            self.admin_query.as_deref().unwrap_or("")
+        )?;
+        writeln!(
+            f,
+            "admin_cache = \"{}\"",
+            humantime::format_duration(self.admin_cache)
+        )?;
+        let l = &self.limits;
+        writeln!(f, "max_connections = {}", l.max_connections)?;
+        writeln!(f, "max_sockets_per_user = {}", l.max_per_user)?;
+        writeln!(
+            f,
+            "handshake_timeout = \"{}\"",
+            humantime::format_duration(l.handshake_timeout)
+        )?;
+        writeln!(f, "max_client_message = {}", l.max_client_message)?;
+        write!(f, "client_rate = {}", l.client_messages_per_second)
     }
 }
 

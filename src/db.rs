@@ -23,6 +23,10 @@ pub enum DbError {
     Build(#[from] deadpool_postgres::BuildError),
     #[error("pgrelay is not installed in this database (run `pgrelay install`)")]
     NotInstalled,
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("user id {0:?} does not fit the admin query's parameter type")]
+    UserId(String),
     #[error("event {id} has a malformed payload: {reason}")]
     BadRow { id: i64, reason: String },
 }
@@ -182,5 +186,39 @@ impl Db {
             .await?;
         let deleted: i32 = row.try_get(0)?;
         Ok((deleted >= 0).then_some(deleted))
+    }
+}
+
+impl Db {
+    /// Runs `--admin-query` for one user: `$1` is the user id, converted to
+    /// the parameter's type (integer or text); the first column of the first
+    /// row says whether the user is a super admin (no row: not one).
+    pub async fn admin_query(&self, query: &str, user: &str) -> Result<bool, DbError> {
+        use tokio_postgres::types::{ToSql, Type};
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(query).await?;
+        let param_type = statement.params().first().cloned().unwrap_or(Type::TEXT);
+        let as_i64;
+        let as_i32;
+        let param: &(dyn ToSql + Sync) = match param_type {
+            Type::INT8 => {
+                as_i64 = user
+                    .parse::<i64>()
+                    .map_err(|_| DbError::UserId(user.to_owned()))?;
+                &as_i64
+            }
+            Type::INT4 => {
+                as_i32 = user
+                    .parse::<i32>()
+                    .map_err(|_| DbError::UserId(user.to_owned()))?;
+                &as_i32
+            }
+            _ => &user,
+        };
+        let row = client.query_opt(&statement, &[param]).await?;
+        match row {
+            None => Ok(false),
+            Some(row) => Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false)),
+        }
     }
 }

@@ -22,6 +22,7 @@
 //! through the pool; every spawned task is tracked and ends on the one
 //! cancellation token.
 
+pub mod admission;
 pub mod auth;
 pub mod cluster;
 pub mod config;
@@ -46,6 +47,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{AdminLookup, Slots};
 use crate::auth::{KeyError, Verifier};
 use crate::config::ServeConfig;
 use crate::db::{Db, DbError};
@@ -107,6 +109,7 @@ pub struct Relay {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     status: Arc<Status>,
+    shared: Arc<Shared>,
 }
 
 impl Relay {
@@ -173,8 +176,17 @@ impl Relay {
             prune_every,
             shutdown.clone(),
         ));
+        let admin_lookup = config
+            .admin_query
+            .clone()
+            .map(|query| AdminLookup::new(db.clone(), query, config.admin_cache));
         let shared = Arc::new(Shared {
-            verifier,
+            verifier: RwLock::new(Arc::new(verifier)),
+            auth: config.auth.clone(),
+            slots: Slots::new(&config.limits),
+            limits: config.limits.clone(),
+            allowed_origins: config.allowed_origins.clone(),
+            admin_lookup,
             hub,
             db,
             routes: config.routes,
@@ -185,13 +197,14 @@ impl Relay {
             ping_interval,
             leeway: config.auth.leeway,
         });
-        tracker.spawn(server::serve(listener, shared));
+        tracker.spawn(server::serve(listener, Arc::clone(&shared)));
         tracing::info!(%addr, "serving");
         Ok(Relay {
             addr,
             shutdown,
             tracker,
             status,
+            shared,
         })
     }
 
@@ -203,6 +216,12 @@ impl Relay {
     /// Whether LISTEN is active and caught up (what `/readyz` says).
     pub fn is_ready(&self) -> bool {
         self.status.is_ready()
+    }
+
+    /// Re-reads the JWT key files (SIGHUP): new sockets and refreshes use the
+    /// new keys, open sockets stay open. On error the old keys stay in force.
+    pub fn reload_keys(&self) -> Result<(), KeyError> {
+        self.shared.reload_keys()
     }
 
     /// Stops accepting, closes every socket with 1001, and waits for the

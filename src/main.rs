@@ -45,7 +45,7 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(relay) => relay,
                 Err(e) => return fail(2, &e.to_string()),
             };
-            shutdown_signal().await;
+            reload_on_sighup(&relay, shutdown_signal()).await;
             tracing::info!("shutting down");
             if !relay.shutdown().await {
                 tracing::warn!("some sockets did not close in time");
@@ -88,6 +88,25 @@ async fn run(cli: Cli) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(2, &e.to_string()),
         },
+    }
+}
+
+/// Re-reads the JWT key files on every SIGHUP until `until` resolves.
+async fn reload_on_sighup(relay: &Relay, until: impl std::future::Future<Output = ()>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        until.await;
+        return;
+    };
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            _ = &mut until => return,
+            _ = hup.recv() => match relay.reload_keys() {
+                Ok(()) => tracing::info!("JWT keys reloaded"),
+                Err(e) => tracing::error!(error = %e, "JWT key reload failed; keeping the old keys"),
+            },
+        }
     }
 }
 

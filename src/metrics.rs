@@ -25,6 +25,11 @@ pub struct StreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -37,6 +42,7 @@ pub struct Metrics {
     pub bad_notifications: Counter,
     pub deliveries: Counter,
     pub slow_closes: Counter,
+    pub closes: Family<CloseLabels, Counter>,
     pub listener_reconnects: Counter,
     pub replay_rows: Counter,
     pub event_lag: Histogram,
@@ -78,6 +84,14 @@ impl Default for Metrics {
             "Sockets closed with 4008 because their queue overflowed",
             slow_closes.clone(),
         );
+        let closes = Family::<CloseLabels, Counter>::default();
+        registry.register(
+            "closes",
+            "Sockets closed by pgrelay, by close code (1001 shutdown, 1003 binary, \
+             1008 bad or too many messages, 1009 too big, 1011 replay failed, \
+             4001 token, 4008 too slow)",
+            closes.clone(),
+        );
         let listener_reconnects = Counter::default();
         registry.register(
             "listener_reconnects",
@@ -110,6 +124,7 @@ impl Default for Metrics {
             bad_notifications,
             deliveries,
             slow_closes,
+            closes,
             listener_reconnects,
             replay_rows,
             event_lag,

@@ -13,12 +13,12 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{HeaderValue, CONTENT_TYPE, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::auth::{presented_token, Verifier};
+use crate::admission::{origin_allowed, AdminLookup, Limits, NoSlot, Slots};
+use crate::auth::{presented_token, AuthConfig, KeyError, Verifier};
 use crate::db::Db;
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Stream};
@@ -36,13 +37,15 @@ use crate::route::Routes;
 use crate::session::{self, Resume};
 use crate::Status;
 
-/// Client frames are tiny (`refresh` carries one token): anything larger is
-/// refused with 1009.
-const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
-
 /// What every connection and socket shares.
 pub struct Shared {
-    pub verifier: Verifier,
+    /// Swapped whole on SIGHUP (key rotation); sockets keep running.
+    pub verifier: RwLock<Arc<Verifier>>,
+    pub auth: AuthConfig,
+    pub slots: Slots,
+    pub limits: Limits,
+    pub allowed_origins: Vec<String>,
+    pub admin_lookup: Option<AdminLookup>,
     pub hub: Arc<Hub>,
     pub db: Db,
     pub routes: Routes,
@@ -54,18 +57,33 @@ pub struct Shared {
     pub leeway: Duration,
 }
 
-type Body = Full<Bytes>;
+impl Shared {
+    /// The current token verifier.
+    pub fn verifier(&self) -> Arc<Verifier> {
+        Arc::clone(&self.verifier.read().unwrap_or_else(|e| e.into_inner()))
+    }
 
-fn websocket_config() -> WebSocketConfig {
-    // tungstenite's defaults (128 KiB read buffer allocated up front, a write
-    // buffer that never shrinks) would cost 10,000 idle sockets over a GiB.
-    WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(16 * 1024 * 1024)
-        .max_message_size(Some(MAX_CLIENT_MESSAGE))
-        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
+    /// Re-reads the key files (rotation). On error the old keys stay.
+    pub fn reload_keys(&self) -> Result<(), KeyError> {
+        let fresh = Arc::new(Verifier::new(&self.auth)?);
+        *self.verifier.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    fn websocket_config(&self) -> WebSocketConfig {
+        // tungstenite's defaults (128 KiB read buffer allocated up front, a
+        // write buffer that never shrinks) would cost 10,000 idle sockets over
+        // a GiB. Clients only ever send tiny `refresh` frames.
+        WebSocketConfig::default()
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(0)
+            .max_write_buffer_size(16 * 1024 * 1024)
+            .max_message_size(Some(self.limits.max_client_message))
+            .max_frame_size(Some(self.limits.max_client_message))
+    }
 }
+
+type Body = Full<Bytes>;
 
 /// Accepts connections until shutdown.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -86,16 +104,17 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let _ = stream.set_nodelay(true);
         let span = tracing::debug_span!("conn", client.addr = %addr);
         let shutdown = shared.shutdown.clone();
+        let handshake_timeout = shared.limits.handshake_timeout;
         let for_service = Arc::clone(&shared);
         shared.tracker.spawn(
             async move {
                 let service = service_fn(move |req| {
                     let shared = Arc::clone(&for_service);
-                    async move { Ok::<_, Infallible>(handle(req, &shared, addr)) }
+                    async move { Ok::<_, Infallible>(handle(req, &shared, addr).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
+                    .header_read_timeout(handshake_timeout)
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
                 tokio::pin!(conn);
@@ -126,7 +145,11 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
     response
 }
 
-fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) -> Response<Body> {
+async fn handle(
+    mut req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let stream = match path.as_str() {
         "/ws/dashboard/" | "/ws/dashboard" => Stream::Dashboard,
@@ -174,6 +197,19 @@ fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) ->
             &path,
         );
     }
+    let origin = req
+        .headers()
+        .get(ORIGIN)
+        .map(|o| o.to_str().unwrap_or("(not ASCII)"));
+    if !origin_allowed(&shared.allowed_origins, origin) {
+        return refuse(
+            shared,
+            StatusCode::FORBIDDEN,
+            "origin",
+            "origin not allowed",
+            &path,
+        );
+    }
     if !hyper_tungstenite::is_upgrade_request(&req) {
         return refuse(
             shared,
@@ -193,7 +229,7 @@ fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) ->
             &path,
         );
     };
-    let identity = match shared.verifier.verify(&presented.token) {
+    let mut identity = match shared.verifier().verify(&presented.token) {
         Ok(identity) => identity,
         Err(e) => {
             let reason = match e {
@@ -210,6 +246,23 @@ fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) ->
         }
     };
     if stream == Stream::Dashboard && !identity.admin {
+        if let Some(lookup) = &shared.admin_lookup {
+            match lookup.is_admin(&identity.user).await {
+                Ok(admin) => identity.admin = admin,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin query failed; refusing");
+                    return refuse(
+                        shared,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "admin_query",
+                        "cannot check admin rights right now: retry later",
+                        &path,
+                    );
+                }
+            }
+        }
+    }
+    if stream == Stream::Dashboard && !identity.admin {
         return refuse(
             shared,
             StatusCode::FORBIDDEN,
@@ -222,8 +275,29 @@ fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) ->
         Ok(resume) => resume,
         Err(why) => return refuse(shared, StatusCode::BAD_REQUEST, "bad_resume", why, &path),
     };
+    let slot = match shared.slots.take(&identity.user) {
+        Ok(slot) => slot,
+        Err(NoSlot::Total) => {
+            return refuse(
+                shared,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "max_connections",
+                "too many connections: retry later",
+                &path,
+            )
+        }
+        Err(NoSlot::User) => {
+            return refuse(
+                shared,
+                StatusCode::TOO_MANY_REQUESTS,
+                "max_per_user",
+                "too many sockets for this user",
+                &path,
+            )
+        }
+    };
     let (mut response, websocket) =
-        match hyper_tungstenite::upgrade(&mut req, Some(websocket_config())) {
+        match hyper_tungstenite::upgrade(&mut req, Some(shared.websocket_config())) {
             Ok(upgrade) => upgrade,
             Err(e) => {
                 return refuse(
@@ -245,6 +319,7 @@ fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>, addr: SocketAddr) ->
     let span = tracing::debug_span!("socket", client.addr = %addr, user = %identity.user);
     shared.tracker.clone().spawn(
         async move {
+            let _slot = slot;
             match websocket.await {
                 Ok(ws) => session::run(ws, shared, stream, identity, resume).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),

@@ -28,7 +28,7 @@ use tokio::time::{timeout, Instant};
 
 use crate::auth::Identity;
 use crate::hub::Subscription;
-use crate::metrics::Stream;
+use crate::metrics::{CloseLabels, Stream};
 use crate::parse::Event;
 use crate::server::Shared;
 
@@ -74,6 +74,11 @@ pub async fn run(
     gauge.dec();
     if let End::Close(code, reason) = end {
         tracing::debug!(code, reason, "closing socket");
+        shared
+            .metrics
+            .closes
+            .get_or_create(&CloseLabels { code })
+            .inc();
         let frame = CloseFrame {
             code: CloseCode::from(code),
             reason: Utf8Bytes::from_static(reason),
@@ -115,6 +120,7 @@ async fn session(
     let mut ping =
         tokio::time::interval_at(Instant::now() + shared.ping_interval, shared.ping_interval);
     let mut awaiting_pong = false;
+    let mut rate = RateLimit::new(shared.limits.client_messages_per_second);
     loop {
         tokio::select! {
             biased;
@@ -123,6 +129,9 @@ async fn session(
             // The peer's frames first: a busy stream must not starve pongs
             // and refreshes. A peer flooding frames only slows itself.
             message = ws.next() => match message {
+                Some(Ok(ref m)) if !m.is_close() && !rate.allow() => {
+                    return End::Close(1008, "too many messages");
+                }
                 None | Some(Ok(Message::Close(_))) => {
                     // tungstenite queued the close reply: send it.
                     let _ = timeout(Duration::from_secs(1), ws.flush()).await;
@@ -197,6 +206,38 @@ async fn session(
     }
 }
 
+/// A token bucket for client frames: `rate` per second, bursts of ten times
+/// that. Clients have nothing to send but the odd `refresh`.
+struct RateLimit {
+    tokens: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> RateLimit {
+        let rate = f64::from(per_second.max(1));
+        RateLimit {
+            tokens: rate * 10.0,
+            rate,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate * 10.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 fn slow(shared: &Shared) -> End {
     shared.metrics.slow_closes.inc();
     End::Close(4008, "too slow: reconnect with last_id")
@@ -230,7 +271,7 @@ fn refresh(
 ) -> Result<Identity, End> {
     let ClientMessage::Refresh { token } = serde_json::from_str(text)
         .map_err(|_| End::Close(1008, "unexpected message: only refresh is accepted"))?;
-    match shared.verifier.verify(&token) {
+    match shared.verifier().verify(&token) {
         Ok(renewed)
             if renewed.user == current.user && (*stream != Stream::Dashboard || renewed.admin) =>
         {
