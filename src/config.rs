@@ -34,7 +34,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Relay events from PostgreSQL to WebSocket clients.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Install the pgrelay schema and capture triggers (idempotent).
     Install(InstallArgs),
     /// Print a signed HS256 token, for trying pgrelay out.
