@@ -196,3 +196,42 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever someone NOTIFYs, decoding returns, never panics, and a
+        /// decoded event always has a positive id and an object as data.
+        #[test]
+        fn any_payload_decodes_or_is_refused(payload in ".{0,200}") {
+            if let Ok(Notice::Full(event)) = parse_notification("c", &payload) {
+                prop_assert!(event.id > 0);
+                prop_assert!(event.data.get().trim_start().starts_with('{'), "data must be an object");
+                let frame: serde_json::Value = serde_json::from_str(&event.frame()).expect("frame is JSON");
+                prop_assert_eq!(frame["type"].as_str(), Some("event"));
+            }
+        }
+
+        /// Well-formed envelopes always decode, with their fields intact.
+        #[test]
+        fn envelopes_round_trip(id in 1i64.., table in "[a-z_]{1,10}", name in ".{0,20}") {
+            let data = serde_json::json!({"name": name});
+            let payload = serde_json::json!({
+                "id": id, "channel": "c", "table": table, "op": "UPDATE",
+                "at": "2026-11-25T00:00:00.000000Z", "data": data,
+            }).to_string();
+            match parse_notification("c", &payload) {
+                Ok(Notice::Full(event)) => {
+                    prop_assert_eq!(event.id, id);
+                    prop_assert_eq!(&event.table, &table);
+                    let back: serde_json::Value = serde_json::from_str(event.data.get()).expect("json");
+                    prop_assert_eq!(back, data);
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
+}

@@ -276,3 +276,68 @@ mod tests {
         assert_eq!(routes.channels_for(false), ["b"]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::value::RawValue;
+    use std::collections::BTreeSet;
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (0i64..6).prop_map(Value::from),
+            "[0-5]{0,2}".prop_map(Value::String),
+            Just(serde_json::json!({"nested": 1})),
+        ]
+    }
+
+    proptest! {
+        /// An event reaches exactly its audience: the dashboard only when its
+        /// channel routes there, a user only when a routed field names them.
+        #[test]
+        fn an_event_reaches_exactly_its_audience(
+            fields in proptest::collection::btree_map("[a-c]", value(), 0..4),
+            user_fields in proptest::collection::btree_set("[a-c]", 0..3),
+            dashboard in any::<bool>(),
+            routed in any::<bool>(),
+        ) {
+            prop_assume!(dashboard || !user_fields.is_empty());
+            let mut audiences: Vec<String> = user_fields.iter().map(|f| format!("user:{f}")).collect();
+            if dashboard {
+                audiences.push("dashboard".into());
+            }
+            let routes = Routes::parse(&[format!("c={}", audiences.join(","))]).expect("valid route");
+            let data = serde_json::to_string(&fields).expect("json");
+            let event = Event {
+                id: 1,
+                channel: if routed { "c".into() } else { "other".into() },
+                table: "t".into(),
+                op: "INSERT".into(),
+                at: "x".into(),
+                data: RawValue::from_string(data).expect("json"),
+            };
+            let targets = routes.route(&event);
+            let expected: BTreeSet<String> = if routed {
+                user_fields.iter().filter_map(|f| fields.get(f).and_then(user_id)).collect()
+            } else {
+                BTreeSet::new()
+            };
+            let got: BTreeSet<String> = targets.users.iter().cloned().collect();
+            prop_assert_eq!(got.len(), targets.users.len(), "no user twice");
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(targets.dashboard, routed && dashboard);
+        }
+
+        /// Route parsing never panics, and what parses prints back the same.
+        #[test]
+        fn route_parsing_round_trips(spec in "[a-z:=,_ ]{0,30}") {
+            if let Ok(routes) = Routes::parse(&[spec.as_str()]) {
+                let again = Routes::parse(&[routes.to_string()]).expect("printed routes parse");
+                prop_assert_eq!(again, routes);
+            }
+        }
+    }
+}
