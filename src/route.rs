@@ -43,6 +43,8 @@ pub enum RouteError {
     UnknownAudience { route: String, audience: String },
     #[error("route {0:?}: channel name must be 1 to 63 bytes")]
     ChannelLength(String),
+    #[error("route {route:?}: {name:?} may hold only letters, digits and _ . - :")]
+    BadName { route: String, name: String },
     #[error("channel {0:?} is routed twice")]
     Duplicate(String),
 }
@@ -60,7 +62,7 @@ impl FromStr for Audience {
         match s.trim() {
             "dashboard" => Ok(Audience::Dashboard),
             other => match other.strip_prefix("user:") {
-                Some(field) if !field.is_empty() => Ok(Audience::User(field.to_owned())),
+                Some(field) if is_name(field) => Ok(Audience::User(field.to_owned())),
                 _ => Err(()),
             },
         }
@@ -98,6 +100,12 @@ impl Routes {
             // would LISTEN on a different name than the trigger notifies.
             if channel.len() > 63 {
                 return Err(RouteError::ChannelLength(spec.to_owned()));
+            }
+            if !is_name(channel) {
+                return Err(RouteError::BadName {
+                    route: spec.to_owned(),
+                    name: channel.to_owned(),
+                });
             }
             let mut parsed: Vec<Audience> = Vec::new();
             for audience in audiences.split(',') {
@@ -179,6 +187,15 @@ impl fmt::Display for Routes {
     }
 }
 
+/// Channel and field names: printable, no separators, so that a route prints
+/// back to itself and a channel means the same to LISTEN and to the trigger.
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':'))
+}
+
 /// A user id as text: numbers and non-empty strings are ids, anything else is not.
 pub fn user_id(value: &Value) -> Option<String> {
     match value {
@@ -248,6 +265,9 @@ mod tests {
             ("c=admins", "unknown audience \"admins\""),
             ("c=user:", "unknown audience"),
             ("c=dashboard,,user:x", "unknown audience \"\""),
+            ("a b=dashboard", "may hold only"),
+            ("c\0=dashboard", "may hold only"),
+            ("c=user:a b", "unknown audience"),
         ];
         for (spec, want) in cases {
             let err = Routes::parse(&[*spec]).expect_err(spec).to_string();

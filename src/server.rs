@@ -342,14 +342,14 @@ fn refuse(
     text(status, why)
 }
 
-fn query_params(query: Option<&str>) -> HashMap<String, String> {
+pub fn query_params(query: Option<&str>) -> HashMap<String, String> {
     url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .into_owned()
         .collect()
 }
 
-/// `last_id` (a non-negative integer) and optional `epoch`.
-fn parse_resume(query: &HashMap<String, String>) -> Result<Option<Resume>, &'static str> {
+/// `last_id` (a non-negative integer) and optional `epoch`. Public for the fuzz target.
+pub fn parse_resume(query: &HashMap<String, String>) -> Result<Option<Resume>, &'static str> {
     let Some(last_id) = query.get("last_id") else {
         return if query.contains_key("epoch") {
             Err("epoch given without last_id")
