@@ -1,5 +1,6 @@
-//! The deadpool pool and every query pgrelay makes through it: replay pages,
-//! id-only event reads, the log's epoch and retention cursor, pruning.
+//! The deadpool pool and every query pgrelay makes through it: the listener's
+//! reads of new events, replay pages, the log's epoch and retention cursor,
+//! pruning, the admin query.
 //!
 //! The LISTEN connection is not here (see `listen`): a pooled connection
 //! cannot carry LISTEN. Every query takes typed parameters; nothing is built by
@@ -131,23 +132,6 @@ impl Db {
             .query(&statement, &[&after, &upto, &channels, &limit])
             .await?;
         rows.iter().map(event_from_row).collect()
-    }
-
-    /// The event with this id, for NOTIFYs that carried only the id. `None`
-    /// if it is gone (pruned, or the NOTIFY was forged).
-    pub async fn event_by_id(&self, id: i64) -> Result<Option<Event>, DbError> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(&format!(
-                "SELECT {EVENT_COLUMNS} FROM pgrelay.events WHERE id = $1"
-            ))
-            .await?;
-        client
-            .query_opt(&statement, &[&id])
-            .await?
-            .as_ref()
-            .map(event_from_row)
-            .transpose()
     }
 }
 

@@ -1,20 +1,30 @@
-//! The one dedicated LISTEN connection: LISTEN on every routed channel, decode
-//! each notification, route it, hand it to the hub, in commit (= id) order.
+//! The one dedicated LISTEN connection: LISTEN on every routed channel; on
+//! each wake-up, read the new events from `pgrelay.events`, route them, hand
+//! them to the hub, in id (= commit) order.
+//!
+//! Why read the log instead of trusting the NOTIFY payload: any role that can
+//! connect can NOTIFY any text on any channel, so a payload could forge an
+//! event, or name a huge id that would make every later real event look like
+//! a duplicate. A notification is therefore only a wake-up (its payload is
+//! checked, and a malformed one logged and counted); what is delivered is what
+//! the log holds above the cursor. Notifications queued together cost one
+//! read, so under load the reads batch themselves. NOTIFY is sent only after
+//! the commit is visible, and ids are in commit order, so a read after a
+//! wake-up sees the event and cannot skip a smaller id that commits later.
 //!
 //! Faults: when the connection dies (terminated backend, restart, network cut,
 //! failed heartbeat) it reconnects with capped exponential backoff and jitter,
-//! LISTENs again, then catches up from `pgrelay.events` everything committed
-//! since the last id it handed on, before live notifications. LISTEN comes
-//! before the catch-up query, so nothing falls between the two; the overlap is
-//! dropped by id. `/readyz` is 503 from the loss until the catch-up is done.
+//! LISTENs again, then catches up from the cursor before going live. LISTEN
+//! comes before the catch-up read, so nothing falls between the two.
+//! `/readyz` is 503 from the loss until the catch-up is done.
 //!
 //! The connection is driven by its own task that only forwards notifications
 //! into a bounded queue (overflow policy: the driver waits, so notifications
 //! back up in PostgreSQL's own 8 GB queue, visible as
-//! `pg_notification_queue_usage`; handling an event never waits on a socket, so
-//! in practice the queue stays near empty). Catch-up and large events are read
-//! through the pool, never on this connection, so the driver is never blocked
-//! behind our own query. Nothing here waits on a socket.
+//! `pg_notification_queue_usage`; the queue is drained in batches, so in
+//! practice it stays near empty). Reads go through the pool, never this
+//! connection, so the driver is never blocked behind our own query. Nothing
+//! here waits on a socket.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -37,8 +47,8 @@ use crate::Status;
 
 /// Notifications read from the socket but not yet handled.
 const NOTIFY_QUEUE: usize = 16_384;
-/// Events per catch-up page.
-const CATCH_UP_PAGE: i64 = 1_000;
+/// Events per read from the log.
+const FETCH_PAGE: i64 = 1_000;
 /// How often the connection proves it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -146,7 +156,7 @@ impl Listener {
         // relay started, which every `hello` reports). Later: from the last
         // id handed on.
         let start = *cursor.get_or_insert(self.hub.last_id());
-        let caught_up = self.catch_up(start).await?;
+        let caught_up = self.fetch(start, true).await?;
         *cursor = Some(caught_up);
         self.status.ready.store(true, Ordering::SeqCst);
         *backoff = BACKOFF_MIN;
@@ -157,10 +167,27 @@ impl Listener {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
-                message = rx.recv() => match message {
-                    Some(Ok(n)) => self.handle(&n, cursor).await?,
-                    Some(Err(e)) => return Err(ListenError::Lost(e)),
-                    None => return Err(ListenError::Closed),
+                message = rx.recv() => {
+                    // Everything already queued is one wake-up: one read.
+                    let mut notified = Vec::new();
+                    let mut next = message;
+                    loop {
+                        match next {
+                            Some(Ok(n)) => notified.extend(self.inspect(&n)),
+                            Some(Err(e)) => return Err(ListenError::Lost(e)),
+                            None => return Err(ListenError::Closed),
+                        }
+                        match rx.try_recv() {
+                            Ok(m) => next = Some(m),
+                            Err(_) => break,
+                        }
+                    }
+                    let last = self.fetch(cursor.unwrap_or(0), false).await?;
+                    *cursor = Some(last);
+                    for (channel, id) in notified.into_iter().filter(|(_, id)| *id > last) {
+                        self.metrics.bad_notifications.inc();
+                        tracing::warn!(channel, id, "skipping notification: no such event in pgrelay.events");
+                    }
                 },
                 _ = heartbeat.tick() => {
                     let usage = tokio::time::timeout(
@@ -177,17 +204,21 @@ impl Listener {
         }
     }
 
-    /// Hands on, in order, every routed event above `after`; returns the last id.
-    async fn catch_up(&self, after: i64) -> Result<i64, ListenError> {
+    /// Reads from `pgrelay.events` and hands on, in order, every routed event
+    /// above `after`; returns the last id handed on. `catching_up` counts the
+    /// rows as replayed (after a reconnect) rather than as live reads.
+    async fn fetch(&self, after: i64, catching_up: bool) -> Result<i64, ListenError> {
         let channels = self.routes.channels();
         let mut cursor = after;
         loop {
             let page = self
                 .db
-                .events_between(cursor, i64::MAX, &channels, CATCH_UP_PAGE)
+                .events_between(cursor, i64::MAX, &channels, FETCH_PAGE)
                 .await?;
-            self.metrics.replay_rows.inc_by(page.len() as u64);
-            let full = page.len() as i64 == CATCH_UP_PAGE;
+            if catching_up {
+                self.metrics.replay_rows.inc_by(page.len() as u64);
+            }
+            let full = page.len() as i64 == FETCH_PAGE;
             for event in page {
                 cursor = event.id;
                 self.deliver(&event);
@@ -198,33 +229,21 @@ impl Listener {
         }
     }
 
-    async fn handle(&self, n: &Notification, cursor: &mut Option<i64>) -> Result<(), ListenError> {
-        let last = cursor.unwrap_or(0);
-        let event = match parse_notification(n.channel(), n.payload()) {
+    /// Checks a notification's payload, logging one that is not a pgrelay
+    /// envelope. Returns the event id it names, if any. The payload itself is
+    /// never delivered: any role that can connect can NOTIFY anything, so
+    /// only rows in `pgrelay.events` are, and a forged id cannot move the
+    /// cursor.
+    fn inspect(&self, n: &Notification) -> Option<(String, i64)> {
+        match parse_notification(n.channel(), n.payload()) {
+            Ok(Notice::Full(event)) => Some((event.channel, event.id)),
+            Ok(Notice::IdOnly { id }) => Some((n.channel().to_owned(), id)),
             Err(e) => {
                 self.metrics.bad_notifications.inc();
                 tracing::warn!(channel = n.channel(), error = %e, "skipping notification");
-                return Ok(());
+                None
             }
-            Ok(Notice::Full(event)) if event.id > last => event,
-            Ok(Notice::IdOnly { id }) if id > last => match self.db.event_by_id(id).await? {
-                Some(event) if event.channel == n.channel() => event,
-                _ => {
-                    self.metrics.bad_notifications.inc();
-                    tracing::warn!(
-                        channel = n.channel(),
-                        id,
-                        "skipping notification: no such event"
-                    );
-                    return Ok(());
-                }
-            },
-            // Already handed on by the catch-up.
-            Ok(_) => return Ok(()),
-        };
-        *cursor = Some(event.id);
-        self.deliver(&event);
-        Ok(())
+        }
     }
 
     fn deliver(&self, event: &Event) {
