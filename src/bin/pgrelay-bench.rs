@@ -1,0 +1,2 @@
+//! (being written) pgrelay-bench: load generator.
+fn main() {}
