@@ -41,6 +41,8 @@ pub enum Command {
     Token(TokenArgs),
     /// Throwaway PostgreSQL + demo schema + server, with tokens printed.
     Demo(DemoArgs),
+    /// Print a stream's events as JSON lines; reconnects and resumes on its own.
+    Tail(TailArgs),
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +178,30 @@ pub struct DemoArgs {
     pub listen: String,
 }
 
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// WebSocket URL, e.g. ws://127.0.0.1:8080/ws/notifications/
+    #[arg(long)]
+    pub url: String,
+    /// Bearer token.
+    #[arg(
+        long,
+        env = "PGRELAY_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the bearer token (re-read at each reconnect).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Resume after this event id.
+    #[arg(long)]
+    pub last_id: Option<i64>,
+    /// Pretty-print each event instead of one JSON line.
+    #[arg(long)]
+    pub pretty: bool,
+}
+
 /// The `--config` file. Keys are the long options with underscores.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -250,6 +276,8 @@ pub struct ServeConfig {
     pub admin_query: Option<String>,
     pub admin_cache: Duration,
     pub limits: Limits,
+    /// Serve the demo page's write endpoints (`pgrelay demo` only; no flag).
+    pub demo_api: bool,
 }
 
 impl ServeConfig {
@@ -275,6 +303,7 @@ impl ServeConfig {
             admin_query: None,
             admin_cache: DEFAULT_ADMIN_CACHE,
             limits: Limits::default(),
+            demo_api: false,
         }
     }
 }
@@ -508,6 +537,7 @@ impl ServeArgs {
                 DEFAULT_ADMIN_CACHE,
             )?,
             limits,
+            demo_api: false,
             database,
             listen,
             auth,

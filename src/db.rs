@@ -24,12 +24,25 @@ pub enum DbError {
     Build(#[from] deadpool_postgres::BuildError),
     #[error("pgrelay is not installed in this database (run `pgrelay install`)")]
     NotInstalled,
+    #[error("{0}")]
+    Demo(&'static str),
     #[error("{0} timed out")]
     Timeout(&'static str),
     #[error("user id {0:?} does not fit the admin query's parameter type")]
     UserId(String),
     #[error("event {id} has a malformed payload: {reason}")]
     BadRow { id: i64, reason: String },
+}
+
+/// What the demo page's buttons do (`pgrelay demo` only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DemoAction {
+    /// A new business owned by user 2.
+    CreateBusiness,
+    /// User 3 books the newest business.
+    MakeReservation,
+    /// The newest business is renamed.
+    UpdateBusiness,
 }
 
 /// One line for a database error: the server's own message when there is one,
@@ -204,5 +217,31 @@ impl Db {
             None => Ok(false),
             Some(row) => Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false)),
         }
+    }
+}
+
+impl Db {
+    /// Runs one demo action as a real transaction; returns the row's id.
+    pub async fn demo_action(&self, action: DemoAction) -> Result<i64, DbError> {
+        let sql = match action {
+            DemoAction::CreateBusiness => {
+                "INSERT INTO businesses (owner_id, name) \
+                 SELECT 2, 'Business #' || (count(*) + 1) FROM businesses RETURNING id"
+            }
+            DemoAction::MakeReservation => {
+                "INSERT INTO reservations (business_id, customer_id, starts_at, party_size) \
+                 SELECT id, 3, now() + interval '1 day', 2 FROM businesses \
+                 ORDER BY id DESC LIMIT 1 RETURNING id"
+            }
+            DemoAction::UpdateBusiness => {
+                "UPDATE businesses SET name = name || ' *', updated_at = now() \
+                 WHERE id = (SELECT max(id) FROM businesses) RETURNING id"
+            }
+        };
+        let client = self.pool.get().await?;
+        let row = client.query_opt(sql, &[]).await?;
+        row.map(|r| r.try_get(0))
+            .transpose()?
+            .ok_or(DbError::Demo("create a business first"))
     }
 }

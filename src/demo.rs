@@ -64,7 +64,9 @@ pub async fn run(listen: &str, signal: impl Future<Output = ()>) -> Result<(), D
         .take(32)
         .map(char::from)
         .collect();
-    let relay = Relay::start(ServeConfig::new(database, listen, &secret)).await?;
+    let mut config = ServeConfig::new(database, listen, &secret);
+    config.demo_api = true;
+    let relay = Relay::start(config).await?;
     let day = Duration::from_secs(24 * 3600);
     let admin = mint(&secret, "1", Some("super_admin"), day)?;
     let owner = mint(&secret, "2", None, day)?;
@@ -72,6 +74,11 @@ pub async fn run(listen: &str, signal: impl Future<Output = ()>) -> Result<(), D
     let ws = format!("ws://{}", relay.addr());
     println!(
         "\npgrelay demo is running on http://{addr} (PostgreSQL on port {port}).\n\
+         \n\
+         Open the page, signed in as (one tab each):\n\
+         \x20 admin (dashboard):      http://{addr}/#token={admin}\n\
+         \x20 owner (user 2):         http://{addr}/#token={owner}\n\
+         \x20 customer (user 3):      http://{addr}/#token={customer}\n\
          \n\
          Watch the sockets (one terminal each):\n\
          \x20 admin dashboard:        websocat -H 'Authorization: Bearer {admin}' {ws}/ws/dashboard/\n\

@@ -37,6 +37,7 @@ pub mod retention;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod tail;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -196,6 +197,7 @@ impl Relay {
             tracker: tracker.clone(),
             ping_interval,
             leeway: config.auth.leeway,
+            demo_api: config.demo_api,
         });
         tracker.spawn(server::serve(listener, Arc::clone(&shared)));
         tracing::info!(%addr, "serving");

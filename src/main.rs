@@ -84,6 +84,10 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(1, &e.to_string()),
             }
         }
+        Command::Tail(args) => match pgrelay::tail::run(args, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(2, &e.to_string()),
+        },
         Command::Demo(args) => match demo::run(&args.listen, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(2, &e.to_string()),

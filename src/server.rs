@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use crate::admission::{origin_allowed, AdminLookup, Limits, NoSlot, Slots};
 use crate::auth::{presented_token, AuthConfig, KeyError, Verifier};
-use crate::db::Db;
+use crate::db::{Db, DemoAction};
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Stream};
 use crate::route::Routes;
@@ -55,7 +55,14 @@ pub struct Shared {
     pub tracker: TaskTracker,
     pub ping_interval: Duration,
     pub leeway: Duration,
+    /// `pgrelay demo` only: the buttons' endpoints under `/demo/`.
+    pub demo_api: bool,
 }
+
+/// The dashboard page and the JS client, embedded: no build step, no
+/// external URL.
+const INDEX_HTML: &str = include_str!("web/index.html");
+const CLIENT_JS: &str = include_str!("web/pgrelay-client.js");
 
 impl Shared {
     /// The current token verifier.
@@ -155,6 +162,13 @@ async fn handle(
         "/ws/dashboard/" | "/ws/dashboard" => Stream::Dashboard,
         "/ws/notifications/" | "/ws/notifications" => Stream::Notifications,
         "/healthz" if req.method() == Method::GET => return text(StatusCode::OK, "ok"),
+        "/" if req.method() == Method::GET => return asset(INDEX_HTML, "text/html; charset=utf-8"),
+        "/pgrelay-client.js" if req.method() == Method::GET => {
+            return asset(CLIENT_JS, "text/javascript; charset=utf-8")
+        }
+        demo if shared.demo_api && demo.starts_with("/demo/") && req.method() == Method::POST => {
+            return demo_action(shared, demo).await;
+        }
         "/readyz" if req.method() == Method::GET => {
             return if shared.status.is_ready() {
                 text(StatusCode::OK, "ready")
@@ -328,6 +342,41 @@ async fn handle(
         .instrument(span),
     );
     response
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// `POST /demo/create-business`, `/demo/make-reservation`,
+/// `/demo/update-business`: the demo page's buttons. Only in `pgrelay demo`.
+async fn demo_action(shared: &Shared, path: &str) -> Response<Body> {
+    let action = match path {
+        "/demo/create-business" => DemoAction::CreateBusiness,
+        "/demo/make-reservation" => DemoAction::MakeReservation,
+        "/demo/update-business" => DemoAction::UpdateBusiness,
+        _ => return text(StatusCode::NOT_FOUND, "no such demo action"),
+    };
+    match shared.db.demo_action(action).await {
+        Ok(id) => {
+            let mut response = text(StatusCode::OK, &format!("{{\"id\":{id}}}"));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, path, "demo action failed");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("demo action failed: {e}"),
+            )
+        }
+    }
 }
 
 fn refuse(
