@@ -349,10 +349,12 @@ fn database(
     flag: Option<String>,
     file: Option<String>,
 ) -> Result<tokio_postgres::Config, ConfigError> {
+    // An empty value (`PGRELAY_DATABASE_URL=` from a compose file) is unset.
+    let set = |u: &String| !u.trim().is_empty();
     let url = flag
-        .or(file)
-        .or_else(|| std::env::var("DATABASE_URL").ok())
-        .filter(|u| !u.trim().is_empty())
+        .filter(set)
+        .or(file.filter(set))
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(set))
         .ok_or(ConfigError::NoDatabase)?;
     let mut config = tokio_postgres::Config::from_str(&url)
         .map_err(|e| ConfigError::DatabaseUrl(e.to_string()))?;

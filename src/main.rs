@@ -9,7 +9,17 @@ use pgrelay::config::{Cli, Command};
 use pgrelay::{auth, demo, install, Relay};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's report spans several lines (usage, tips): keep the first,
+            // which names the flag and the problem.
+            let report = e.render().to_string();
+            let first = report.lines().next().unwrap_or("invalid arguments");
+            return fail(2, first.trim_start_matches("error: "));
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -8,3 +8,4 @@ mod install;
 mod refusals;
 mod relay;
 mod resume;
+mod security;
