@@ -72,7 +72,8 @@ pub struct LogInfo {
     pub epoch: String,
     /// Retention may have deleted every id up to this one.
     pub pruned_through: i64,
-    /// The newest id in the log (0 when empty).
+    /// The newest id in the log, or the last pruned one if retention emptied
+    /// it (0 for a log that never had an event).
     pub max_id: i64,
 }
 
@@ -107,8 +108,11 @@ impl Db {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
+                // Retention may have emptied the log: the newest id ever
+                // handed out is then the pruned one.
                 "SELECT m.epoch, m.pruned_through, \
-                        coalesce((SELECT max(id) FROM pgrelay.events), 0) \
+                        greatest(coalesce((SELECT max(id) FROM pgrelay.events), 0), \
+                                 m.pruned_through) \
                  FROM pgrelay.meta m",
                 &[],
             )
