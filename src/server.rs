@@ -29,8 +29,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admission::{origin_allowed, AdminLookup, Limits, NoSlot, Slots};
-use crate::auth::{presented_token, AuthConfig, KeyError, Verifier};
-use crate::db::{Db, DemoAction};
+use crate::auth::{presented_token, AuthConfig, Identity, KeyError, Verifier};
+use crate::db::{Db, DbError, DemoAction};
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Stream};
 use crate::route::Routes;
@@ -75,6 +75,16 @@ impl Shared {
         let fresh = Arc::new(Verifier::new(&self.auth)?);
         *self.verifier.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(())
+    }
+
+    /// Whether this identity may open the dashboard: an admin claim, else
+    /// `--admin-query` when configured. An error means "cannot tell", never yes.
+    pub async fn is_admin(&self, identity: &Identity) -> Result<bool, DbError> {
+        match &self.admin_lookup {
+            _ if identity.admin => Ok(true),
+            Some(lookup) => lookup.is_admin(&identity.user).await,
+            None => Ok(false),
+        }
     }
 
     fn websocket_config(&self) -> WebSocketConfig {
@@ -167,6 +177,11 @@ async fn handle(
             return asset(CLIENT_JS, "text/javascript; charset=utf-8")
         }
         demo if shared.demo_api && demo.starts_with("/demo/") && req.method() == Method::POST => {
+            // Only the demo's own page may press its buttons: a cross-site
+            // form post carries another Origin.
+            if !same_origin(&req) {
+                return text(StatusCode::FORBIDDEN, "cross-origin demo request");
+            }
             return demo_action(shared, demo).await;
         }
         "/readyz" if req.method() == Method::GET => {
@@ -259,20 +274,18 @@ async fn handle(
             );
         }
     };
-    if stream == Stream::Dashboard && !identity.admin {
-        if let Some(lookup) = &shared.admin_lookup {
-            match lookup.is_admin(&identity.user).await {
-                Ok(admin) => identity.admin = admin,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin query failed; refusing");
-                    return refuse(
-                        shared,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "admin_query",
-                        "cannot check admin rights right now: retry later",
-                        &path,
-                    );
-                }
+    if stream == Stream::Dashboard {
+        match shared.is_admin(&identity).await {
+            Ok(admin) => identity.admin = admin,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin query failed; refusing");
+                return refuse(
+                    shared,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "admin_query",
+                    "cannot check admin rights right now: retry later",
+                    &path,
+                );
             }
         }
     }
@@ -342,6 +355,26 @@ async fn handle(
         .instrument(span),
     );
     response
+}
+
+/// No `Origin`, or one naming this server's own `Host`.
+fn same_origin(req: &Request<Incoming>) -> bool {
+    let Some(origin) = req.headers().get(ORIGIN) else {
+        return true;
+    };
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    match (origin.to_str().ok(), host) {
+        (Some(origin), Some(host)) => {
+            origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                == Some(host)
+        }
+        _ => false,
+    }
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {

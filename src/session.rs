@@ -145,7 +145,7 @@ async fn session(
                     return End::Gone;
                 }
                 Some(Ok(Message::Text(text))) => {
-                    match refresh(shared, stream, &identity, &text) {
+                    match refresh(shared, stream, &identity, &text).await {
                         Ok(renewed) => {
                             identity = renewed;
                             deadline = expiry(&identity, shared);
@@ -263,7 +263,7 @@ fn expiry(identity: &Identity, shared: &Shared) -> Instant {
 /// An in-band `{"type":"refresh","token":...}`: a valid token for the same
 /// user (still an admin on the dashboard) extends the socket; anything else
 /// closes it.
-fn refresh(
+async fn refresh(
     shared: &Shared,
     stream: &Stream,
     current: &Identity,
@@ -271,22 +271,32 @@ fn refresh(
 ) -> Result<Identity, End> {
     let ClientMessage::Refresh { token } = serde_json::from_str(text)
         .map_err(|_| End::Close(1008, "unexpected message: only refresh is accepted"))?;
-    match shared.verifier().verify(&token) {
-        Ok(renewed)
-            if renewed.user == current.user && (*stream != Stream::Dashboard || renewed.admin) =>
-        {
-            tracing::debug!(exp = renewed.exp, "token refreshed");
-            Ok(renewed)
-        }
-        Ok(_) => Err(End::Close(
+    let mut renewed = shared.verifier().verify(&token).map_err(|e| {
+        tracing::debug!(error = %e, "refresh refused");
+        End::Close(4001, "refresh refused: invalid token")
+    })?;
+    if renewed.user != current.user {
+        return Err(End::Close(
             4001,
             "refresh refused: token is for another user",
-        )),
-        Err(e) => {
-            tracing::debug!(error = %e, "refresh refused");
-            Err(End::Close(4001, "refresh refused: invalid token"))
+        ));
+    }
+    if *stream == Stream::Dashboard {
+        // The same door as at connect: a revoked admin is shut out here.
+        match shared.is_admin(&renewed).await {
+            Ok(true) => renewed.admin = true,
+            Ok(false) => return Err(End::Close(4001, "refresh refused: not a super admin")),
+            Err(e) => {
+                tracing::warn!(error = %e, "admin query failed during refresh");
+                return Err(End::Close(
+                    4001,
+                    "refresh refused: cannot check admin rights",
+                ));
+            }
         }
     }
+    tracing::debug!(exp = renewed.exp, "token refreshed");
+    Ok(renewed)
 }
 
 /// Replays the events after `resume.last_id` up to `upto` (the hub's `last_id`

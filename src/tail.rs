@@ -1,15 +1,771 @@
-//! (being written) `pgrelay tail`.
+//! `pgrelay tail`: a command-line client for one stream. Prints each event as
+//! one JSON line on stdout (or pretty-printed with `--pretty`); `hello`,
+//! `reset` and connection news go to stderr, so stdout stays machine-readable.
+//!
+//! It reconnects on its own with capped exponential backoff and full jitter,
+//! resuming with `?last_id=&epoch=` from the last event printed, and drops any
+//! id at or below that cursor, so each event is printed once and in order
+//! across reconnects. A refusal that retrying cannot fix (HTTP 400, 401, 403,
+//! 404) ends it with an error; so do a bad `--url` and a missing token.
+//! `--token-file` is re-read at every reconnect, which is how a long-running
+//! tail picks up a renewed token after a 4001 close.
+//!
+//! Not here: TLS (`wss://` works only if tokio-tungstenite is built with a TLS
+//! feature), and sending `refresh` frames.
+
+use std::future::Future;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use rand::Rng;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, UrlError};
+use tokio_tungstenite::tungstenite::http::header::{HeaderValue, AUTHORIZATION};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use url::Url;
+
 use crate::config::TailArgs;
+
+/// First reconnect delay cap; doubles per failed attempt up to [`MAX_DELAY`].
+const MIN_DELAY: Duration = Duration::from_millis(500);
+const MAX_DELAY: Duration = Duration::from_secs(30);
+/// A connection that lasted this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
+/// pgrelay pings every 30 s: silence this long means the link is dead.
+const IDLE: Duration = Duration::from_secs(75);
+/// Bound on the TCP connect plus the WebSocket handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
-    #[error("not implemented yet")]
-    NotYet,
+    #[error("--url {url:?}: {why}")]
+    Url { url: String, why: String },
+    #[error("no token: pass --token, --token-file, set PGRELAY_TOKEN, or put ?token= in --url")]
+    NoToken,
+    #[error("--token-file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--token-file {}: the file is empty", .0.display())]
+    EmptyTokenFile(PathBuf),
+    #[error("the token cannot be sent in an HTTP header (it holds a control character)")]
+    BadToken,
+    #[error("refused: HTTP {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("{0}")]
+    Connect(String),
+    #[error("writing to stdout: {0}")]
+    Output(#[source] io::Error),
 }
 
-pub async fn run(
-    _args: TailArgs,
-    _until: impl std::future::Future<Output = ()>,
-) -> Result<(), TailError> {
-    Err(TailError::NotYet)
+/// Runs until `until` resolves (Ctrl-C), or a refusal that retrying cannot fix.
+pub async fn run(args: TailArgs, until: impl Future<Output = ()>) -> Result<(), TailError> {
+    let base = stream_url(&args.url)?;
+    let in_url = base.query_pairs().any(|(k, _)| k == "token");
+    // Checked before the first connect, so a typo fails at once.
+    let token = match token(&args)? {
+        Some(token) => Some(token),
+        None if in_url => None,
+        None => return Err(TailError::NoToken),
+    };
+    let mut tail = Tail {
+        cursor: Cursor::new(args.last_id),
+        args,
+        base,
+        token,
+        out: io::stdout(),
+    };
+    tokio::pin!(until);
+    tail.run_until(until).await
+}
+
+struct Tail {
+    args: TailArgs,
+    base: Url,
+    token: Option<String>,
+    cursor: Cursor,
+    out: io::Stdout,
+}
+
+/// Why one connection ended.
+enum Ended {
+    /// Reconnect after a backoff delay.
+    Backoff(String),
+    /// Reconnect at once (4001 with a fresh token, 4008).
+    Now(String),
+    /// Ctrl-C, or stdout is gone (`| head`): stop quietly.
+    Stop,
+}
+
+impl Tail {
+    async fn run_until<F: Future<Output = ()>>(
+        &mut self,
+        mut until: Pin<&mut F>,
+    ) -> Result<(), TailError> {
+        let mut attempt: u32 = 0;
+        let mut first = true;
+        loop {
+            if !first {
+                // Re-read the token file: a renewed token is picked up here.
+                match token(&self.args) {
+                    Ok(Some(token)) => self.token = Some(token),
+                    Ok(None) => {}
+                    Err(e) => eprintln!("pgrelay tail: {e}; keeping the previous token"),
+                }
+            }
+            first = false;
+            let started = Instant::now();
+            let ended = self.connection(until.as_mut()).await?;
+            if started.elapsed() >= STABLE {
+                attempt = 0;
+            }
+            let delay = match ended {
+                Ended::Stop => return Ok(()),
+                Ended::Now(why) if attempt == 0 => {
+                    eprintln!("pgrelay tail: {why}; reconnecting");
+                    Duration::ZERO
+                }
+                Ended::Now(why) | Ended::Backoff(why) => {
+                    let delay = backoff(attempt, rand::rng().random::<f64>());
+                    eprintln!(
+                        "pgrelay tail: {why}; reconnecting in {:.1}s",
+                        delay.as_secs_f64()
+                    );
+                    delay
+                }
+            };
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = until.as_mut() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One connection, from the handshake to its end.
+    async fn connection<F: Future<Output = ()>>(
+        &mut self,
+        mut until: Pin<&mut F>,
+    ) -> Result<Ended, TailError> {
+        let url = resume_url(
+            &self.base,
+            self.cursor.last_id,
+            self.cursor.epoch.as_deref(),
+        );
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| url_error(&self.args.url, &e.to_string()))?;
+        if let Some(token) = &self.token {
+            let value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| TailError::BadToken)?;
+            request.headers_mut().insert(AUTHORIZATION, value);
+        }
+        let connecting = timeout(
+            CONNECT_TIMEOUT,
+            tokio_tungstenite::connect_async_with_config(request, None, true),
+        );
+        let connected = tokio::select! {
+            _ = until.as_mut() => return Ok(Ended::Stop),
+            connected = connecting => connected,
+        };
+        let mut ws = match connected {
+            Err(_) => return Ok(Ended::Backoff("connect timed out".into())),
+            Ok(Ok((ws, _response))) => ws,
+            Ok(Err(WsError::Http(response))) => {
+                let status = response.status().as_u16();
+                let body = response
+                    .body()
+                    .as_deref()
+                    .map(|b| one_line(&String::from_utf8_lossy(b)))
+                    .unwrap_or_default();
+                // Retrying cannot fix a bad path, request, token or right;
+                // 429/503 (caps, admin query down) and 5xx can pass.
+                if matches!(status, 400 | 401 | 403 | 404 | 405) {
+                    return Err(TailError::Refused { status, body });
+                }
+                return Ok(Ended::Backoff(format!("HTTP {status}: {body}")));
+            }
+            Ok(Err(WsError::Url(UrlError::TlsFeatureNotEnabled))) => {
+                return Err(TailError::Connect(
+                    "wss:// needs TLS support, which this build of pgrelay lacks: \
+                     connect to the ws:// address behind the TLS proxy"
+                        .into(),
+                ))
+            }
+            Ok(Err(WsError::Url(e))) => return Err(url_error(&self.args.url, &e.to_string())),
+            Ok(Err(e)) => return Ok(Ended::Backoff(format!("cannot connect: {e}"))),
+        };
+        loop {
+            let next = tokio::select! {
+                _ = until.as_mut() => {
+                    let bye = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+                    let _ = timeout(Duration::from_secs(1), ws.close(Some(bye))).await;
+                    return Ok(Ended::Stop);
+                }
+                next = timeout(IDLE, ws.next()) => next,
+            };
+            let message = match next {
+                Err(_) => return Ok(Ended::Backoff("no frame or ping for 75s".into())),
+                Ok(None) => return Ok(Ended::Backoff("connection closed".into())),
+                Ok(Some(Err(e))) => return Ok(Ended::Backoff(format!("connection lost: {e}"))),
+                Ok(Some(Ok(message))) => message,
+            };
+            let text = match message {
+                Message::Text(text) => text,
+                Message::Close(frame) => return Ok(closed(frame)),
+                // Pongs are queued by tungstenite and sent on the next read.
+                _ => continue,
+            };
+            let written = match self.cursor.apply(&text) {
+                Step::Print(value) => print(&mut self.out, &text, &value, self.args.pretty),
+                Step::Info(line) => {
+                    eprintln!("pgrelay tail: {line}");
+                    Ok(())
+                }
+                Step::Skip => Ok(()),
+            };
+            match written {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                    let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+                    return Ok(Ended::Stop);
+                }
+                Err(e) => return Err(TailError::Output(e)),
+            }
+        }
+    }
+}
+
+/// What a close frame asks of us.
+fn closed(frame: Option<CloseFrame>) -> Ended {
+    let Some(frame) = frame else {
+        return Ended::Backoff("closed without a code".into());
+    };
+    let why = format!("closed {}: {}", u16::from(frame.code), frame.reason);
+    match frame.code {
+        // Token expired or refresh refused: the token file may hold a new one
+        // (a static token that expired gets a 401 next, which ends the tail).
+        CloseCode::Library(4001) | CloseCode::Library(4008) => Ended::Now(why),
+        _ => Ended::Backoff(why),
+    }
+}
+
+fn print(
+    out: &mut io::Stdout,
+    raw: &str,
+    value: &serde_json::Value,
+    pretty: bool,
+) -> io::Result<()> {
+    let mut out = out.lock();
+    if pretty {
+        // Through `Ordered`, so the keys keep the server's order (type, id, ...).
+        match serde_json::from_str::<Ordered>(raw) {
+            Ok(ordered) => serde_json::to_writer_pretty(&mut out, &ordered)?,
+            Err(_) => serde_json::to_writer_pretty(&mut out, value)?,
+        }
+        out.write_all(b"\n")?;
+    } else if raw.contains('\n') {
+        // pgrelay's frames are single-line JSON; keep the one-line promise anyway.
+        serde_json::to_writer(&mut out, value)?;
+        out.write_all(b"\n")?;
+    } else {
+        out.write_all(raw.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+/// The token from `--token` (or PGRELAY_TOKEN) or `--token-file`, if any.
+fn token(args: &TailArgs) -> Result<Option<String>, TailError> {
+    if let Some(token) = &args.token {
+        let token = token.trim();
+        return Ok((!token.is_empty()).then(|| token.to_owned()));
+    }
+    match &args.token_file {
+        Some(path) => read_token_file(path).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn read_token_file(path: &Path) -> Result<String, TailError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TailError::TokenFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TailError::EmptyTokenFile(path.to_owned()));
+    }
+    Ok(token.to_owned())
+}
+
+fn url_error(url: &str, why: &str) -> TailError {
+    TailError::Url {
+        url: redact(url),
+        why: why.to_owned(),
+    }
+}
+
+/// The URL as given, with any `token=` value hidden (error messages only).
+fn redact(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut parsed) if parsed.query_pairs().any(|(k, _)| k == "token") => {
+            let pairs: Vec<(String, String)> = parsed
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "token" {
+                        "REDACTED".into()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            parsed.query_pairs_mut().clear().extend_pairs(pairs);
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Validates `--url`: ws:// or wss:// with a host.
+fn stream_url(url: &str) -> Result<Url, TailError> {
+    let parsed = Url::parse(url).map_err(|e| url_error(url, &e.to_string()))?;
+    match parsed.scheme() {
+        "ws" | "wss" => {}
+        "http" | "https" => {
+            return Err(url_error(
+                url,
+                "use ws:// or wss://, e.g. ws://127.0.0.1:8080/ws/notifications/",
+            ))
+        }
+        other => {
+            return Err(url_error(
+                url,
+                &format!("unsupported scheme {other:?}: use ws:// or wss://"),
+            ))
+        }
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(url_error(url, "no host"));
+    }
+    Ok(parsed)
+}
+
+/// `base` with `last_id` and `epoch` set from the cursor (and any given in
+/// `base` removed); other query parameters are kept.
+fn resume_url(base: &Url, last_id: Option<i64>, epoch: Option<&str>) -> Url {
+    let kept: Vec<(String, String)> = base
+        .query_pairs()
+        .filter(|(k, _)| k != "last_id" && k != "epoch")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let mut url = base.clone();
+    url.set_query(None);
+    let mut pairs = kept;
+    if let Some(last_id) = last_id {
+        pairs.push(("last_id".into(), last_id.to_string()));
+        if let Some(epoch) = epoch.filter(|e| !e.is_empty()) {
+            pairs.push(("epoch".into(), epoch.to_owned()));
+        }
+    }
+    if !pairs.is_empty() {
+        url.query_pairs_mut().extend_pairs(pairs);
+    }
+    url
+}
+
+/// Full jitter: `unit` (in [0, 1)) times min(MAX_DELAY, MIN_DELAY * 2^attempt).
+fn backoff(attempt: u32, unit: f64) -> Duration {
+    let cap = MIN_DELAY
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(MAX_DELAY);
+    cap.mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// Where the stream is: the resume cursor, kept across connections.
+#[derive(Debug)]
+struct Cursor {
+    /// The id of the last event printed (or the one to resume after).
+    last_id: Option<i64>,
+    epoch: Option<String>,
+    /// `last_id` of this connection's hello: where a `reset` continues from.
+    hello_last_id: Option<i64>,
+}
+
+/// What to do with one frame.
+#[derive(Debug, PartialEq)]
+enum Step {
+    Print(serde_json::Value),
+    Info(String),
+    Skip,
+}
+
+impl Cursor {
+    fn new(last_id: Option<i64>) -> Cursor {
+        Cursor {
+            last_id,
+            epoch: None,
+            hello_last_id: None,
+        }
+    }
+
+    fn apply(&mut self, text: &str) -> Step {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
+            return Step::Info(format!(
+                "ignoring a frame that is not JSON: {}",
+                one_line(text)
+            ));
+        };
+        match value.get("type").and_then(|t| t.as_str()) {
+            Some("hello") => {
+                let last_id = value.get("last_id").and_then(|v| v.as_i64());
+                self.hello_last_id = last_id;
+                if let Some(epoch) = value.get("epoch").and_then(|v| v.as_str()) {
+                    self.epoch = Some(epoch.to_owned());
+                }
+                let resumed = self.last_id.is_some();
+                if self.last_id.is_none() {
+                    // Every event above hello.last_id reaches this socket.
+                    self.last_id = last_id;
+                }
+                Step::Info(format!(
+                    "hello: stream={} user={} last_id={} epoch={}{}",
+                    field(&value, "stream"),
+                    field(&value, "user"),
+                    field(&value, "last_id"),
+                    field(&value, "epoch"),
+                    if resumed { " (resuming)" } else { "" },
+                ))
+            }
+            Some("reset") => {
+                // The server continues from hello.last_id; so does the cursor
+                // (lower than before after a restore: ids restart with the epoch).
+                if let Some(id) = self.hello_last_id {
+                    self.last_id = Some(id);
+                }
+                Step::Info(format!(
+                    "reset: {}: events before {} are not available; continuing live",
+                    field(&value, "reason"),
+                    self.hello_last_id
+                        .map_or("now".into(), |id| format!("id {id}")),
+                ))
+            }
+            Some("event") => match value.get("id").and_then(|v| v.as_i64()) {
+                Some(id) if self.last_id.is_some_and(|last| id <= last) => Step::Skip,
+                Some(id) => {
+                    self.last_id = Some(id);
+                    Step::Print(value)
+                }
+                None => Step::Info(format!(
+                    "ignoring an event without an id: {}",
+                    one_line(text)
+                )),
+            },
+            _ => Step::Info(format!("ignoring an unknown frame: {}", one_line(text))),
+        }
+    }
+}
+
+/// A JSON value whose objects keep their key order (serde_json's `Value`
+/// sorts keys unless built with `preserve_order`). Only for `--pretty`.
+enum Ordered {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(String),
+    Array(Vec<Ordered>),
+    Object(Vec<(String, Ordered)>),
+}
+
+impl<'de> serde::Deserialize<'de> for Ordered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Ordered, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_unit<E>(self) -> Result<Ordered, E> {
+                Ok(Ordered::Null)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Ordered, E> {
+                Ok(Ordered::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Ordered, E> {
+                Ok(Ordered::Number(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Ordered, E> {
+                Ok(Ordered::Number(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Ordered, E> {
+                Ok(serde_json::Number::from_f64(v).map_or(Ordered::Null, Ordered::Number))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Ordered, E> {
+                Ok(Ordered::String(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Ordered, E> {
+                Ok(Ordered::String(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Ordered, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = a.next_element()? {
+                    items.push(item);
+                }
+                Ok(Ordered::Array(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Ordered, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = a.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Ordered::Object(entries))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl serde::Serialize for Ordered {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self {
+            Ordered::Null => s.serialize_unit(),
+            Ordered::Bool(b) => s.serialize_bool(*b),
+            Ordered::Number(n) => n.serialize(s),
+            Ordered::String(v) => s.serialize_str(v),
+            Ordered::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Ordered::Object(entries) => {
+                let mut map = s.serialize_map(Some(entries.len()))?;
+                for (k, v) in entries {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+fn field(value: &serde_json::Value, key: &str) -> String {
+    match value.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => "?".into(),
+    }
+}
+
+/// At most 300 characters on one line.
+fn one_line(text: &str) -> String {
+    let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() > 300 {
+        format!("{}...", line.chars().take(300).collect::<String>())
+    } else {
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_url(base: &str, last_id: Option<i64>, epoch: Option<&str>, want: &str) {
+        let base = stream_url(base).expect("valid url");
+        assert_eq!(resume_url(&base, last_id, epoch).as_str(), want);
+    }
+
+    #[test]
+    fn resume_urls() {
+        let ws = "ws://127.0.0.1:8080/ws/notifications/";
+        check_url(ws, None, None, ws);
+        check_url(ws, None, Some("ab"), ws);
+        check_url(ws, Some(0), None, &format!("{ws}?last_id=0"));
+        check_url(
+            ws,
+            Some(42),
+            Some("9f2c"),
+            &format!("{ws}?last_id=42&epoch=9f2c"),
+        );
+        check_url(ws, Some(42), Some(""), &format!("{ws}?last_id=42"));
+        // Stale resume parameters in --url are replaced; others are kept.
+        check_url(
+            &format!("{ws}?last_id=1&token=t&epoch=old"),
+            Some(7),
+            Some("new"),
+            &format!("{ws}?token=t&last_id=7&epoch=new"),
+        );
+        check_url(&format!("{ws}?last_id=1&epoch=old"), None, None, ws);
+        check_url(
+            "wss://relay.example.com/ws/dashboard/",
+            Some(3),
+            Some("e f"),
+            "wss://relay.example.com/ws/dashboard/?last_id=3&epoch=e+f",
+        );
+    }
+
+    #[test]
+    fn bad_urls() {
+        for url in [
+            "",
+            "127.0.0.1:8080",
+            "http://127.0.0.1:8080/ws/dashboard/",
+            "ftp://x/",
+            "ws://",
+        ] {
+            assert!(
+                matches!(stream_url(url), Err(TailError::Url { .. })),
+                "{url:?}"
+            );
+        }
+        let e = stream_url("http://h/?token=secret")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        assert_eq!(backoff(0, 0.0), Duration::ZERO);
+        assert_eq!(backoff(0, 1.0), MIN_DELAY);
+        assert_eq!(backoff(1, 1.0), MIN_DELAY * 2);
+        assert_eq!(backoff(3, 0.5), MIN_DELAY * 4);
+        for attempt in [6, 7, 20, u32::MAX] {
+            assert_eq!(backoff(attempt, 1.0), MAX_DELAY);
+            assert!(backoff(attempt, 0.999) < MAX_DELAY);
+        }
+    }
+
+    fn event(id: i64) -> String {
+        format!(
+            r#"{{"type":"event","id":{id},"channel":"c","table":"t","op":"INSERT","at":"x","data":{{}}}}"#
+        )
+    }
+
+    fn printed(step: Step) -> Option<i64> {
+        match step {
+            Step::Print(v) => v["id"].as_i64(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn cursor_starts_at_hello_and_drops_duplicates() {
+        let mut c = Cursor::new(None);
+        assert!(matches!(
+            c.apply(
+                r#"{"type":"hello","stream":"dashboard","user":"1","last_id":10,"epoch":"e1"}"#
+            ),
+            Step::Info(_)
+        ));
+        assert_eq!((c.last_id, c.epoch.as_deref()), (Some(10), Some("e1")));
+        assert_eq!(c.apply(&event(9)), Step::Skip);
+        assert_eq!(c.apply(&event(10)), Step::Skip);
+        assert_eq!(printed(c.apply(&event(11))), Some(11));
+        assert_eq!(c.apply(&event(11)), Step::Skip);
+        assert_eq!(printed(c.apply(&event(13))), Some(13));
+        // A reconnect resumes from 13: the replay's 12 is not re-sent, 13 is dropped.
+        c.apply(r#"{"type":"hello","stream":"dashboard","user":"1","last_id":20,"epoch":"e1"}"#);
+        assert_eq!(c.last_id, Some(13));
+        assert_eq!(c.apply(&event(13)), Step::Skip);
+        assert_eq!(printed(c.apply(&event(14))), Some(14));
+    }
+
+    #[test]
+    fn cursor_follows_a_reset_even_downwards() {
+        let mut c = Cursor::new(Some(500));
+        c.apply(r#"{"type":"hello","stream":"notifications","user":"2","last_id":7,"epoch":"e2"}"#);
+        assert_eq!(c.last_id, Some(500));
+        assert!(matches!(
+            c.apply(r#"{"type":"reset","reason":"epoch_mismatch"}"#),
+            Step::Info(_)
+        ));
+        assert_eq!((c.last_id, c.epoch.as_deref()), (Some(7), Some("e2")));
+        assert_eq!(printed(c.apply(&event(8))), Some(8));
+    }
+
+    #[test]
+    fn cursor_ignores_junk() {
+        let mut c = Cursor::new(Some(1));
+        assert!(matches!(c.apply("not json"), Step::Info(_)));
+        assert!(matches!(c.apply(r#"{"type":"event"}"#), Step::Info(_)));
+        assert!(matches!(c.apply(r#"{"type":"other"}"#), Step::Info(_)));
+        assert_eq!(c.last_id, Some(1));
+    }
+
+    #[test]
+    fn pretty_keeps_key_order() {
+        let raw = r#"{"type":"event","id":5,"data":{"z":[1,2.5,null,true],"a":"x"}}"#;
+        let ordered: Ordered = serde_json::from_str(raw).expect("parse");
+        assert_eq!(serde_json::to_string(&ordered).expect("serialize"), raw);
+    }
+
+    #[test]
+    fn close_codes() {
+        let close = |code: u16| {
+            closed(Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: "r".into(),
+            }))
+        };
+        assert!(matches!(close(4001), Ended::Now(_)));
+        assert!(matches!(close(4008), Ended::Now(_)));
+        assert!(matches!(close(1001), Ended::Backoff(_)));
+        assert!(matches!(close(1011), Ended::Backoff(_)));
+        assert!(matches!(closed(None), Ended::Backoff(_)));
+    }
+
+    #[test]
+    fn tokens() {
+        let args = |token: Option<&str>, file: Option<PathBuf>| TailArgs {
+            url: "ws://h/".into(),
+            token: token.map(str::to_owned),
+            token_file: file,
+            last_id: None,
+            pretty: false,
+        };
+        assert_eq!(
+            token(&args(Some(" t \n"), None)).ok().flatten().as_deref(),
+            Some("t")
+        );
+        assert_eq!(token(&args(None, None)).ok().flatten(), None);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "abc\n").expect("write");
+        assert_eq!(
+            token(&args(None, Some(file.clone())))
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("abc")
+        );
+        std::fs::write(&file, "\n").expect("write");
+        assert!(matches!(
+            token(&args(None, Some(file))),
+            Err(TailError::EmptyTokenFile(_))
+        ));
+        assert!(matches!(
+            token(&args(None, Some(dir.path().join("missing")))),
+            Err(TailError::TokenFile { .. })
+        ));
+    }
 }

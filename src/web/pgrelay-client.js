@@ -1,2 +1,398 @@
-// (being written)
-export {};
+// pgrelay-client.js: a dependency-free browser client for pgrelay's WebSocket
+// streams. Served by pgrelay at /pgrelay-client.js (embedded in the binary).
+//
+//   import { PgRelayClient } from "/pgrelay-client.js";
+//
+//   const client = new PgRelayClient({
+//     url: "/ws/notifications/",          // or "/ws/dashboard/", or a full ws(s):// URL
+//     getToken: async () => fetchAccessToken(),   // Promise<string>
+//     storageKey: "pgrelay:cursor:42",    // optional: keep the cursor in localStorage
+//   });
+//   client.on("event", (e) => console.log(e.id, e.table, e.op, e.data));
+//   client.on("reset", () => reloadStateFromYourApi());
+//   client.start();
+//
+// Options (all but getToken/token optional):
+//   url          stream URL; a path is resolved against the page (http -> ws, https -> wss)
+//   getToken()   returns a Promise<string> of a valid JWT. Called when there is no
+//                token yet, before the current one expires (the fresh token is sent
+//                in-band as {"type":"refresh","token":...}), after a 4001 close, and
+//                after repeated failed handshakes (a refused token looks like one)
+//   token        an initial token (getToken is then only needed for refreshes)
+//   lastId       start cursor: replay every retained event after this id (0 = the
+//                whole retained log); default: none, i.e. start live at hello.last_id
+//   epoch        the epoch that lastId belongs to (from an earlier hello)
+//   storageKey   localStorage key under which {lastId, epoch} is kept, so a reload
+//                resumes where the page left off (it wins over lastId/epoch)
+//   minDelayMs   first reconnect delay cap, default 500
+//   maxDelayMs   reconnect delay cap, default 30000 (full jitter: random in [0, cap])
+//   refreshLeadMs  how long before `exp` to refresh, default 60000 (at most half
+//                the token's remaining lifetime)
+//   WebSocket    a WebSocket constructor (default globalThis.WebSocket)
+//
+// Events (client.on(type, fn) returns an unsubscribe function; also off, once):
+//   connected     {hello, resumed}   after the server's hello; resumed = a cursor was sent
+//   event         the event frame {type, id, channel, table, op, at, data}; each id
+//                 once, in increasing order, across reconnects
+//   reset         {reason, hello}    the cursor could not be honoured (epoch changed,
+//                 older than retention, unknown): reload your state, then keep going;
+//                 the cursor continues from hello.last_id
+//   disconnected  {code, reason, retryInMs, opened}  the socket closed; retryInMs is
+//                 null after stop(). opened = false when the handshake never succeeded
+//                 (network down, or HTTP 401/403, which browsers do not reveal)
+//   error         {kind, error}      kind "token": getToken failed or returned nothing
+//
+// Close codes: 4001 (token expired or refresh refused): a new token is fetched and
+// the client reconnects at once. 4008 (too slow): reconnects at once with last_id.
+// 1001 (server shutting down) and anything else: reconnects with capped
+// exponential backoff and full jitter. A connection that stayed up for 10 s
+// resets the backoff. The browser's "online" event cuts a pending wait short.
+//
+// Properties: state ("idle" | "connecting" | "open" | "waiting" | "stopped"),
+// lastId, epoch, hello (the latest hello frame). Methods: start(), stop(),
+// reconnectNow().
+
+const STABLE_MS = 10_000;
+
+/** The JWT payload, decoded without verification (display and `exp` only). */
+export function decodeJwt(token) {
+  try {
+    const part = String(token).split(".")[1];
+    const b64 = part.replace(/-/g, "+").replace(/_/g, "/");
+    const padded = b64 + "=".repeat((4 - (b64.length % 4)) % 4);
+    const bytes = Uint8Array.from(atob(padded), (c) => c.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    return claims && typeof claims === "object" ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Milliseconds until the token's `exp`, or null when it has none. */
+function msUntilExpiry(token) {
+  const exp = decodeJwt(token)?.exp;
+  return typeof exp === "number" ? exp * 1000 - Date.now() : null;
+}
+
+/** The stream URL with the resume parameters (and without stale ones). */
+export function streamUrl(url, lastId, epoch) {
+  const base = globalThis.location?.href ?? "http://localhost/";
+  const u = new URL(url, base);
+  if (u.protocol === "http:") u.protocol = "ws:";
+  if (u.protocol === "https:") u.protocol = "wss:";
+  u.searchParams.delete("last_id");
+  u.searchParams.delete("epoch");
+  if (lastId !== null && lastId !== undefined) {
+    u.searchParams.set("last_id", String(lastId));
+    if (epoch) u.searchParams.set("epoch", epoch);
+  }
+  return u.toString();
+}
+
+/** Full jitter: a random delay in [0, min(max, min * 2^attempt)]. */
+export function backoffDelay(attempt, minMs, maxMs, random = Math.random) {
+  const cap = Math.min(maxMs, minMs * 2 ** Math.min(attempt, 30));
+  return Math.floor(random() * cap);
+}
+
+export class PgRelayClient {
+  constructor(options = {}) {
+    if (!options.url) throw new TypeError("PgRelayClient: url is required");
+    if (!options.getToken && !options.token) {
+      throw new TypeError("PgRelayClient: getToken or token is required");
+    }
+    this.options = {
+      minDelayMs: 500,
+      maxDelayMs: 30_000,
+      refreshLeadMs: 60_000,
+      ...options,
+    };
+    this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.token = options.token ?? null;
+    this.lastId = options.lastId ?? null;
+    this.epoch = options.epoch ?? null;
+    this.hello = null;
+    this.state = "idle";
+    this._listeners = new Map();
+    this._ws = null;
+    this._attempt = 0; // consecutive reconnects without a stable connection
+    this._failedHandshakes = 0;
+    this._needToken = !this.token;
+    this._timer = null; // the pending reconnect
+    this._refreshTimer = null;
+    this._saveTimer = null;
+    this._generation = 0; // bumps on every connect/stop; stale callbacks check it
+    this._onOnline = () => {
+      if (this.state === "waiting") this.reconnectNow();
+    };
+    this._onPageHide = () => this._saveCursor(true);
+    this._loadCursor();
+  }
+
+  // --- the tiny emitter ---------------------------------------------------
+
+  on(type, fn) {
+    if (!this._listeners.has(type)) this._listeners.set(type, new Set());
+    this._listeners.get(type).add(fn);
+    return () => this.off(type, fn);
+  }
+
+  off(type, fn) {
+    this._listeners.get(type)?.delete(fn);
+  }
+
+  once(type, fn) {
+    const off = this.on(type, (detail) => {
+      off();
+      fn(detail);
+    });
+    return off;
+  }
+
+  _emit(type, detail) {
+    for (const fn of [...(this._listeners.get(type) ?? [])]) {
+      try {
+        fn(detail);
+      } catch (e) {
+        // A listener's bug must not break the connection loop.
+        setTimeout(() => {
+          throw e;
+        });
+      }
+    }
+  }
+
+  // --- lifecycle ----------------------------------------------------------
+
+  start() {
+    if (this.state !== "idle" && this.state !== "stopped") return;
+    globalThis.addEventListener?.("online", this._onOnline);
+    globalThis.addEventListener?.("pagehide", this._onPageHide);
+    this._connect();
+  }
+
+  stop() {
+    this._generation++;
+    clearTimeout(this._timer);
+    clearTimeout(this._refreshTimer);
+    globalThis.removeEventListener?.("online", this._onOnline);
+    globalThis.removeEventListener?.("pagehide", this._onPageHide);
+    this._saveCursor(true);
+    const ws = this._ws;
+    this._ws = null;
+    const wasOpen = this.state === "open";
+    this.state = "stopped";
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+      try {
+        ws.close(1000, "client stopped");
+      } catch {
+        // already closing
+      }
+      if (wasOpen) {
+        this._emit("disconnected", { code: 1000, reason: "client stopped", retryInMs: null, opened: true });
+      }
+    }
+  }
+
+  /** Skips a pending backoff wait (or drops the current socket) and connects now. */
+  reconnectNow() {
+    if (this.state === "stopped" || this.state === "idle") return;
+    clearTimeout(this._timer);
+    if (this._ws) {
+      const ws = this._ws;
+      this._ws = null;
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+      try {
+        ws.close(1000, "reconnecting");
+      } catch {
+        // already closing
+      }
+    }
+    this._connect();
+  }
+
+  async _connect() {
+    const generation = ++this._generation;
+    this.state = "connecting";
+    let token;
+    try {
+      token = await this._currentToken();
+    } catch (error) {
+      if (generation !== this._generation) return;
+      this._emit("error", { kind: "token", error });
+      this._scheduleReconnect({ code: 0, reason: "no token", opened: false }, "backoff");
+      return;
+    }
+    if (generation !== this._generation) return;
+    let ws;
+    try {
+      ws = new this.WebSocket(streamUrl(this.options.url, this.lastId, this.epoch), ["bearer", token]);
+    } catch (error) {
+      // A malformed URL will not fix itself; report it and stop.
+      this.state = "stopped";
+      this._emit("error", { kind: "url", error });
+      return;
+    }
+    this._ws = ws;
+    let openedAt = null;
+    let helloSeen = false;
+    const resumed = this.lastId !== null;
+
+    ws.onopen = () => {
+      openedAt = Date.now();
+    };
+    ws.onmessage = (message) => {
+      if (generation !== this._generation) return;
+      let frame;
+      try {
+        frame = JSON.parse(message.data);
+      } catch {
+        return; // not ours to judge; pgrelay only sends JSON
+      }
+      switch (frame?.type) {
+        case "hello":
+          helloSeen = true;
+          this.hello = frame;
+          this.epoch = frame.epoch ?? this.epoch;
+          // No cursor yet: every event above hello.last_id will reach us.
+          if (this.lastId === null) this.lastId = frame.last_id;
+          this._failedHandshakes = 0;
+          this.state = "open";
+          this._saveCursor();
+          this._scheduleRefresh(token);
+          this._emit("connected", { hello: frame, resumed });
+          break;
+        case "reset":
+          // The server continues from hello.last_id; so do we (it may be lower
+          // than the old cursor after a restore: ids restart with the epoch).
+          if (this.hello) this.lastId = this.hello.last_id;
+          this._saveCursor();
+          this._emit("reset", { reason: frame.reason, hello: this.hello });
+          break;
+        case "event":
+          if (typeof frame.id !== "number") return;
+          if (this.lastId !== null && frame.id <= this.lastId) return; // duplicate
+          this.lastId = frame.id;
+          this._saveCursor();
+          this._emit("event", frame);
+          break;
+        default:
+          break;
+      }
+    };
+    ws.onerror = () => {
+      // Always followed by onclose, which decides what to do.
+    };
+    ws.onclose = (close) => {
+      if (generation !== this._generation) return;
+      this._ws = null;
+      clearTimeout(this._refreshTimer);
+      const opened = helloSeen;
+      if (openedAt !== null && Date.now() - openedAt >= STABLE_MS) this._attempt = 0;
+      let how = "backoff";
+      if (!opened) {
+        // Network down, or a refusal (401/403) that browsers hide: after two
+        // in a row, fetch a fresh token in case ours is the problem.
+        this._failedHandshakes++;
+        if (this._failedHandshakes >= 2 && this.options.getToken) this._needToken = true;
+      } else if (close.code === 4001) {
+        this._needToken = true;
+        how = "now";
+      } else if (close.code === 4008) {
+        how = "now";
+      }
+      this._scheduleReconnect({ code: close.code, reason: close.reason, opened }, how);
+    };
+  }
+
+  _scheduleReconnect(detail, how) {
+    const delay =
+      how === "now" && this._attempt === 0
+        ? 0
+        : backoffDelay(this._attempt, this.options.minDelayMs, this.options.maxDelayMs);
+    this._attempt++;
+    this.state = "waiting";
+    const generation = this._generation;
+    this._timer = setTimeout(() => {
+      if (generation === this._generation) this._connect();
+    }, delay);
+    this._emit("disconnected", { ...detail, retryInMs: delay });
+  }
+
+  // --- tokens -------------------------------------------------------------
+
+  async _currentToken() {
+    const left = this.token ? msUntilExpiry(this.token) : null;
+    const stale = left !== null && left < 5_000;
+    if (this.options.getToken && (this._needToken || !this.token || stale)) {
+      const fresh = await this.options.getToken();
+      if (!fresh || typeof fresh !== "string") throw new Error("getToken returned no token");
+      this.token = fresh;
+      this._needToken = false;
+    }
+    if (!this.token) throw new Error("no token");
+    return this.token;
+  }
+
+  _scheduleRefresh(token) {
+    clearTimeout(this._refreshTimer);
+    if (!this.options.getToken) return;
+    const left = msUntilExpiry(token);
+    if (left === null) return;
+    const lead = Math.min(this.options.refreshLeadMs, left / 2);
+    const generation = this._generation;
+    this._refreshTimer = setTimeout(async () => {
+      let fresh;
+      try {
+        fresh = await this.options.getToken();
+      } catch (error) {
+        // The server closes with 4001 at `exp`; the reconnect asks again.
+        if (generation === this._generation) this._emit("error", { kind: "token", error });
+        return;
+      }
+      if (generation !== this._generation || !fresh || fresh === this.token) return;
+      this.token = fresh;
+      if (this._ws && this._ws.readyState === 1) {
+        this._ws.send(JSON.stringify({ type: "refresh", token: fresh }));
+      }
+      this._scheduleRefresh(fresh);
+    }, Math.min(Math.max(0, left - lead), 2 ** 31 - 1));
+  }
+
+  // --- the cursor in localStorage -------------------------------------------
+
+  _loadCursor() {
+    const key = this.options.storageKey;
+    if (!key) return;
+    try {
+      const saved = JSON.parse(globalThis.localStorage?.getItem(key) ?? "null");
+      if (saved && typeof saved.lastId === "number") {
+        this.lastId = saved.lastId;
+        this.epoch = typeof saved.epoch === "string" ? saved.epoch : null;
+      }
+    } catch {
+      // unreadable: start without it
+    }
+  }
+
+  _saveCursor(now = false) {
+    const key = this.options.storageKey;
+    if (!key || this.lastId === null) return;
+    const write = () => {
+      this._saveTimer = null;
+      try {
+        globalThis.localStorage?.setItem(key, JSON.stringify({ lastId: this.lastId, epoch: this.epoch }));
+      } catch {
+        // storage full or disabled: the in-memory cursor still works
+      }
+    };
+    if (now) {
+      clearTimeout(this._saveTimer);
+      write();
+    } else if (!this._saveTimer) {
+      // Coalesced: a busy stream writes a few times a second, not per event.
+      this._saveTimer = setTimeout(write, 250);
+    }
+  }
+}
