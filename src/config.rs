@@ -356,19 +356,7 @@ fn database(
         .or(file.filter(set))
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(set))
         .ok_or(ConfigError::NoDatabase)?;
-    let mut config = tokio_postgres::Config::from_str(&url)
-        .map_err(|e| ConfigError::DatabaseUrl(e.to_string()))?;
-    if config.get_application_name().is_none() {
-        config.application_name("pgrelay");
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(10));
-    }
-    // Detect a dead server or a cut network on idle connections (the LISTEN
-    // connection is idle most of the time).
-    config.keepalives(true);
-    config.keepalives_idle(Duration::from_secs(30));
-    Ok(config)
+    tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::DatabaseUrl(e.to_string()))
 }
 
 fn duration(

@@ -75,19 +75,54 @@ pub struct LogInfo {
     pub max_id: i64,
 }
 
-/// A small pool for reads: replay, id-only events, the epoch, pruning.
+/// A small pool for reads: replay, new events, the epoch, pruning.
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
 }
 
+/// No database call waits longer than this: a cut network must not hang a
+/// replay or the listener.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection settings every pgrelay connection gets unless the URL says
+/// otherwise: a name in pg_stat_activity, a bounded connect, and keepalives
+/// and a TCP user timeout so a dead server or cut network is noticed on idle
+/// connections (the LISTEN connection is idle most of the time).
+pub fn harden(config: &mut tokio_postgres::Config) {
+    if config.get_application_name().is_none() {
+        config.application_name("pgrelay");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(30));
+    config.keepalives_interval(Duration::from_secs(5));
+    config.keepalives_retries(3);
+    config.tcp_user_timeout(Duration::from_secs(30));
+}
+
 impl Db {
+    async fn timed<T>(
+        &self,
+        what: &'static str,
+        call: impl std::future::Future<Output = Result<T, DbError>>,
+    ) -> Result<T, DbError> {
+        tokio::time::timeout(QUERY_TIMEOUT, call)
+            .await
+            .map_err(|_| DbError::Timeout(what))?
+    }
+
     pub fn new(config: tokio_postgres::Config, size: usize) -> Result<Db, DbError> {
         let manager = Manager::from_config(
             config,
             NoTls,
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                // Verified: a connection a network cut left half-open fails
+                // the check (within recycle_timeout) instead of hanging the
+                // next query.
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = Pool::builder(manager)
@@ -103,28 +138,33 @@ impl Db {
     /// The epoch, retention cursor and newest id; `NotInstalled` when the
     /// pgrelay schema is missing.
     pub async fn log_info(&self) -> Result<LogInfo, DbError> {
-        let client = self.pool.get().await?;
-        let row = client
-            .query_opt(
-                // Retention may have emptied the log: the newest id ever
-                // handed out is then the pruned one.
-                "SELECT m.epoch, m.pruned_through, \
-                        greatest(coalesce((SELECT max(id) FROM pgrelay.events), 0), \
-                                 m.pruned_through) \
-                 FROM pgrelay.meta m",
-                &[],
-            )
-            .await
-            .map_err(|e| match e.code() {
-                Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => DbError::NotInstalled,
-                _ => DbError::Query(e),
-            })?
-            .ok_or(DbError::NotInstalled)?;
-        Ok(LogInfo {
-            epoch: row.try_get(0)?,
-            pruned_through: row.try_get(1)?,
-            max_id: row.try_get(2)?,
+        self.timed("log info", async {
+            let client = self.pool.get().await?;
+            let row = client
+                .query_opt(
+                    // Retention may have emptied the log: the newest id ever
+                    // handed out is then the pruned one.
+                    "SELECT m.epoch, m.pruned_through, \
+                            greatest(coalesce((SELECT max(id) FROM pgrelay.events), 0), \
+                                     m.pruned_through) \
+                     FROM pgrelay.meta m",
+                    &[],
+                )
+                .await
+                .map_err(|e| match e.code() {
+                    Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                        DbError::NotInstalled
+                    }
+                    _ => DbError::Query(e),
+                })?
+                .ok_or(DbError::NotInstalled)?;
+            Ok(LogInfo {
+                epoch: row.try_get(0)?,
+                pruned_through: row.try_get(1)?,
+                max_id: row.try_get(2)?,
+            })
         })
+        .await
     }
 
     /// Up to `limit` events on `channels` with `after < id <= upto`, in id order.
@@ -135,18 +175,21 @@ impl Db {
         channels: &[String],
         limit: i64,
     ) -> Result<Vec<Event>, DbError> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(&format!(
-                "SELECT {EVENT_COLUMNS} FROM pgrelay.events \
-                 WHERE id > $1 AND id <= $2 AND channel = ANY($3) \
-                 ORDER BY id LIMIT $4"
-            ))
-            .await?;
-        let rows = client
-            .query(&statement, &[&after, &upto, &channels, &limit])
-            .await?;
-        rows.iter().map(event_from_row).collect()
+        self.timed("events between", async {
+            let client = self.pool.get().await?;
+            let statement = client
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM pgrelay.events \
+                     WHERE id > $1 AND id <= $2 AND channel = ANY($3) \
+                     ORDER BY id LIMIT $4"
+                ))
+                .await?;
+            let rows = client
+                .query(&statement, &[&after, &upto, &channels, &limit])
+                .await?;
+            rows.iter().map(event_from_row).collect()
+        })
+        .await
     }
 }
 
@@ -175,16 +218,19 @@ impl Db {
     /// Deletes one batch of events older than `older_than`; `None` when
     /// another replica holds the pruning lock.
     pub async fn prune(&self, older_than: Duration, batch: i32) -> Result<Option<i32>, DbError> {
-        let client = self.pool.get().await?;
-        let interval = format!("{} milliseconds", older_than.as_millis());
-        let row = client
-            .query_one(
-                "SELECT pgrelay.prune($1::text::interval, $2)",
-                &[&interval, &batch],
-            )
-            .await?;
-        let deleted: i32 = row.try_get(0)?;
-        Ok((deleted >= 0).then_some(deleted))
+        self.timed("prune", async {
+            let client = self.pool.get().await?;
+            let interval = format!("{} milliseconds", older_than.as_millis());
+            let row = client
+                .query_one(
+                    "SELECT pgrelay.prune($1::text::interval, $2)",
+                    &[&interval, &batch],
+                )
+                .await?;
+            let deleted: i32 = row.try_get(0)?;
+            Ok((deleted >= 0).then_some(deleted))
+        })
+        .await
     }
 }
 
@@ -193,60 +239,66 @@ impl Db {
     /// the parameter's type (integer or text); the first column of the first
     /// row says whether the user is a super admin (no row: not one).
     pub async fn admin_query(&self, query: &str, user: &str) -> Result<bool, DbError> {
-        use tokio_postgres::types::{ToSql, Type};
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(query).await?;
-        let param_type = statement.params().first().cloned().unwrap_or(Type::TEXT);
-        let as_i64;
-        let as_i32;
-        let param: &(dyn ToSql + Sync) = match param_type {
-            Type::INT8 => {
-                // An id the column cannot hold names nobody: not an admin.
-                let Ok(id) = user.parse::<i64>() else {
-                    return Ok(false);
-                };
-                as_i64 = id;
-                &as_i64
+        self.timed("admin query", async {
+            use tokio_postgres::types::{ToSql, Type};
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(query).await?;
+            let param_type = statement.params().first().cloned().unwrap_or(Type::TEXT);
+            let as_i64;
+            let as_i32;
+            let param: &(dyn ToSql + Sync) = match param_type {
+                Type::INT8 => {
+                    // An id the column cannot hold names nobody: not an admin.
+                    let Ok(id) = user.parse::<i64>() else {
+                        return Ok(false);
+                    };
+                    as_i64 = id;
+                    &as_i64
+                }
+                Type::INT4 => {
+                    let Ok(id) = user.parse::<i32>() else {
+                        return Ok(false);
+                    };
+                    as_i32 = id;
+                    &as_i32
+                }
+                _ => &user,
+            };
+            let row = client.query_opt(&statement, &[param]).await?;
+            match row {
+                None => Ok(false),
+                Some(row) => Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false)),
             }
-            Type::INT4 => {
-                let Ok(id) = user.parse::<i32>() else {
-                    return Ok(false);
-                };
-                as_i32 = id;
-                &as_i32
-            }
-            _ => &user,
-        };
-        let row = client.query_opt(&statement, &[param]).await?;
-        match row {
-            None => Ok(false),
-            Some(row) => Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false)),
-        }
+        })
+        .await
     }
 }
 
 impl Db {
     /// Runs one demo action as a real transaction; returns the row's id.
     pub async fn demo_action(&self, action: DemoAction) -> Result<i64, DbError> {
-        let sql = match action {
-            DemoAction::CreateBusiness => {
-                "INSERT INTO businesses (owner_id, name) \
-                 SELECT 2, 'Business #' || (count(*) + 1) FROM businesses RETURNING id"
-            }
-            DemoAction::MakeReservation => {
-                "INSERT INTO reservations (business_id, customer_id, starts_at, party_size) \
-                 SELECT id, 3, now() + interval '1 day', 2 FROM businesses \
-                 ORDER BY id DESC LIMIT 1 RETURNING id"
-            }
-            DemoAction::UpdateBusiness => {
-                "UPDATE businesses SET name = name || ' *', updated_at = now() \
-                 WHERE id = (SELECT max(id) FROM businesses) RETURNING id"
-            }
-        };
-        let client = self.pool.get().await?;
-        let row = client.query_opt(sql, &[]).await?;
-        row.map(|r| r.try_get(0))
-            .transpose()?
-            .ok_or(DbError::Demo("create a business first"))
+        self.timed("demo action", async {
+            let sql = match action {
+                DemoAction::CreateBusiness => {
+                    "INSERT INTO businesses (owner_id, name) \
+                     SELECT 2, 'Business #' || (count(*) + 1) FROM businesses RETURNING id"
+                }
+                DemoAction::MakeReservation => {
+                    "INSERT INTO reservations (business_id, customer_id, starts_at, party_size) \
+                     SELECT id, 3, now() + interval '1 day', 2 FROM businesses \
+                     ORDER BY id DESC LIMIT 1 RETURNING id"
+                }
+                DemoAction::UpdateBusiness => {
+                    "UPDATE businesses SET name = name || ' *', updated_at = now() \
+                     WHERE id = (SELECT max(id) FROM businesses) RETURNING id"
+                }
+            };
+            let client = self.pool.get().await?;
+            let row = client.query_opt(sql, &[]).await?;
+            row.map(|r| r.try_get(0))
+                .transpose()?
+                .ok_or(DbError::Demo("create a business first"))
+        })
+        .await
     }
 }

@@ -51,8 +51,9 @@ fn sql_error(what: &'static str) -> impl Fn(tokio_postgres::Error) -> InstallErr
 }
 
 pub async fn install(config: &InstallConfig) -> Result<Installed, InstallError> {
-    let (mut client, connection) = config
-        .database
+    let mut database = config.database.clone();
+    crate::db::harden(&mut database);
+    let (mut client, connection) = database
         .connect(NoTls)
         .await
         .map_err(|e| InstallError::Connect(db_message(&e)))?;

@@ -122,9 +122,10 @@ impl Relay {
 
     /// [`Relay::start`] with a chosen ping interval (tests use a short one).
     pub async fn start_with(
-        config: ServeConfig,
+        mut config: ServeConfig,
         ping_interval: Duration,
     ) -> Result<Relay, StartError> {
+        db::harden(&mut config.database);
         let verifier = Verifier::new(&config.auth)?;
         let db = Db::new(config.database.clone(), config.pool_size)
             .map_err(|e| StartError::Database(e.to_string()))?;

@@ -47,6 +47,8 @@ use crate::Status;
 
 /// Notifications read from the socket but not yet handled.
 const NOTIFY_QUEUE: usize = 16_384;
+/// Events handed to the hub between two yields to the sessions.
+const YIELD_EVERY: usize = 16;
 /// Events per read from the log.
 const FETCH_PAGE: i64 = 1_000;
 /// How often the connection proves it is alive.
@@ -219,9 +221,14 @@ impl Listener {
                 self.metrics.replay_rows.inc_by(page.len() as u64);
             }
             let full = page.len() as i64 == FETCH_PAGE;
-            for event in page {
+            for (n, event) in page.iter().enumerate() {
                 cursor = event.id;
-                self.deliver(&event);
+                self.deliver(event);
+                // A burst (one bulk transaction) would otherwise fill a
+                // socket's ring before its task can run: let sessions drain.
+                if n % YIELD_EVERY == YIELD_EVERY - 1 {
+                    tokio::task::yield_now().await;
+                }
             }
             if !full {
                 return Ok(cursor);

@@ -5,7 +5,7 @@
 //! Counters on the per-socket path are added per written batch, not per
 //! frame, to keep atomics off the hot loop.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -13,10 +13,27 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+/// A WebSocket endpoint: what a socket receives.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum Stream {
     Dashboard,
     Notifications,
+}
+
+impl Stream {
+    /// The name clients see in `hello` and metrics carry as a label.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stream::Dashboard => "dashboard",
+            Stream::Notifications => "notifications",
+        }
+    }
+}
+
+impl EncodeLabelValue for Stream {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.name())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

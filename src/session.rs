@@ -100,7 +100,7 @@ async fn session(
     };
     let hello = serde_json::json!({
         "type": "hello",
-        "stream": stream_name(stream),
+        "stream": stream.name(),
         "user": identity.user,
         "last_id": sub.last_id,
         "epoch": shared.status.epoch(),
@@ -241,13 +241,6 @@ impl RateLimit {
 fn slow(shared: &Shared) -> End {
     shared.metrics.slow_closes.inc();
     End::Close(4008, "too slow: reconnect with last_id")
-}
-
-fn stream_name(stream: &Stream) -> &'static str {
-    match stream {
-        Stream::Dashboard => "dashboard",
-        Stream::Notifications => "notifications",
-    }
 }
 
 /// When the socket must close: the token's `exp`, plus the configured leeway.

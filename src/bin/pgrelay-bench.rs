@@ -114,8 +114,9 @@ struct Args {
     /// Socket handshakes in flight at once.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
-    /// How long to wait, at most, for in-flight deliveries after the last insert.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    /// How long to wait, at most, for in-flight deliveries after the last
+    /// insert (the wait also ends after 5 s without any delivery).
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// The pgrelay binary to start [default: `pgrelay` next to this executable].
     #[arg(long)]
@@ -396,6 +397,15 @@ impl Server {
             }
         }
         shutdown
+    }
+}
+
+impl Server {
+    /// CPU seconds of our throwaway PostgreSQL so far (none for a target).
+    fn postgres_cpu_s(&self) -> Option<f64> {
+        self.cluster
+            .as_ref()
+            .and_then(|c| postgres_cpu_s(c.data_dir()))
     }
 }
 
@@ -955,9 +965,6 @@ struct ProcSample {
     cpu_s: f64,
     rss_kib: u64,
     hwm_kib: u64,
-    /// Write-type system calls so far (`syscw` in /proc/PID/io): write,
-    /// writev, sendto... With coalesced writes this is far below deliveries.
-    write_calls: u64,
 }
 
 /// Linux reports /proc times in USER_HZ, which is 100 on every architecture.
@@ -981,20 +988,42 @@ fn proc_sample(pid: Option<u32>) -> Option<ProcSample> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    let write_calls = std::fs::read_to_string(format!("{dir}/io"))
-        .ok()
-        .and_then(|io| {
-            io.lines()
-                .find_map(|l| l.strip_prefix("syscw:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0);
     Some(ProcSample {
         cpu_s: (utime + stime) / USER_HZ,
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
-        write_calls,
     })
+}
+
+/// CPU seconds of a PostgreSQL server: the postmaster (first line of
+/// `postmaster.pid`) and its children (backends, walwriter, ...).
+fn postgres_cpu_s(data_dir: &std::path::Path) -> Option<f64> {
+    let pid_file = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let postmaster: u32 = pid_file.lines().next()?.trim().parse().ok()?;
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ppid: u32 = fields.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if pid == postmaster || ppid == postmaster {
+            let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            total += (utime + stime) / USER_HZ;
+        }
+    }
+    Some(total)
 }
 
 /// Busy CPU seconds of the whole machine, all cores (from /proc/stat).
@@ -1228,6 +1257,7 @@ async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
     let pgrelay_at_start = proc_sample(server.pid);
     let bench_at_start = proc_sample(None);
     let machine_at_start = machine_busy_s();
+    let postgres_at_start = server.postgres_cpu_s();
 
     tokio::time::sleep_until(end).await;
     ctx.window_to_us.store(now_us(), Relaxed);
@@ -1236,6 +1266,7 @@ async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
     let pgrelay_at_end = proc_sample(server.pid);
     let bench_at_end = proc_sample(None);
     let machine_at_end = machine_busy_s();
+    let postgres_at_end = server.postgres_cpu_s();
     *lock(&progress.phase) = Phase::Drain;
     for task in writer_tasks {
         let _ = task.await;
@@ -1271,6 +1302,7 @@ async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain_s = drain_began.elapsed().as_secs_f64();
+    let drain_cut = delivered_total() < expected_total && last.1.elapsed() < Duration::from_secs(5);
     let pgrelay_final = proc_sample(server.pid);
 
     ctx.stop.cancel();
@@ -1295,6 +1327,7 @@ async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
         latency: latency_merged(),
         expected_total,
         drain_s,
+        drain_cut,
         end_id,
         ..Report::default()
     };
@@ -1319,7 +1352,6 @@ async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
         (Some(a), Some(b), Some(f)) => Some(ProcReport {
             cpu_s: b.cpu_s - a.cpu_s,
             cpu_total_s: f.cpu_s,
-            write_calls: b.write_calls - a.write_calls,
             hwm_kib: f.hwm_kib,
             rss_end_kib: f.rss_kib,
             rss_before_connect_kib: rss_before_connect.map_or(0, |s| s.rss_kib),
@@ -1332,6 +1364,9 @@ async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
         report.bench_hwm_kib = proc_sample(None).map_or(0, |s| s.hwm_kib);
     }
     report.machine_busy_s = machine_at_end - machine_at_start;
+    if let (Some(a), Some(b)) = (postgres_at_start, postgres_at_end) {
+        report.postgres_cpu_s = Some(b - a);
+    }
     Ok(report)
 }
 
@@ -1439,8 +1474,6 @@ struct ProcReport {
     cpu_s: f64,
     /// CPU seconds since the process started, at the end.
     cpu_total_s: f64,
-    /// Write system calls in the measured window.
-    write_calls: u64,
     hwm_kib: u64,
     rss_end_kib: u64,
     rss_before_connect_kib: u64,
@@ -1461,6 +1494,8 @@ struct Report {
     expected_total: u64,
     received_total: u64,
     drain_s: f64,
+    /// The drain hit --drain-timeout while deliveries were still arriving.
+    drain_cut: bool,
     end_id: i64,
     lost: u64,
     duplicates: u64,
@@ -1475,6 +1510,8 @@ struct Report {
     bench_cpu_s: f64,
     bench_hwm_kib: u64,
     machine_busy_s: f64,
+    /// Our throwaway PostgreSQL's CPU seconds in the window.
+    postgres_cpu_s: Option<f64>,
 }
 
 impl Default for Report {
@@ -1493,6 +1530,7 @@ impl Default for Report {
             expected_total: 0,
             received_total: 0,
             drain_s: 0.0,
+            drain_cut: false,
             end_id: 0,
             lost: 0,
             duplicates: 0,
@@ -1507,6 +1545,7 @@ impl Default for Report {
             bench_cpu_s: 0.0,
             bench_hwm_kib: 0,
             machine_busy_s: 0.0,
+            postgres_cpu_s: None,
         }
     }
 }
@@ -1594,7 +1633,18 @@ impl Report {
             "",
             "(commit = the event's `at`: clock_timestamp() in the deferred capture trigger at commit)".into(),
         );
-        row(&mut t, "lost", self.lost.to_string());
+        row(
+            &mut t,
+            "lost",
+            if self.drain_cut {
+                format!(
+                    "{} (not arrived when --drain-timeout ended the wait, deliveries still arriving: late, maybe not lost)",
+                    self.lost
+                )
+            } else {
+                self.lost.to_string()
+            },
+        );
         row(&mut t, "duplicated", self.duplicates.to_string());
         row(&mut t, "misrouted/unexpected", self.unexpected.to_string());
         row(
@@ -1654,15 +1704,6 @@ impl Report {
                         p.cpu_total_s
                     ),
                 );
-                row(
-                    &mut t,
-                    "pgrelay write calls",
-                    format!(
-                        "{} in the window ({:.2} deliveries per write)",
-                        p.write_calls,
-                        self.deliveries_in_window as f64 / p.write_calls.max(1) as f64
-                    ),
-                );
             }
             None => row(
                 &mut t,
@@ -1680,13 +1721,29 @@ impl Report {
                 mib(self.bench_hwm_kib)
             ),
         );
+        if let Some(pg) = self.postgres_cpu_s {
+            row(
+                &mut t,
+                "PostgreSQL",
+                format!(
+                    "{:.2} s CPU in the window ({:.0}% of one core)",
+                    pg,
+                    pg / w * 100.0
+                ),
+            );
+        }
+        let others = self.machine_busy_s
+            - self.bench_cpu_s
+            - self.pgrelay.map_or(0.0, |p| p.cpu_s)
+            - self.postgres_cpu_s.unwrap_or(0.0);
         row(
             &mut t,
             "machine",
             format!(
-                "{:.0}% busy of {}00% in the window (all processes)",
+                "{:.0}% busy of {}00% in the window; everything else (kernel threads, other processes) {:.0}%",
                 self.machine_busy_s / w * 100.0,
-                std::thread::available_parallelism().map_or(1, |n| n.get())
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                others.max(0.0) / w * 100.0,
             ),
         );
         if let Some((code, secs)) = self.pgrelay_shutdown {
@@ -1722,7 +1779,6 @@ impl Report {
                 "rss_end_kib": p.rss_end_kib,
                 "cpu_s": p.cpu_s,
                 "cpu_total_s": p.cpu_total_s,
-                "write_calls": p.write_calls,
             })
         });
         serde_json::json!({
@@ -1756,6 +1812,7 @@ impl Report {
             "expected_total": self.expected_total,
             "received_total": self.received_total,
             "drain_s": self.drain_s,
+            "drain_cut": self.drain_cut,
             "reconnects": self.reconnects,
             "resets": self.resets,
             "server_closes": self.closes.iter().map(|(c, n)| (c.to_string(), *n)).collect::<HashMap<_, _>>(),
@@ -1765,6 +1822,7 @@ impl Report {
             "bench_cpu_s": self.bench_cpu_s,
             "bench_peak_rss_kib": self.bench_hwm_kib,
             "machine_busy_s": self.machine_busy_s,
+            "postgres_cpu_s": self.postgres_cpu_s,
             "passed": self.passed(),
         })
         .to_string()

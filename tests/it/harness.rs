@@ -199,10 +199,6 @@ impl TestRelay {
         format!("ws://{}{}", self.relay.addr(), path_and_query)
     }
 
-    pub fn http_url(&self, path: &str) -> String {
-        format!("http://{}{}", self.relay.addr(), path)
-    }
-
     /// Connects to `path_and_query` with `Authorization: Bearer token`.
     pub async fn ws(&self, path_and_query: &str, token: &str) -> Ws {
         Ws::connect(&self.ws_url(path_and_query), Some(token))
