@@ -32,8 +32,7 @@ use tokio_tungstenite::MaybeTlsStream;
 
 use crate::harness::*;
 use crate::resume::{
-    assert_same_ids, assert_strictly_increasing, epoch, id_of, ids_after, insert_business,
-    read_ids, resume,
+    assert_same_ids, assert_strictly_increasing, epoch, id_of, ids_after, read_ids, resume,
 };
 
 // --- helpers ---------------------------------------------------------------

@@ -143,15 +143,7 @@ impl TestDb {
 
     /// Inserts a business and returns its id.
     pub async fn business(&self, owner: i64, name: &str) -> i64 {
-        self.client()
-            .await
-            .query_one(
-                "INSERT INTO businesses (owner_id, name) VALUES ($1, $2) RETURNING id",
-                &[&owner, &name],
-            )
-            .await
-            .expect("insert business")
-            .get(0)
+        insert_business(&self.client().await, owner, name).await
     }
 
     /// Inserts a reservation and returns its id.
@@ -404,4 +396,16 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("GET {path}: no status in {head:?}"));
     (status, body.to_owned())
+}
+
+/// Inserts a business on an open connection (one transaction) and returns its id.
+pub async fn insert_business(client: &Client, owner: i64, name: &str) -> i64 {
+    client
+        .query_one(
+            "INSERT INTO businesses (owner_id, name) VALUES ($1, $2) RETURNING id",
+            &[&owner, &name],
+        )
+        .await
+        .expect("insert business")
+        .get(0)
 }

@@ -68,17 +68,6 @@ pub(crate) async fn max_id(db: &TestDb) -> i64 {
         .get(0)
 }
 
-pub(crate) async fn insert_business(client: &Client, owner: i64, name: &str) -> i64 {
-    client
-        .query_one(
-            "INSERT INTO businesses (owner_id, name) VALUES ($1, $2) RETURNING id",
-            &[&owner, &name],
-        )
-        .await
-        .expect("insert business")
-        .get(0)
-}
-
 async fn insert_reservation(client: &Client, business: i64, customer: i64) {
     client
         .execute(
