@@ -176,6 +176,17 @@ async fn handle(
         "/pgrelay-client.js" if req.method() == Method::GET => {
             return asset(CLIENT_JS, "text/javascript; charset=utf-8")
         }
+        // The page shows its demo buttons only when this answers.
+        "/demo/" if shared.demo_api && req.method() == Method::GET => {
+            let mut response = text(
+                StatusCode::OK,
+                r#"{"actions":["create-business","make-reservation","update-business"]}"#,
+            );
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return response;
+        }
         demo if shared.demo_api && demo.starts_with("/demo/") && req.method() == Method::POST => {
             // Only the demo's own page may press its buttons: a cross-site
             // form post carries another Origin.

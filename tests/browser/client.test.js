@@ -1,0 +1,227 @@
+// Unit tests for src/web/pgrelay-client.js (the page's JS client) in Node,
+// with a fake WebSocket and mocked timers: the paths the browser test cannot
+// provoke (close codes 4001/4008/1001, token refresh before exp, reset, backoff).
+// Run: cd tests/browser && node --test
+
+import { test, mock, beforeEach, afterEach } from "node:test";
+import assert from "node:assert/strict";
+import { PgRelayClient, backoffDelay, decodeJwt, streamUrl } from "../../src/web/pgrelay-client.js";
+
+const URL_ = "ws://relay.test/ws/dashboard/";
+const NOW = Date.UTC(2026, 10, 25, 12, 0, 0);
+
+class FakeWebSocket {
+  static all = [];
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocols = protocols;
+    this.readyState = 0;
+    this.sent = [];
+    FakeWebSocket.all.push(this);
+  }
+  send(data) { this.sent.push(JSON.parse(data)); }
+  close(code, reason) { this.readyState = 3; this.closedWith = { code, reason }; }
+  // What the server does:
+  hello(last_id, epoch = "e1") {
+    this.readyState = 1;
+    this.onopen?.({});
+    this.receive({ type: "hello", stream: "dashboard", user: "1", last_id, epoch });
+  }
+  receive(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); }
+  event(id) { this.receive({ type: "event", id, channel: "c", table: "t", op: "INSERT", at: "x", data: {} }); }
+  drop(code, reason = "") { this.readyState = 3; this.onclose?.({ code, reason }); }
+}
+const last = () => FakeWebSocket.all.at(-1);
+
+function jwt(claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  return `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}.sig`;
+}
+
+/** Lets the client's promise chains (getToken) run. */
+const settle = () => new Promise((r) => setImmediate(r));
+
+/** A client with a recorder of everything it emits. */
+function client(options = {}) {
+  const c = new PgRelayClient({ url: URL_, token: "t0", WebSocket: FakeWebSocket, ...options });
+  const seen = { events: [], connected: [], disconnected: [], reset: [], error: [] };
+  c.on("event", (e) => seen.events.push(e.id));
+  c.on("connected", (d) => seen.connected.push(d));
+  c.on("disconnected", (d) => seen.disconnected.push(d));
+  c.on("reset", (d) => seen.reset.push(d));
+  c.on("error", (d) => seen.error.push(d));
+  return { c, seen };
+}
+
+beforeEach(() => {
+  FakeWebSocket.all = [];
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: NOW });
+  mock.method(Math, "random", () => 0.999);
+});
+
+afterEach(() => {
+  mock.timers.reset();
+  mock.restoreAll();
+});
+
+test("pure helpers", () => {
+  assert.equal(streamUrl(URL_, null, "e"), URL_);
+  assert.equal(streamUrl(URL_, 0, null), `${URL_}?last_id=0`);
+  assert.equal(streamUrl(`${URL_}?last_id=3&epoch=x&a=b`, 42, "e f"), `${URL_}?a=b&last_id=42&epoch=e+f`);
+  assert.equal(streamUrl("http://h/ws/x/", 1, "e"), "ws://h/ws/x/?last_id=1&epoch=e");
+  assert.equal(streamUrl("https://h/ws/x/", null, null), "wss://h/ws/x/");
+  assert.equal(backoffDelay(0, 500, 30_000, () => 0.5), 250);
+  assert.equal(backoffDelay(3, 500, 30_000, () => 0.5), 2000);
+  assert.equal(backoffDelay(50, 500, 30_000, () => 0.5), 15_000);
+  assert.equal(decodeJwt(jwt({ sub: "1", role: "super_admin" })).role, "super_admin");
+  assert.equal(decodeJwt("not a token"), null);
+});
+
+test("bearer subprotocol, live from hello.last_id, duplicates dropped", async () => {
+  const { c, seen } = client();
+  c.start();
+  await settle();
+  assert.equal(last().url, URL_);
+  assert.deepEqual(last().protocols, ["bearer", "t0"]);
+  last().hello(10);
+  assert.equal(seen.connected[0].resumed, false);
+  assert.equal(c.state, "open");
+  for (const id of [9, 10, 11, 11, 12]) last().event(id);
+  assert.deepEqual(seen.events, [11, 12]);
+  c.stop();
+});
+
+test("a dropped socket resumes with last_id and epoch after a jittered backoff", async () => {
+  const { c, seen } = client();
+  c.start();
+  await settle();
+  last().hello(10, "ep");
+  last().event(11);
+  last().drop(1006);
+  assert.equal(seen.disconnected[0].retryInMs, 499); // full jitter under 500 ms at first
+  assert.equal(c.state, "waiting");
+  mock.timers.tick(499);
+  await settle();
+  assert.equal(FakeWebSocket.all.length, 2);
+  assert.equal(last().url, `${URL_}?last_id=11&epoch=ep`);
+  last().hello(20, "ep");
+  assert.equal(seen.connected[1].resumed, true);
+  for (const id of [11, 12, 13]) last().event(id);
+  assert.deepEqual(seen.events, [11, 12, 13]);
+  c.stop();
+});
+
+test("reset: emitted, and the cursor continues from hello.last_id (even downwards)", async () => {
+  const { c, seen } = client({ lastId: 500, epoch: "old" });
+  c.start();
+  await settle();
+  assert.equal(last().url, `${URL_}?last_id=500&epoch=old`);
+  last().hello(7, "new");
+  last().receive({ type: "reset", reason: "epoch_mismatch" });
+  assert.equal(seen.reset[0].reason, "epoch_mismatch");
+  last().event(8);
+  assert.deepEqual(seen.events, [8]);
+  assert.deepEqual([c.lastId, c.epoch], [8, "new"]);
+  c.stop();
+});
+
+test("4001 asks for a new token and reconnects at once", async () => {
+  let n = 0;
+  const getToken = mock.fn(async () => `t${++n}`);
+  const { c, seen } = client({ token: undefined, getToken });
+  c.start();
+  await settle();
+  assert.deepEqual(last().protocols, ["bearer", "t1"]);
+  last().hello(0);
+  last().drop(4001, "token expired");
+  assert.equal(seen.disconnected[0].retryInMs, 0);
+  mock.timers.tick(0);
+  await settle();
+  assert.equal(getToken.mock.callCount(), 2);
+  assert.deepEqual(last().protocols, ["bearer", "t2"]);
+  c.stop();
+});
+
+test("4008 reconnects at once; a repeat backs off; 1001 backs off", async () => {
+  const { c, seen } = client();
+  c.start();
+  await settle();
+  last().hello(0);
+  last().event(1);
+  last().drop(4008);
+  assert.equal(seen.disconnected.at(-1).retryInMs, 0);
+  mock.timers.tick(0);
+  await settle();
+  assert.equal(last().url, `${URL_}?last_id=1&epoch=e1`);
+  last().hello(5);
+  last().drop(4008); // again within 10 s: no longer immediate
+  assert.equal(seen.disconnected.at(-1).retryInMs, 999);
+  mock.timers.tick(999);
+  await settle();
+  last().hello(5);
+  mock.timers.tick(10_000); // stable: the backoff starts over
+  last().drop(1001, "server shutting down");
+  assert.equal(seen.disconnected.at(-1).retryInMs, 499);
+  c.stop();
+});
+
+test("failed handshakes back off exponentially up to the cap and refetch the token", async () => {
+  const getToken = mock.fn(async () => "fresh");
+  const { c, seen } = client({ getToken, maxDelayMs: 4000 });
+  c.start();
+  await settle();
+  for (let i = 0; i < 5; i++) {
+    last().drop(1006);
+    mock.timers.tick(seen.disconnected.at(-1).retryInMs);
+    await settle();
+  }
+  assert.deepEqual(seen.disconnected.map((d) => d.retryInMs), [499, 999, 1998, 3996, 3996]);
+  assert.ok(seen.disconnected.every((d) => d.opened === false));
+  assert.ok(getToken.mock.callCount() >= 1, "a refused token may be the cause: ask for a new one");
+  assert.deepEqual(last().protocols, ["bearer", "fresh"]);
+  c.stop();
+});
+
+test("the token is refreshed in-band before exp", async () => {
+  const exp = NOW / 1000 + 120;
+  const fresh = jwt({ sub: "1", exp: exp + 3600 });
+  const getToken = mock.fn(async () => fresh);
+  const { c } = client({ token: jwt({ sub: "1", exp }), getToken });
+  c.start();
+  await settle();
+  last().hello(0);
+  mock.timers.tick(59_000);
+  await settle();
+  assert.deepEqual(last().sent, []);
+  mock.timers.tick(1_000); // 60 s before exp
+  await settle();
+  assert.deepEqual(last().sent, [{ type: "refresh", token: fresh }]);
+  c.stop();
+});
+
+test("storageKey keeps the cursor across clients; stop() does not reconnect", async () => {
+  const store = new Map();
+  globalThis.localStorage = { getItem: (k) => store.get(k) ?? null, setItem: (k, v) => store.set(k, v) };
+  try {
+    const { c, seen } = client({ storageKey: "cursor" });
+    c.start();
+    await settle();
+    last().hello(3, "ep");
+    last().event(4);
+    mock.timers.tick(250);
+    assert.deepEqual(JSON.parse(store.get("cursor")), { lastId: 4, epoch: "ep" });
+    c.stop();
+    assert.equal(last().closedWith.code, 1000);
+    assert.equal(seen.disconnected.at(-1).retryInMs, null);
+    mock.timers.tick(60_000);
+    assert.equal(FakeWebSocket.all.length, 1);
+
+    const { c: again } = client({ storageKey: "cursor" });
+    again.start();
+    await settle();
+    assert.equal(last().url, `${URL_}?last_id=4&epoch=ep`);
+    again.stop();
+  } finally {
+    delete globalThis.localStorage;
+  }
+});

@@ -1,0 +1,409 @@
+// Browser test for pgrelay's page: the real binary (`pgrelay demo`), Debian's
+// headless Chromium driven by playwright-core (no browser download), PostgreSQL
+// changed through psql and through the page's demo buttons.
+//
+// Run (after `cargo build`):
+//   cd tests/browser && npm ci && node --test
+// Needs: /usr/bin/chromium (apt-get install chromium) and /usr/bin/psql.
+// Environment: PGRELAY_BIN (default ../../target/debug/pgrelay from this file),
+// CHROMIUM_BIN (/usr/bin/chromium), PSQL_BIN (/usr/bin/psql).
+// Screenshots and the demo's log go to test-artifacts/ at the repository root;
+// test-artifacts/dashboard.png is the admin dashboard with a few events.
+//
+// What it proves, as a person would see it: two admin tabs and an owner tab;
+// a business inserted with psql shows in both admin tabs and the bell counts
+// it; "Mark all read" clears the badge (in both tabs); "Create business" in one
+// tab updates the other; with pgrelay's LISTEN backend terminated, a business
+// committed during the outage still arrives; a tab whose network is cut (a TCP
+// proxy in between drops and refuses connections) shows that it reconnects,
+// then resumes with last_id and shows what was committed meanwhile, once; the
+// read state survives a reload.
+// Every wait is bounded (15 s), and the demo is stopped with SIGTERM at the
+// end, pass or fail.
+
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFile } from "node:child_process";
+import { once } from "node:events";
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { connect, createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const REPO = resolve(HERE, "../..");
+const BIN = resolve(HERE, process.env.PGRELAY_BIN ?? "../../target/debug/pgrelay");
+const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
+const PSQL = process.env.PSQL_BIN ?? "/usr/bin/psql";
+const ARTIFACTS = join(REPO, "test-artifacts");
+const WAIT = 15_000; // every browser wait
+const DEMO_START = 90_000; // initdb + install + serve, on a slow CI machine
+
+mkdirSync(ARTIFACTS, { recursive: true });
+
+// ------------------------------------------------------------------ helpers
+
+function freePort() {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => resolvePort(port));
+    });
+  });
+}
+
+let demo = null;
+let demoLog = "";
+
+/** Starts `pgrelay demo` and returns the links and the psql URL it prints. */
+async function startDemo() {
+  const port = await freePort();
+  demo = spawn(BIN, ["demo", "--listen", `127.0.0.1:${port}`], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, NO_COLOR: "1" },
+  });
+  let out = "";
+  demo.stdout.on("data", (chunk) => { out += chunk; demoLog += chunk; });
+  demo.stderr.on("data", (chunk) => { demoLog += chunk; });
+  const started = new Promise((resolveStart, reject) => {
+    const timer = setTimeout(() => reject(new Error(`pgrelay demo printed no links within ${DEMO_START} ms`)), DEMO_START);
+    demo.stdout.on("data", () => {
+      if (out.includes("Ctrl-C stops")) { clearTimeout(timer); resolveStart(); }
+    });
+    demo.once("exit", (code, signal) => {
+      clearTimeout(timer);
+      reject(new Error(`pgrelay demo exited early (code ${code}, signal ${signal}):\n${demoLog}`));
+    });
+    demo.once("error", (e) => { clearTimeout(timer); reject(e); });
+  });
+  await started;
+  const find = (re, what) => {
+    const m = out.match(re);
+    assert.ok(m, `no ${what} in pgrelay demo's output:\n${out}`);
+    return m[1];
+  };
+  return {
+    base: `http://127.0.0.1:${port}`,
+    admin: find(/admin \(dashboard\):\s+(http\S+)/, "admin link"),
+    owner: find(/owner \(user 2\):\s+(http\S+)/, "owner link"),
+    customer: find(/customer \(user 3\):\s+(http\S+)/, "customer link"),
+    database: find(/psql '([^']+)'/, "psql URL"),
+    secret: find(/JWT secret: (\S+)/, "JWT secret"),
+  };
+}
+
+/** SIGTERM, then SIGKILL if it has not exited within 10 s. */
+async function stop(child) {
+  if (!child || child.exitCode !== null || child.signalCode !== null) return;
+  const exited = once(child, "exit");
+  child.kill("SIGTERM");
+  const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
+  await exited;
+  clearTimeout(timer);
+}
+
+let serve = null;
+
+/** `pgrelay serve` on the demo's database and secret: the page without the demo endpoints. */
+async function startServe(links) {
+  const port = await freePort();
+  serve = spawn(BIN, ["serve", "--database-url", links.database, "--listen", `127.0.0.1:${port}`], {
+    stdio: ["ignore", "ignore", "pipe"],
+    env: { ...process.env, PGRELAY_JWT_SECRET: links.secret, NO_COLOR: "1" },
+  });
+  serve.stderr.on("data", (chunk) => { demoLog += `[serve] ${chunk}`; });
+  const base = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + WAIT;
+  for (;;) {
+    const ready = await fetch(`${base}/readyz`).then((r) => r.ok, () => false);
+    if (ready) return base;
+    assert.ok(serve.exitCode === null, `pgrelay serve exited early:\n${demoLog}`);
+    assert.ok(Date.now() < deadline, "pgrelay serve not ready within 15 s");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+let database = null;
+
+/** Runs one statement with psql; returns its unaligned, tuples-only output. */
+function sql(statement) {
+  return new Promise((resolveSql, reject) => {
+    execFile(PSQL, [database, "-v", "ON_ERROR_STOP=1", "-tAc", statement], { timeout: WAIT }, (error, stdout, stderr) => {
+      if (error) reject(new Error(`psql failed: ${statement}\n${stderr || error.message}`));
+      else resolveSql(stdout.trim());
+    });
+  });
+}
+
+/** Waits until `selector`'s text equals `want` (a string) or matches it (a RegExp). */
+async function expectText(page, selector, want, what = selector) {
+  try {
+    await page.waitForFunction(
+      ([sel, source, flags, exact]) => {
+        const text = document.querySelector(sel)?.textContent ?? "";
+        return exact !== null ? text === exact : new RegExp(source, flags).test(text);
+      },
+      want instanceof RegExp ? [selector, want.source, want.flags, null] : [selector, "", "", want],
+      { timeout: WAIT },
+    );
+  } catch (e) {
+    const actual = await page.locator(selector).textContent({ timeout: 1000 }).catch(() => "(missing)");
+    throw new Error(`${page.label}: ${what}: wanted ${want}, have ${JSON.stringify(actual)} (${e.message.split("\n")[0]})`);
+  }
+}
+
+/** The bell's unread count as shown: 0 when the badge is hidden. */
+async function badge(page) {
+  const hidden = await page.locator("#bell-count").isHidden();
+  return hidden ? 0 : Number(await page.locator("#bell-count").textContent());
+}
+
+async function expectBadge(page, want) {
+  try {
+    await page.waitForFunction(
+      (n) => {
+        const b = document.querySelector("#bell-count");
+        return b && (n === 0 ? b.hidden : !b.hidden && b.textContent === String(n));
+      },
+      want,
+      { timeout: WAIT },
+    );
+  } catch {
+    assert.fail(`${page.label}: bell badge: wanted ${want}, have ${await badge(page)}`);
+  }
+}
+
+async function expectConnected(page) {
+  await page.locator('#status[data-state="connected"]').waitFor({ timeout: WAIT });
+}
+
+const count = async (page, id) => Number(await page.locator(id).textContent());
+
+async function shot(page, name) {
+  // Finite animations (highlights, the badge's ring) are shown at their end.
+  await page.screenshot({ path: join(ARTIFACTS, name), fullPage: true, animations: "disabled" });
+}
+
+/** A TCP proxy to `port` whose network can be cut: drops every connection and refuses new ones. */
+async function cuttableProxy(port) {
+  const sockets = new Set();
+  let down = false;
+  const server = createServer((client) => {
+    if (down) return client.destroy();
+    const upstream = connect(port, "127.0.0.1");
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on("close", () => sockets.delete(s));
+      s.on("error", () => {});
+    }
+    client.pipe(upstream).pipe(client);
+    client.on("close", () => upstream.destroy());
+    upstream.on("close", () => client.destroy());
+  });
+  await new Promise((ready) => server.listen(0, "127.0.0.1", ready));
+  return {
+    base: `http://127.0.0.1:${server.address().port}`,
+    cut() {
+      down = true;
+      for (const s of sockets) s.destroy();
+    },
+    restore() { down = false; },
+    close() { down = true; for (const s of sockets) s.destroy(); server.close(); },
+  };
+}
+
+// ------------------------------------------------------------------ the test
+
+let context = null;
+let profile = null;
+let proxy = null;
+const pageErrors = [];
+
+after(async () => {
+  await context?.close().catch(() => {});
+  proxy?.close();
+  await stop(serve);
+  await stop(demo);
+  writeFileSync(join(ARTIFACTS, "browser-demo.log"), demoLog);
+  if (profile) rmSync(profile, { recursive: true, force: true });
+});
+
+test("pgrelay's page, live in two tabs, through a LISTEN outage and a reload", { timeout: 240_000 }, async (t) => {
+  assert.ok(existsSync(BIN), `no pgrelay binary at ${BIN}: run cargo build first, or set PGRELAY_BIN`);
+  assert.ok(existsSync(CHROMIUM), `no Chromium at ${CHROMIUM}: apt-get install chromium, or set CHROMIUM_BIN`);
+  assert.ok(existsSync(PSQL), `no psql at ${PSQL}: apt-get install postgresql-client, or set PSQL_BIN`);
+
+  const links = await startDemo();
+  database = links.database;
+
+  profile = mkdtempSync(join(tmpdir(), "pgrelay-chromium-"));
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+    viewport: { width: 1280, height: 820 },
+    timeout: WAIT,
+  });
+  context.setDefaultTimeout(WAIT);
+  context.setDefaultNavigationTimeout(WAIT);
+
+  const open = async (url, label) => {
+    const page = await context.newPage();
+    page.label = label;
+    page.on("pageerror", (e) => pageErrors.push(`${label}: ${e.message}`));
+    page.on("console", (m) => { if (m.type() === "error") console.log(`[${label} console] ${m.text()}`); });
+    await page.goto(url);
+    await expectConnected(page);
+    return page;
+  };
+  const adminA = await open(links.admin, "admin tab A");
+  const adminB = await open(links.admin, "admin tab B");
+  const owner = await open(links.owner, "owner tab");
+
+  await t.test("the token leaves the address bar and picks the view", async () => {
+    for (const page of [adminA, adminB, owner]) {
+      assert.ok(!page.url().includes("token="), `${page.label}: token still in the URL: ${page.url()}`);
+    }
+    assert.ok(await adminA.locator("#dashboard").isVisible(), "admin sees the dashboard");
+    assert.ok(await owner.locator("#notifications").isVisible(), "owner sees notifications");
+    assert.ok(await owner.locator("#dashboard").isHidden(), "owner does not see the dashboard");
+    const probe = await fetch(`${links.base}/demo/`);
+    assert.equal(probe.status, 200, "GET /demo/ answers in pgrelay demo (the page shows its buttons from it)");
+    await adminA.locator("#demo-actions").waitFor({ timeout: WAIT });
+  });
+
+  const businesses = await count(adminA, "#business-count");
+  const reservations = await count(adminA, "#reservation-count");
+  const bellA = await badge(adminA);
+
+  await t.test("a business inserted with psql shows in both admin tabs and rings the bell", async () => {
+    await sql("INSERT INTO businesses (owner_id, name) VALUES (2, 'Blue Door Cafe')");
+    for (const page of [adminA, adminB]) {
+      await expectText(page, "#business-count", String(businesses + 1), "business count");
+      await expectText(page, "#recent-businesses", /Blue Door Cafe/, "recent businesses");
+      await expectBadge(page, bellA + 1);
+    }
+    await expectText(owner, "#notification-list", /Blue Door Cafe/, "owner's notifications");
+    await expectBadge(owner, 1);
+    await shot(adminA, "browser-1-psql-insert.png");
+  });
+
+  await t.test("mark all read clears the badge, in every tab", async () => {
+    await adminA.click("#bell");
+    await adminA.locator("#bell-menu").waitFor();
+    await expectText(adminA, "#bell-list", /New business: Blue Door Cafe/, "bell dropdown");
+    await shot(adminA, "browser-2-bell-open.png");
+    await adminA.click("#mark-all-read");
+    await expectBadge(adminA, 0);
+    assert.equal(await adminA.locator("#bell-list li.unread").count(), 0, "no unread item left");
+    await expectBadge(adminB, 0); // the read state is shared through localStorage
+    await adminA.keyboard.press("Escape");
+  });
+
+  await t.test("Create business in one tab updates the other", async () => {
+    const started = Date.now();
+    await adminA.click("#btn-create-business");
+    await expectText(adminB, "#business-count", String(businesses + 2), "business count in the other tab");
+    await expectBadge(adminB, 1);
+    t.diagnostic(`button click to the other tab's count: ${Date.now() - started} ms`);
+    await adminA.click("#btn-make-reservation");
+    await expectText(adminB, "#reservation-count", String(reservations + 1), "reservation count");
+    await expectText(owner, "#notification-list", /New reservation at/, "owner's reservation notification");
+    await adminA.click("#btn-update-business");
+    await expectText(adminB, "#recent-businesses", /\*/, "renamed business");
+    await expectText(adminB, "#business-count", String(businesses + 2), "an UPDATE does not count as new");
+    await expectBadge(adminB, 3);
+    await shot(adminB, "browser-3-other-tab.png");
+  });
+
+  await t.test("a business committed while the LISTEN backend is down still arrives", async () => {
+    const killed = await sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgrelay:listen'");
+    assert.equal(killed, "1", "one LISTEN backend terminated");
+    await sql("INSERT INTO businesses (owner_id, name) VALUES (2, 'Outage Bistro')");
+    for (const page of [adminA, adminB]) {
+      await expectText(page, "#recent-businesses", /Outage Bistro/, "business from the outage");
+      await expectText(page, "#business-count", String(businesses + 3), "business count");
+    }
+    await expectText(owner, "#notification-list", /Outage Bistro/, "owner's notification from the outage");
+    // Sockets stay open through a listener outage.
+    await expectConnected(adminA);
+    await expectBadge(adminA, 4);
+    await adminB.bringToFront();
+    await shot(adminB, "dashboard.png");
+    await adminB.click("#bell");
+    await adminB.locator("#bell-menu").waitFor();
+    await shot(adminB, "dashboard-bell.png");
+    await adminB.keyboard.press("Escape");
+  });
+
+  await t.test("a cut network: the tab says so, reconnects, resumes without loss or duplicates", async () => {
+    proxy = await cuttableProxy(Number(new URL(links.base).port));
+    const tab = await open(proxy.base + new URL(links.admin).hash, "admin tab C (through a proxy)");
+    await expectText(tab, "#event-count", await adminA.locator("#event-count").textContent(), "events replayed");
+    proxy.cut();
+    await tab.locator('#status:not([data-state="connected"])').waitFor();
+    await sql("INSERT INTO businesses (owner_id, name) VALUES (2, 'Cut Cable Diner')");
+    await expectText(adminA, "#recent-businesses", /Cut Cable Diner/, "the direct tab sees it");
+    assert.doesNotMatch(await tab.locator("#recent-businesses").textContent(), /Cut Cable Diner/, "the cut tab cannot see it yet");
+    await shot(tab, "browser-5-network-cut.png");
+    proxy.restore();
+    await expectConnected(tab);
+    await expectText(tab, "#recent-businesses", /Cut Cable Diner/, "business committed during the cut");
+    await expectText(tab, "#business-count", String(businesses + 4), "business count after the resume");
+    // Every event once: the same total as the tab that never lost its socket.
+    await expectText(tab, "#event-count", await adminA.locator("#event-count").textContent(), "events after the resume");
+    await tab.close();
+  });
+
+  await t.test("read state survives a reload", async () => {
+    // One item read by hand, on top of "mark all read" earlier.
+    await adminA.bringToFront();
+    await expectBadge(adminA, 5);
+    await adminA.click("#bell");
+    const first = adminA.locator("#bell-list li.unread").first();
+    const id = await first.getAttribute("data-id");
+    await first.locator("button").click();
+    await expectBadge(adminA, 4);
+    await adminA.reload();
+    await adminA.bringToFront();
+    await expectConnected(adminA);
+    await expectText(adminA, "#business-count", String(businesses + 4), "business count after reload (replayed)");
+    await expectBadge(adminA, 4);
+    await adminA.click("#bell");
+    await adminA.locator("#bell-menu").waitFor();
+    assert.equal(await adminA.locator(`#bell-list li[data-id="${id}"]`).getAttribute("class"), "", "the item read by hand stays read");
+    assert.ok(await adminA.locator("#bell-list li:not(.unread)").count() >= 2, "earlier items stay read");
+    await shot(adminA, "browser-6-after-reload.png");
+
+    await adminA.click("#clear-all");
+    await expectBadge(adminA, 0);
+    await adminA.locator("#bell-empty").waitFor();
+    await adminA.reload();
+    await adminA.bringToFront();
+    await expectConnected(adminA);
+    await expectText(adminA, "#business-count", String(businesses + 4), "business count after the second reload");
+    await expectBadge(adminA, 0);
+    await adminA.click("#bell");
+    await adminA.locator("#bell-empty").waitFor();
+  });
+
+  await t.test("under pgrelay serve the page works and has no demo buttons", async () => {
+    const base = await startServe(links);
+    const page = await open(base + new URL(links.admin).hash, "admin tab on serve");
+    await expectText(page, "#business-count", await adminB.locator("#business-count").textContent(), "business count on serve");
+    assert.equal((await fetch(`${base}/demo/`)).status, 404, "no demo endpoints on serve");
+    // The page's probe has been answered (404), and the buttons stayed hidden.
+    await page.waitForFunction(() => performance.getEntriesByName(`${location.origin}/demo/`).length > 0, null, { timeout: WAIT });
+    assert.ok(await page.locator("#demo-actions").isHidden(), "no demo buttons on serve");
+    await page.close();
+  });
+
+  assert.deepEqual(pageErrors, [], "no uncaught errors in the pages");
+});
