@@ -9,3 +9,4 @@ mod refusals;
 mod relay;
 mod resume;
 mod security;
+mod tail;
