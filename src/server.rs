@@ -88,12 +88,15 @@ impl Shared {
     }
 
     fn websocket_config(&self) -> WebSocketConfig {
-        // tungstenite's defaults (128 KiB read buffer allocated up front, a
-        // write buffer that never shrinks) would cost 10,000 idle sockets over
-        // a GiB. Clients only ever send tiny `refresh` frames.
+        // tungstenite's defaults (a 128 KiB read buffer allocated up front, a
+        // 128 KiB write buffer that never shrinks) would cost 10,000 sockets
+        // over a GiB. Clients only send tiny `refresh` frames: 4 KiB reads.
+        // Writes: frames queue in the write buffer until 4 KiB, so a batch of
+        // queued events goes out in a few syscalls, not one per frame (0
+        // would write each frame eagerly), and an idle socket holds nothing.
         WebSocketConfig::default()
             .read_buffer_size(4 * 1024)
-            .write_buffer_size(0)
+            .write_buffer_size(4 * 1024)
             .max_write_buffer_size(16 * 1024 * 1024)
             .max_message_size(Some(self.limits.max_client_message))
             .max_frame_size(Some(self.limits.max_client_message))
