@@ -29,33 +29,37 @@ AS $$ SELECT to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') $
 CREATE OR REPLACE FUNCTION pgrelay.emit(p_channel text, p_table text, p_op text, p_payload jsonb)
 RETURNS void
 LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_id       bigint;
-    v_at       timestamptz;
-    v_envelope text;
-BEGIN
-    -- 0x7067_7265 is "pgre": pgrelay's advisory lock class, object 1 = id order.
-    PERFORM pg_advisory_xact_lock(1885827685, 1);
-    v_id := nextval('pgrelay.events_id_seq');
-    v_at := clock_timestamp();
-    INSERT INTO pgrelay.events (id, channel, table_name, op, payload, created_at)
-    VALUES (v_id, p_channel, p_table, p_op, p_payload, v_at);
-    v_envelope := json_build_object(
-        'id', v_id,
+    v_at       timestamptz := clock_timestamp();
+    -- Everything but the id is built before the lock: only what must be in
+    -- commit order (the id, the row, the notification) is done under it.
+    v_rest     text := json_build_object(
         'channel', p_channel,
         'table', p_table,
         'op', p_op,
         'at', pgrelay.format_at(v_at),
         'data', p_payload)::text;
+    v_envelope text;
+BEGIN
+    -- 0x7067_7265 is "pgre": pgrelay's advisory lock class, object 1 = id order.
+    PERFORM pg_advisory_xact_lock(1885827685, 1);
+    v_id := nextval('pgrelay.events_id_seq');
+    INSERT INTO pgrelay.events (id, channel, table_name, op, payload, created_at)
+    VALUES (v_id, p_channel, p_table, p_op, p_payload, v_at);
+    v_envelope := '{"id" : ' || v_id || ', ' || substr(v_rest, 2);
     IF octet_length(v_envelope) >= 8000 THEN
         v_envelope := json_build_object('id', v_id, 'channel', p_channel)::text;
     END IF;
     PERFORM pg_notify(p_channel, v_envelope);
 END
 $$;
+
+-- emit runs inside the SECURITY DEFINER capture functions, with their
+-- search_path; nobody else needs to call it. (No SET clause of its own: it
+-- would cost a configuration save and restore on every row.)
+REVOKE ALL ON FUNCTION pgrelay.emit(text, text, text, jsonb) FROM PUBLIC;
 
 -- Generic capture for any table: the row (NEW, or OLD for DELETE) as the
 -- payload, on the channel given as the trigger's first argument.
