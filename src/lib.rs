@@ -25,6 +25,7 @@
 pub mod admission;
 pub mod auth;
 pub mod cluster;
+pub mod coalesce;
 pub mod config;
 pub mod db;
 pub mod demo;

@@ -18,10 +18,14 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{
+    HeaderValue, CONTENT_TYPE, ORIGIN, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_PROTOCOL,
+};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
+use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
+use hyper_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use hyper_tungstenite::WebSocketStream;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +34,7 @@ use tracing::Instrument;
 
 use crate::admission::{origin_allowed, AdminLookup, Limits, NoSlot, Slots};
 use crate::auth::{presented_token, AuthConfig, Identity, KeyError, Verifier};
+use crate::coalesce::Coalesce;
 use crate::db::{Db, DbError, DemoAction};
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Stream};
@@ -90,13 +95,13 @@ impl Shared {
     fn websocket_config(&self) -> WebSocketConfig {
         // tungstenite's defaults (a 128 KiB read buffer allocated up front, a
         // 128 KiB write buffer that never shrinks) would cost 10,000 sockets
-        // over a GiB. Clients only send tiny `refresh` frames: 4 KiB reads.
-        // Writes: frames queue in the write buffer until 4 KiB, so a batch of
-        // queued events goes out in a few syscalls, not one per frame (0
-        // would write each frame eagerly), and an idle socket holds nothing.
+        // over a GiB. Clients only send tiny `refresh` frames: 1 KiB reads (a
+        // larger frame still grows the buffer). Writes go straight through to
+        // `Coalesce`, which gathers a batch until the flush, sends it with one
+        // syscall and frees its buffer, so an idle socket holds none.
         WebSocketConfig::default()
-            .read_buffer_size(4 * 1024)
-            .write_buffer_size(4 * 1024)
+            .read_buffer_size(1024)
+            .write_buffer_size(0)
             .max_write_buffer_size(16 * 1024 * 1024)
             .max_message_size(Some(self.limits.max_client_message))
             .max_frame_size(Some(self.limits.max_client_message))
@@ -337,19 +342,50 @@ async fn handle(
             )
         }
     };
-    let (mut response, websocket) =
-        match hyper_tungstenite::upgrade(&mut req, Some(shared.websocket_config())) {
-            Ok(upgrade) => upgrade,
-            Err(e) => {
-                return refuse(
-                    shared,
-                    StatusCode::BAD_REQUEST,
-                    "bad_handshake",
-                    &format!("bad WebSocket handshake: {e}"),
-                    &path,
-                )
-            }
-        };
+    let Some(key) = req
+        .headers()
+        .get("Sec-WebSocket-Key")
+        .filter(|_| {
+            req.headers()
+                .get("Sec-WebSocket-Version")
+                .map(|v| v.as_bytes())
+                == Some(b"13")
+        })
+        .cloned()
+    else {
+        return refuse(
+            shared,
+            StatusCode::BAD_REQUEST,
+            "bad_handshake",
+            "bad WebSocket handshake: missing Sec-WebSocket-Key or version 13",
+            &path,
+        );
+    };
+    // The upgrade by hand (as hyper_tungstenite::upgrade does it) so that the
+    // socket's IO can be wrapped in `Coalesce`.
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static("websocket"),
+    );
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let config = shared.websocket_config();
+    let websocket = async move {
+        let upgraded = on_upgrade.await?;
+        let io = Coalesce::new(TokioIo::new(upgraded));
+        Ok::<_, hyper::Error>(
+            WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await,
+        )
+    };
     if presented.via_subprotocol {
         response
             .headers_mut()
@@ -361,7 +397,7 @@ async fn handle(
     shared.tracker.clone().spawn(
         async move {
             let _slot = slot;
-            match websocket.await {
+            match Box::pin(websocket).await {
                 Ok(ws) => session::run(ws, shared, stream, identity, resume).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }

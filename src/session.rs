@@ -21,7 +21,10 @@ use hyper_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::{Message, Utf8Bytes};
-use hyper_tungstenite::HyperWebsocketStream;
+/// An upgraded socket; writes are coalesced until flush (see `coalesce`).
+pub type HyperWebsocketStream = hyper_tungstenite::WebSocketStream<
+    crate::coalesce::Coalesce<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+>;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{timeout, Instant};
@@ -104,13 +107,27 @@ async fn session(
         "user": identity.user,
         "last_id": sub.last_id,
         "epoch": shared.status.epoch(),
-    });
-    if let Err(end) = write(ws, [Message::text(hello.to_string())]).await {
+    })
+    // A String, not the Value: a local Value would live (and hold its map)
+    // for the whole session.
+    .to_string();
+    if let Err(end) = write(ws, [Message::text(hello)]).await {
         return end;
     }
     let mut cursor = sub.last_id;
     if let Some(resume) = resume {
-        match replay(ws, shared, stream, &identity.user, &resume, sub.last_id).await {
+        // Boxed, like `refresh` below: awaited inline, their futures would set
+        // the size of every socket's task for its whole life.
+        match Box::pin(replay(
+            ws,
+            shared,
+            stream,
+            &identity.user,
+            &resume,
+            sub.last_id,
+        ))
+        .await
+        {
             Ok(c) => cursor = c,
             Err(end) => return end,
         }
@@ -145,7 +162,7 @@ async fn session(
                     return End::Gone;
                 }
                 Some(Ok(Message::Text(text))) => {
-                    match refresh(shared, stream, &identity, &text).await {
+                    match Box::pin(refresh(shared, stream, &identity, &text)).await {
                         Ok(renewed) => {
                             identity = renewed;
                             deadline = expiry(&identity, shared);

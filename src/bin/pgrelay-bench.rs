@@ -648,7 +648,9 @@ async fn client(spec: ClientSpec, ctx: Arc<Ctx>) -> ClientReport {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match connect(&ctx, &spec, None).await {
+            // Boxed: the handshake's state would otherwise sit in every
+            // client's task for the whole run.
+            match Box::pin(connect(&ctx, &spec, None)).await {
                 Ok(ok) => break Ok(ok),
                 // Refusals are final; a connect error may be a full backlog.
                 Err(e) if attempt < 5 && !e.starts_with("HTTP") => {
@@ -710,7 +712,7 @@ async fn client(spec: ClientSpec, ctx: Arc<Ctx>) -> ClientReport {
             attempt += 1;
             let resumed = {
                 let _permit = ctx.connect_gate.acquire().await;
-                connect(&ctx, &spec, Some((report.last_id(), &epoch))).await
+                Box::pin(connect(&ctx, &spec, Some((report.last_id(), &epoch)))).await
             };
             match resumed {
                 Ok((ws, _hello)) => break ws,
@@ -914,16 +916,30 @@ struct WriterCounts {
     first_error: Mutex<Option<String>>,
 }
 
-async fn writer(
-    client: tokio_postgres::Client,
-    index: usize,
+/// When the rows go in: row k at `start + k/rate`, on writer `k % writers`,
+/// owned by user `k % owners + 1`, until `end`.
+#[derive(Clone, Copy)]
+struct Schedule {
     writers: usize,
     rate: u32,
     start: tokio::time::Instant,
     end: tokio::time::Instant,
     owners: u64,
+}
+
+async fn writer(
+    client: tokio_postgres::Client,
+    index: usize,
+    schedule: Schedule,
     counts: Arc<WriterCounts>,
 ) {
+    let Schedule {
+        writers,
+        rate,
+        start,
+        end,
+        owners,
+    } = schedule;
     let statement = match client
         .prepare("INSERT INTO businesses (owner_id, name) VALUES ($1, 'bench business')")
         .await
@@ -1230,21 +1246,17 @@ async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
     let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
+    let schedule = Schedule {
+        writers: args.writers,
+        rate: args.rate,
+        start,
+        end,
+        owners,
+    };
     let writer_tasks: Vec<_> = clients
         .into_iter()
         .enumerate()
-        .map(|(i, client)| {
-            tokio::spawn(writer(
-                client,
-                i,
-                args.writers,
-                args.rate,
-                start,
-                end,
-                owners,
-                Arc::clone(&counts),
-            ))
-        })
+        .map(|(i, client)| tokio::spawn(writer(client, i, schedule, Arc::clone(&counts))))
         .collect();
     *lock(&progress.phase) = Phase::Warmup;
 
