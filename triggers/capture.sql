@@ -19,10 +19,11 @@
 
 -- The `at` of an event frame: UTC, microseconds, RFC 3339. Shared by the
 -- NOTIFY envelope and pgrelay's replay queries so both render time alike.
+-- STABLE like to_char itself, so that the planner inlines it.
 CREATE OR REPLACE FUNCTION pgrelay.format_at(p_at timestamptz)
 RETURNS text
 LANGUAGE sql
-IMMUTABLE
+STABLE
 PARALLEL SAFE
 AS $$ SELECT to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') $$;
 
