@@ -239,6 +239,7 @@ impl Cluster {
     }
 
     /// The directory holding the server's Unix socket (the temporary dir).
+    #[cfg(test)]
     pub fn socket_dir(&self) -> &Path {
         self.dir.path()
     }

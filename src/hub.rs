@@ -136,7 +136,8 @@ impl Hub {
         }
     }
 
-    /// Users with at least one socket (for metrics and tests).
+    /// Users with at least one socket.
+    #[cfg(test)]
     pub fn connected_users(&self) -> usize {
         self.state().users.len()
     }
