@@ -374,20 +374,24 @@ fn duration(
     }
 }
 
+/// A count from 1 to [`MAX_COUNT`] (queues are allocated up front, and a
+/// huge one would abort the process, not fail with a message).
 fn positive(
     flag: &'static str,
     value: Option<usize>,
     default: usize,
 ) -> Result<usize, ConfigError> {
     match value {
-        Some(0) => Err(ConfigError::Value {
+        Some(v) if v == 0 || v > MAX_COUNT => Err(ConfigError::Value {
             flag,
-            value: "0".into(),
-            reason: "must be at least 1".into(),
+            value: v.to_string(),
+            reason: format!("must be from 1 to {MAX_COUNT}"),
         }),
         v => Ok(v.unwrap_or(default)),
     }
 }
+
+const MAX_COUNT: usize = 1 << 20;
 
 /// Flag (or env) values when given, else the file's, else empty.
 fn list(flag: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {

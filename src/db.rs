@@ -60,10 +60,6 @@ pub fn db_message(e: &tokio_postgres::Error) -> String {
     line
 }
 
-/// Columns of an event row, in the order [`event_from_row`] reads them.
-const EVENT_COLUMNS: &str =
-    "id, channel, table_name, op, pgrelay.format_at(created_at), payload::text";
-
 /// The log's identity and retention cursor (`pgrelay.meta`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogInfo {
@@ -177,20 +173,33 @@ impl Db {
     ) -> Result<Vec<Event>, DbError> {
         self.timed("events between", async {
             let client = self.pool.get().await?;
-            let statement = client
-                .prepare_cached(&format!(
-                    "SELECT {EVENT_COLUMNS} FROM pgrelay.events \
-                     WHERE id > $1 AND id <= $2 AND channel = ANY($3) \
-                     ORDER BY id LIMIT $4"
-                ))
-                .await?;
-            let rows = client
-                .query(&statement, &[&after, &upto, &channels, &limit])
-                .await?;
-            rows.iter().map(event_from_row).collect()
+            let statement = client.prepare_cached(EVENTS_BETWEEN).await?;
+            read_events(&client, &statement, after, upto, channels, limit).await
         })
         .await
     }
+}
+
+/// Up to `$4` events on channels `$3` with `$1 < id <= $2`, in id order.
+pub const EVENTS_BETWEEN: &str =
+    "SELECT id, channel, table_name, op, pgrelay.format_at(created_at), \
+     payload::text FROM pgrelay.events \
+     WHERE id > $1 AND id <= $2 AND channel = ANY($3) ORDER BY id LIMIT $4";
+
+/// Runs [`EVENTS_BETWEEN`], prepared on `client`: shared by the pool's
+/// replays and the listener's own connection.
+pub async fn read_events(
+    client: &tokio_postgres::Client,
+    statement: &tokio_postgres::Statement,
+    after: i64,
+    upto: i64,
+    channels: &[String],
+    limit: i64,
+) -> Result<Vec<Event>, DbError> {
+    let rows = client
+        .query(statement, &[&after, &upto, &channels, &limit])
+        .await?;
+    rows.iter().map(event_from_row).collect()
 }
 
 fn event_from_row(row: &Row) -> Result<Event, DbError> {

@@ -47,12 +47,13 @@ pub struct QueueSizes {
 
 pub struct Hub {
     state: Mutex<State>,
-    dashboard: broadcast::Sender<Delivery>,
+    dashboard_queue: usize,
     user_queue: usize,
 }
 
 struct State {
     last_id: i64,
+    dashboard: broadcast::Sender<Delivery>,
     users: HashMap<String, broadcast::Sender<Delivery>>,
 }
 
@@ -66,13 +67,14 @@ pub struct Subscription {
 
 impl Hub {
     pub fn new(sizes: QueueSizes) -> Arc<Hub> {
-        let (dashboard, _) = broadcast::channel(sizes.dashboard.max(1));
+        let dashboard_queue = sizes.dashboard.max(1);
         Arc::new(Hub {
             state: Mutex::new(State {
                 last_id: 0,
+                dashboard: broadcast::channel(dashboard_queue).0,
                 users: HashMap::new(),
             }),
-            dashboard,
+            dashboard_queue,
             user_queue: sizes.user.max(1),
         })
     }
@@ -87,11 +89,21 @@ impl Hub {
         self.state().last_id
     }
 
-    /// Moves `last_id` forward without an event (the log's newest id at start,
-    /// or an event routed to nobody). Never moves it back.
+    /// Moves `last_id` forward without an event (the log's newest id at
+    /// start). Never moves it back.
     pub fn advance(&self, id: i64) {
         let mut state = self.state();
         state.last_id = state.last_id.max(id);
+    }
+
+    /// The log went back (restore, failover, reinstall): drops every queue,
+    /// so every socket sees its queue closed and is told to reconnect, and
+    /// starts again from `last_id`.
+    pub fn restart(&self, last_id: i64) {
+        let mut state = self.state();
+        state.last_id = last_id;
+        state.dashboard = broadcast::channel(self.dashboard_queue).0;
+        state.users.clear();
     }
 
     /// Hands one event to its audiences. Never waits.
@@ -104,7 +116,7 @@ impl Hub {
         let delivery = Delivery::new(event);
         if targets.dashboard {
             // `send` fails only when nobody listens: nothing to do then.
-            let _ = self.dashboard.send(delivery.clone());
+            let _ = state.dashboard.send(delivery.clone());
         }
         for user in &targets.users {
             if let Some(tx) = state.users.get(user) {
@@ -117,7 +129,7 @@ impl Hub {
         let state = self.state();
         Subscription {
             last_id: state.last_id,
-            rx: self.dashboard.subscribe(),
+            rx: state.dashboard.subscribe(),
             user: None,
         }
     }
@@ -148,10 +160,11 @@ impl Drop for Subscription {
         if let Some((hub, user)) = &self.user {
             let mut state = hub.state();
             // Our own receiver is still alive here: 1 means it was the last.
+            // After a restart the entry may be a new channel: leave that one.
             if state
                 .users
                 .get(user)
-                .is_some_and(|tx| tx.receiver_count() <= 1)
+                .is_some_and(|tx| tx.receiver_count() <= 1 && tx.subscribe().same_channel(&self.rx))
             {
                 state.users.remove(user);
             }
@@ -217,6 +230,46 @@ mod tests {
             alice.rx.try_recv(),
             Err(broadcast::error::TryRecvError::Lagged(1))
         ));
+    }
+
+    #[test]
+    fn restart_closes_every_queue_and_old_sockets_leave_new_ones_alone() {
+        let hub = hub();
+        let mut dash = hub.subscribe_dashboard();
+        let mut old = hub.subscribe_user("alice");
+        hub.publish(
+            &event(10),
+            &Targets {
+                dashboard: true,
+                users: vec![],
+            },
+        );
+        hub.restart(3);
+        assert_eq!(hub.last_id(), 3);
+        let _ = dash.rx.try_recv();
+        assert!(matches!(
+            dash.rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Closed)
+        ));
+        assert!(matches!(
+            old.rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Closed)
+        ));
+        let mut new = hub.subscribe_user("alice");
+        drop(old);
+        assert_eq!(
+            hub.connected_users(),
+            1,
+            "the old socket left the new queue in place"
+        );
+        hub.publish(
+            &event(4),
+            &Targets {
+                dashboard: false,
+                users: vec!["alice".into()],
+            },
+        );
+        assert_eq!(new.rx.try_recv().map(|d| d.id).ok(), Some(4));
     }
 
     #[test]

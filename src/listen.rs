@@ -38,7 +38,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Notification};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::db::{Db, DbError};
+use crate::db::{read_events, Db, DbError, EVENTS_BETWEEN};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::parse::{parse_notification, Event, Notice};
@@ -47,6 +47,14 @@ use crate::Status;
 
 /// Notifications read from the socket but not yet handled.
 const NOTIFY_QUEUE: usize = 16_384;
+/// The LISTEN connection's prepared read of new events.
+struct Reader<'a> {
+    client: &'a tokio_postgres::Client,
+    statement: &'a tokio_postgres::Statement,
+}
+
+/// A read of new events that takes longer means the connection is gone.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events handed to the hub between two yields to the sessions.
 const YIELD_EVERY: usize = 16;
 /// Events per read from the log.
@@ -135,8 +143,14 @@ impl Listener {
                     Some(Err(e)) => Err(e),
                     None => return,
                 };
+                // Never wait: a notification is only a wake-up, and a full
+                // queue already holds one. A driver that waited would stop
+                // reading the connection, and our own queries on it with it.
                 let failed = forward.is_err();
-                if tx.send(forward).await.is_err() || failed {
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(forward) {
+                    return;
+                }
+                if failed {
                     return;
                 }
             }
@@ -152,13 +166,38 @@ impl Listener {
             .await
             .map_err(ListenError::Listen)?;
 
+        // Reads go on this connection, not the pool: a storm of replays
+        // cannot starve the listener of connections.
+        let statement = client
+            .prepare(EVENTS_BETWEEN)
+            .await
+            .map_err(ListenError::Listen)?;
+        let reader = Reader {
+            client: &client,
+            statement: &statement,
+        };
+
         let info = self.db.log_info().await?;
+        if let Some(last) = *cursor {
+            if info.epoch != self.status.epoch() || info.max_id < last {
+                // Restored, failed over to a replica that lagged, or
+                // reinstalled: ids went back. Every socket must resume
+                // (and get `reset`), or it would drop the new ids as old.
+                tracing::warn!(
+                    last_id = last,
+                    log_max_id = info.max_id,
+                    "the event log went back or changed epoch: restarting every socket"
+                );
+                *cursor = Some(info.max_id);
+                self.hub.restart(info.max_id);
+            }
+        }
         self.status.set_epoch(&info.epoch);
         // First start: from the hub's last id (the log's newest id when the
         // relay started, which every `hello` reports). Later: from the last
         // id handed on.
         let start = *cursor.get_or_insert(self.hub.last_id());
-        let caught_up = self.fetch(start, true).await?;
+        let caught_up = self.fetch(&reader, start, true).await?;
         *cursor = Some(caught_up);
         self.status.ready.store(true, Ordering::SeqCst);
         *backoff = BACKOFF_MIN;
@@ -184,7 +223,7 @@ impl Listener {
                             Err(_) => break,
                         }
                     }
-                    let last = self.fetch(cursor.unwrap_or(0), false).await?;
+                    let last = self.fetch(&reader, cursor.unwrap_or(0), false).await?;
                     *cursor = Some(last);
                     for (channel, id) in notified.into_iter().filter(|(_, id)| *id > last) {
                         self.metrics.bad_notifications.inc();
@@ -192,15 +231,24 @@ impl Listener {
                     }
                 },
                 _ = heartbeat.tick() => {
-                    let usage = tokio::time::timeout(
+                    let row = tokio::time::timeout(
                         HEARTBEAT_TIMEOUT,
-                        client.query_one("SELECT pg_notification_queue_usage()", &[]),
+                        client.query_one(
+                            "SELECT pg_notification_queue_usage(), (SELECT epoch FROM pgrelay.meta)",
+                            &[],
+                        ),
                     )
                     .await
                     .map_err(|_| ListenError::Heartbeat("no answer within 5s".into()))?
                     .map_err(|e| ListenError::Heartbeat(e.to_string()))?;
-                    let usage: f64 = usage.try_get(0).map_err(|e| ListenError::Heartbeat(e.to_string()))?;
+                    let usage: f64 = row.try_get(0).map_err(|e| ListenError::Heartbeat(e.to_string()))?;
                     self.metrics.notification_queue_usage.set(usage);
+                    // A reinstall in place keeps this connection up: notice the
+                    // new epoch and go through the reconnect path, which resets.
+                    let epoch: Option<String> = row.try_get(1).map_err(|e| ListenError::Heartbeat(e.to_string()))?;
+                    if epoch.as_deref() != Some(self.status.epoch().as_str()) {
+                        return Err(ListenError::Heartbeat("the event log's epoch changed".into()));
+                    }
                 }
             }
         }
@@ -209,14 +257,26 @@ impl Listener {
     /// Reads from `pgrelay.events` and hands on, in order, every routed event
     /// above `after`; returns the last id handed on. `catching_up` counts the
     /// rows as replayed (after a reconnect) rather than as live reads.
-    async fn fetch(&self, after: i64, catching_up: bool) -> Result<i64, ListenError> {
+    async fn fetch(
+        &self,
+        reader: &Reader<'_>,
+        after: i64,
+        catching_up: bool,
+    ) -> Result<i64, ListenError> {
         let channels = self.routes.channels();
         let mut cursor = after;
         loop {
-            let page = self
-                .db
-                .events_between(cursor, i64::MAX, &channels, FETCH_PAGE)
-                .await?;
+            let read = read_events(
+                reader.client,
+                reader.statement,
+                cursor,
+                i64::MAX,
+                &channels,
+                FETCH_PAGE,
+            );
+            let page = tokio::time::timeout(FETCH_TIMEOUT, read)
+                .await
+                .map_err(|_| ListenError::Db(DbError::Timeout("reading new events")))??;
             if catching_up {
                 self.metrics.replay_rows.inc_by(page.len() as u64);
             }

@@ -118,16 +118,20 @@ async fn session(
     if let Some(resume) = resume {
         // Boxed, like `refresh` below: awaited inline, their futures would set
         // the size of every socket's task for its whole life.
-        match Box::pin(replay(
+        let replayed = Box::pin(replay(
             ws,
             shared,
             stream,
             &identity.user,
             &resume,
             sub.last_id,
-        ))
-        .await
-        {
+        ));
+        // A long replay must not hold up shutdown.
+        let replayed = tokio::select! {
+            _ = shared.shutdown.cancelled() => Err(End::Close(1001, "server shutting down")),
+            replayed = replayed => replayed,
+        };
+        match replayed {
             Ok(c) => cursor = c,
             Err(end) => return end,
         }
@@ -184,7 +188,8 @@ async fn session(
                 let first = match received {
                     Ok(delivery) => delivery,
                     Err(RecvError::Lagged(_)) => return slow(shared),
-                    Err(RecvError::Closed) => return End::Close(1001, "server shutting down"),
+                    // The hub dropped every queue: the event log was reset.
+                    Err(RecvError::Closed) => return End::Close(1012, "event log reset: reconnect with last_id"),
                 };
                 // Coalesce: everything already queued goes out in one flush.
                 let mut batch = Vec::new();
@@ -266,9 +271,15 @@ fn expiry(identity: &Identity, shared: &Shared) -> Instant {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let left = Duration::from_secs(identity.exp.saturating_sub(now)) + shared.leeway;
+    // Capped: a token may claim any `exp`, and Instant arithmetic overflows.
+    let left =
+        Duration::from_secs(identity.exp.saturating_sub(now).min(MAX_TOKEN_LIFE)) + shared.leeway;
     Instant::now() + left
 }
+
+/// The longest a socket stays open on one token (ten years): beyond, `exp`
+/// is treated as this.
+const MAX_TOKEN_LIFE: u64 = 10 * 365 * 24 * 3600;
 
 /// An in-band `{"type":"refresh","token":...}`: a valid token for the same
 /// user (still an admin on the dashboard) extends the socket; anything else

@@ -333,7 +333,9 @@ fn redact(url: &str) -> String {
             parsed.query_pairs_mut().clear().extend_pairs(pairs);
             parsed.to_string()
         }
-        _ => url.to_owned(),
+        Ok(_) => url.to_owned(),
+        // Unparsable: the query might still hold a token, so drop it whole.
+        Err(_) => url.split(['?', '#']).next().unwrap_or_default().to_owned(),
     }
 }
 

@@ -33,23 +33,26 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     v_id       bigint;
-    v_at       timestamptz := clock_timestamp();
-    -- Everything but the id is built before the lock: only what must be in
-    -- commit order (the id, the row, the notification) is done under it.
+    v_at       timestamptz;
+    -- Everything but the id and the time is built before the lock: only
+    -- what must be in commit order is done under it.
     v_rest     text := json_build_object(
         'channel', p_channel,
         'table', p_table,
         'op', p_op,
-        'at', pgrelay.format_at(v_at),
         'data', p_payload)::text;
     v_envelope text;
 BEGIN
     -- 0x7067_7265 is "pgre": pgrelay's advisory lock class, object 1 = id order.
     PERFORM pg_advisory_xact_lock(1885827685, 1);
     v_id := nextval('pgrelay.events_id_seq');
+    -- Taken under the lock, so created_at grows with the id (retention
+    -- prunes by time, in id order).
+    v_at := clock_timestamp();
     INSERT INTO pgrelay.events (id, channel, table_name, op, payload, created_at)
     VALUES (v_id, p_channel, p_table, p_op, p_payload, v_at);
-    v_envelope := '{"id" : ' || v_id || ', ' || substr(v_rest, 2);
+    v_envelope := '{"id" : ' || v_id || ', "at" : "' || pgrelay.format_at(v_at) || '", '
+        || substr(v_rest, 2);
     IF octet_length(v_envelope) >= 8000 THEN
         v_envelope := json_build_object('id', v_id, 'channel', p_channel)::text;
     END IF;
@@ -98,3 +101,7 @@ BEGIN
         p_ops, p_table, p_channel);
 END
 $$;
+
+-- Triggers run their function without an EXECUTE check; nobody needs to call
+-- these directly, and a role able to would attach them to its own table.
+REVOKE ALL ON FUNCTION pgrelay.capture() FROM PUBLIC;

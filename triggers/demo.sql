@@ -22,6 +22,8 @@ BEGIN
 END
 $$;
 
+REVOKE ALL ON FUNCTION pgrelay.capture_reservation() FROM PUBLIC;
+
 DROP TRIGGER IF EXISTS pgrelay_capture ON public.reservations;
 CREATE CONSTRAINT TRIGGER pgrelay_capture AFTER INSERT ON public.reservations
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
