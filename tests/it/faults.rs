@@ -1037,3 +1037,54 @@ async fn sigterm_closes_sockets_with_1001_and_exits_0_within_5_s() {
         "nothing accepts connections after exit"
     );
 }
+
+/// The event log is reinstalled under a running relay (new epoch, ids from 1
+/// again; a restore or a failover to a lagging replica looks the same): open
+/// sockets are told to reconnect (1012) instead of silently dropping the new,
+/// lower ids; resuming with the old cursor gets `reset`; new events flow.
+#[tokio::test]
+async fn reinstalled_log_restarts_sockets_and_a_resume_gets_reset_not_silence() {
+    let db = TestDb::demo("fault_reinstall").await;
+    let relay = TestRelay::start(&db).await;
+    let mut dashboard = relay.dashboard().await;
+    let mut last = 0;
+    for i in 0..5 {
+        db.business(2, &format!("before {i}")).await;
+        last = id_of(&dashboard.event().await);
+    }
+    let old_epoch = epoch(&db).await;
+
+    db.exec("DROP SCHEMA pgrelay CASCADE").await;
+    pgrelay::install::install(&InstallConfig {
+        database: db.config(),
+        demo: true,
+        watch: Vec::new(),
+    })
+    .await
+    .expect("reinstall");
+    assert_ne!(epoch(&db).await, old_epoch, "a reinstall is a new epoch");
+
+    let (code, _) = dashboard.close_code().await;
+    assert_eq!(code, 1012, "the open socket is told to reconnect");
+    relay.wait_ready().await;
+
+    let mut resumed = relay
+        .ws(
+            &format!("/ws/dashboard/?last_id={last}&epoch={old_epoch}"),
+            &token("1", true),
+        )
+        .await;
+    let hello = resumed.hello().await;
+    assert_ne!(hello["epoch"], old_epoch);
+    let reset = resumed.next_json().await;
+    assert_eq!(reset["type"], "reset", "{reset}");
+    assert_eq!(reset["reason"], "epoch_mismatch");
+
+    let id = db.business(2, "after the reinstall").await;
+    let event = resumed.event().await;
+    assert_eq!(event["data"]["id"], id);
+    assert!(
+        id_of(&event) <= last,
+        "the new log's ids start again below the old cursor"
+    );
+}
