@@ -170,7 +170,7 @@ impl Db {
         upto: i64,
         channels: &[String],
         limit: i64,
-    ) -> Result<Vec<Event>, DbError> {
+    ) -> Result<Page, DbError> {
         self.timed("events between", async {
             let client = self.pool.get().await?;
             let statement = client.prepare_cached(EVENTS_BETWEEN).await?;
@@ -186,8 +186,20 @@ pub const EVENTS_BETWEEN: &str =
      payload::text FROM pgrelay.events \
      WHERE id > $1 AND id <= $2 AND channel = ANY($3) ORDER BY id LIMIT $4";
 
+/// One page of the log: its readable events, and how far it went.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub events: Vec<Event>,
+    /// The id of the page's last row, readable or not: the next page starts
+    /// after it, so a malformed row cannot stop the reader.
+    pub last_id: Option<i64>,
+    /// Rows read, readable or not (a full page means there may be more).
+    pub rows: usize,
+}
+
 /// Runs [`EVENTS_BETWEEN`], prepared on `client`: shared by the pool's
-/// replays and the listener's own connection.
+/// replays and the listener's own connection. A row that is not a valid
+/// event (written by hand into the log) is logged and skipped.
 pub async fn read_events(
     client: &tokio_postgres::Client,
     statement: &tokio_postgres::Statement,
@@ -195,11 +207,23 @@ pub async fn read_events(
     upto: i64,
     channels: &[String],
     limit: i64,
-) -> Result<Vec<Event>, DbError> {
+) -> Result<Page, DbError> {
     let rows = client
         .query(statement, &[&after, &upto, &channels, &limit])
         .await?;
-    rows.iter().map(event_from_row).collect()
+    let mut page = Page {
+        rows: rows.len(),
+        ..Page::default()
+    };
+    for row in &rows {
+        page.last_id = Some(row.try_get(0)?);
+        match event_from_row(row) {
+            Ok(event) => page.events.push(event),
+            Err(e @ DbError::BadRow { .. }) => tracing::warn!(error = %e, "skipping event"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(page)
 }
 
 fn event_from_row(row: &Row) -> Result<Event, DbError> {

@@ -278,11 +278,10 @@ impl Listener {
                 .await
                 .map_err(|_| ListenError::Db(DbError::Timeout("reading new events")))??;
             if catching_up {
-                self.metrics.replay_rows.inc_by(page.len() as u64);
+                self.metrics.replay_rows.inc_by(page.rows as u64);
             }
-            let full = page.len() as i64 == FETCH_PAGE;
-            for (n, event) in page.iter().enumerate() {
-                cursor = event.id;
+            let full = page.rows as i64 == FETCH_PAGE;
+            for (n, event) in page.events.iter().enumerate() {
                 self.deliver(event);
                 // A burst (one bulk transaction) would otherwise fill a
                 // socket's ring before its task can run: let sessions drain.
@@ -290,6 +289,8 @@ impl Listener {
                     tokio::task::yield_now().await;
                 }
             }
+            // Past malformed rows too (skipped, and logged, by the read).
+            cursor = page.last_id.unwrap_or(cursor);
             if !full {
                 return Ok(cursor);
             }

@@ -367,10 +367,11 @@ async fn replay(
             .events_between(after, upto, &channels, REPLAY_PAGE)
             .await
             .map_err(unavailable)?;
-        let Some(last) = page.last() else { break };
-        after = last.id;
-        shared.metrics.replay_rows.inc_by(page.len() as u64);
+        let Some(last) = page.last_id else { break };
+        after = last;
+        shared.metrics.replay_rows.inc_by(page.rows as u64);
         let frames: Vec<Message> = page
+            .events
             .iter()
             .filter(|e| visible(e))
             .map(|e| Message::text(e.frame()))

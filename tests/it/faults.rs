@@ -1088,3 +1088,41 @@ async fn reinstalled_log_restarts_sockets_and_a_resume_gets_reset_not_silence() 
         "the new log's ids start again below the old cursor"
     );
 }
+
+/// A row written by hand into the log that is not a valid event (its
+/// payload is not an object) is skipped, live and in replay: it neither
+/// stops the listener nor the resume, and the next real event arrives.
+#[tokio::test]
+async fn malformed_log_row_is_skipped_live_and_in_replay() {
+    let db = TestDb::demo("fault_bad_row").await;
+    let relay = TestRelay::start(&db).await;
+    let mut dashboard = relay.dashboard().await;
+    let before = db.business(2, "before").await;
+    let cursor = id_of(&dashboard.event().await);
+    db.exec(
+        "INSERT INTO pgrelay.events (id, channel, table_name, op, payload) \
+         VALUES (nextval('pgrelay.events_id_seq'), 'business_events', 'businesses', 'INSERT', '[1]'); \
+         NOTIFY business_events",
+    )
+    .await;
+    let after = db.business(2, "after").await;
+    assert_eq!(
+        dashboard.event().await["data"]["id"],
+        after,
+        "live: the bad row is skipped"
+    );
+
+    let mut resumed = relay
+        .ws(
+            &format!("/ws/dashboard/?last_id={}", cursor - 1),
+            &token("1", true),
+        )
+        .await;
+    resumed.hello().await;
+    assert_eq!(resumed.event().await["data"]["id"], before);
+    assert_eq!(
+        resumed.event().await["data"]["id"],
+        after,
+        "replay: the bad row is skipped"
+    );
+}
