@@ -178,6 +178,30 @@ impl Db {
         })
         .await
     }
+
+    /// Up to `limit` of `user`'s events (see [`USER_EVENTS_BETWEEN`]) with
+    /// `after < id <= upto`, in id order.
+    pub async fn user_events_between(
+        &self,
+        after: i64,
+        upto: i64,
+        (channels, fields): &(Vec<String>, Vec<String>),
+        user: &str,
+        limit: i64,
+    ) -> Result<Page, DbError> {
+        self.timed("user events between", async {
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(USER_EVENTS_BETWEEN).await?;
+            let rows = client
+                .query(
+                    &statement,
+                    &[&after, &upto, channels, fields, &user, &limit],
+                )
+                .await?;
+            page_from_rows(&rows)
+        })
+        .await
+    }
 }
 
 /// Up to `$4` events on channels `$3` with `$1 < id <= $2`, in id order.
@@ -185,6 +209,16 @@ pub const EVENTS_BETWEEN: &str =
     "SELECT id, channel, table_name, op, pgrelay.format_at(created_at), \
      payload::text FROM pgrelay.events \
      WHERE id > $1 AND id <= $2 AND channel = ANY($3) ORDER BY id LIMIT $4";
+
+/// Like [`EVENTS_BETWEEN`], for one user's stream: only rows whose routed
+/// field (`$3` channels paired with `$4` fields) holds the user id `$5` as
+/// text, so a user's replay ships only their events, not the whole log.
+pub const USER_EVENTS_BETWEEN: &str = "SELECT id, channel, table_name, op, \
+     pgrelay.format_at(created_at), payload::text FROM pgrelay.events e \
+     WHERE id > $1 AND id <= $2 AND EXISTS ( \
+         SELECT 1 FROM unnest($3::text[], $4::text[]) AS r(ch, f) \
+         WHERE r.ch = e.channel AND e.payload ->> r.f = $5) \
+     ORDER BY id LIMIT $6";
 
 /// One page of the log: its readable events, and how far it went.
 #[derive(Debug, Default)]
@@ -211,11 +245,15 @@ pub async fn read_events(
     let rows = client
         .query(statement, &[&after, &upto, &channels, &limit])
         .await?;
+    page_from_rows(&rows)
+}
+
+fn page_from_rows(rows: &[Row]) -> Result<Page, DbError> {
     let mut page = Page {
         rows: rows.len(),
         ..Page::default()
     };
-    for row in &rows {
+    for row in rows {
         page.last_id = Some(row.try_get(0)?);
         match event_from_row(row) {
             Ok(event) => page.events.push(event),

@@ -129,18 +129,27 @@ impl Routes {
         self.by_channel.keys().cloned().collect()
     }
 
-    /// Channels with at least one audience of the given stream, for replay
-    /// queries (a superset: the router still decides per event).
-    pub fn channels_for(&self, dashboard: bool) -> Vec<String> {
+    /// Channels routed to the dashboard, for its replay query.
+    pub fn dashboard_channels(&self) -> Vec<String> {
         self.by_channel
             .iter()
-            .filter(|(_, audiences)| {
-                audiences
-                    .iter()
-                    .any(|a| matches!(a, Audience::Dashboard) == dashboard)
-            })
+            .filter(|(_, audiences)| audiences.contains(&Audience::Dashboard))
             .map(|(channel, _)| channel.clone())
             .collect()
+    }
+
+    /// Every `user:FIELD` audience as (channel, field) pairs, in two parallel
+    /// lists: the replay of a user's stream filters on them in SQL.
+    pub fn user_fields(&self) -> (Vec<String>, Vec<String>) {
+        self.by_channel
+            .iter()
+            .flat_map(|(channel, audiences)| {
+                audiences.iter().filter_map(move |a| match a {
+                    Audience::User(field) => Some((channel.clone(), field.clone())),
+                    Audience::Dashboard => None,
+                })
+            })
+            .unzip()
     }
 
     /// The audiences of an event, or nothing for an unrouted channel.
@@ -290,10 +299,28 @@ mod tests {
              reservation_events=dashboard,user:business_owner_id,user:customer_id"
         );
         assert_eq!(routes.channels(), ["business_events", "reservation_events"]);
-        assert_eq!(routes.channels_for(false).len(), 2);
+        assert_eq!(routes.dashboard_channels().len(), 2);
+        assert_eq!(
+            routes.user_fields(),
+            (
+                vec![
+                    "business_events".to_owned(),
+                    "reservation_events".to_owned(),
+                    "reservation_events".to_owned()
+                ],
+                vec![
+                    "owner_id".to_owned(),
+                    "business_owner_id".to_owned(),
+                    "customer_id".to_owned()
+                ]
+            )
+        );
         let routes = Routes::parse(&["a=dashboard", "b=user:x"]).expect("parse");
-        assert_eq!(routes.channels_for(true), ["a"]);
-        assert_eq!(routes.channels_for(false), ["b"]);
+        assert_eq!(routes.dashboard_channels(), ["a"]);
+        assert_eq!(
+            routes.user_fields(),
+            (vec!["b".to_owned()], vec!["x".to_owned()])
+        );
     }
 }
 

@@ -346,12 +346,12 @@ async fn replay(
         None
     };
     if let Some(reason) = reset {
-        let frame = serde_json::json!({"type": "reset", "reason": reason}).to_string();
-        write(ws, [Message::text(frame)]).await?;
+        send_reset(ws, reason).await?;
         return Ok(upto);
     }
     let dashboard = *stream == Stream::Dashboard;
-    let channels = shared.routes.channels_for(dashboard);
+    let channels = shared.routes.dashboard_channels();
+    let user_fields = shared.routes.user_fields();
     let visible = |event: &Event| {
         let targets = shared.routes.route(event);
         if dashboard {
@@ -362,11 +362,20 @@ async fn replay(
     };
     let mut after = resume.last_id;
     while after < upto {
-        let page = shared
-            .db
-            .events_between(after, upto, &channels, REPLAY_PAGE)
-            .await
-            .map_err(unavailable)?;
+        let page = if dashboard {
+            shared
+                .db
+                .events_between(after, upto, &channels, REPLAY_PAGE)
+                .await
+        } else {
+            // Filtered in SQL (only this user's rows leave the database),
+            // and again by the router below.
+            shared
+                .db
+                .user_events_between(after, upto, &user_fields, user, REPLAY_PAGE)
+                .await
+        }
+        .map_err(unavailable)?;
         let Some(last) = page.last_id else { break };
         after = last;
         shared.metrics.replay_rows.inc_by(page.rows as u64);
@@ -380,7 +389,23 @@ async fn replay(
         write(ws, frames).await?;
         shared.metrics.deliveries.inc_by(n);
     }
+    // Retention may have pruned into the range while it was being read: then
+    // rows may be missing from it, and the client must hear so.
+    let pruned = shared
+        .db
+        .log_info()
+        .await
+        .map_err(unavailable)?
+        .pruned_through;
+    if pruned > resume.last_id && pruned > info.pruned_through {
+        send_reset(ws, "cursor_expired").await?;
+    }
     Ok(resume.last_id.max(upto))
+}
+
+async fn send_reset(ws: &mut HyperWebsocketStream, reason: &str) -> Result<(), End> {
+    let frame = serde_json::json!({"type": "reset", "reason": reason}).to_string();
+    write(ws, [Message::text(frame)]).await
 }
 
 /// Feeds the frames and flushes once, within [`WRITE_TIMEOUT`].
