@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use pgrelay::cluster::Cluster;
 use pgrelay::config::{InstallConfig, ServeConfig};
 use pgrelay::Relay;
@@ -838,20 +838,6 @@ async fn garbage_text_frame_closes_1008() {
     let mut ws = relay.dashboard().await;
     let id = db.business(2, "still serving").await;
     assert_eq!(ws.event().await["data"]["id"], id);
-}
-
-/// A binary frame closes with 1003.
-#[tokio::test]
-async fn binary_frame_closes_1003() {
-    let db = TestDb::demo("fault_junk_binary").await;
-    let relay = TestRelay::start(&db).await;
-    let mut ws = relay.notifications("2").await;
-    ws.stream
-        .send(Message::binary(vec![0u8, 1, 2, 3]))
-        .await
-        .expect("send binary");
-    let (code, reason) = ws.close_code().await;
-    assert_eq!(code, 1003, "{reason}");
 }
 
 /// A text frame over 16 KiB closes with 1009; one of exactly 16 KiB is read
