@@ -51,6 +51,8 @@ const NOTIFY_QUEUE: usize = 16_384;
 struct Reader<'a> {
     client: &'a tokio_postgres::Client,
     statement: &'a tokio_postgres::Statement,
+    /// The routed channels, listed once per connection, not per wake-up.
+    channels: &'a [String],
 }
 
 /// A read of new events that takes longer means the connection is gone.
@@ -155,9 +157,8 @@ impl Listener {
                 }
             }
         });
-        let listen: String = self
-            .routes
-            .channels()
+        let channels = self.routes.channels();
+        let listen: String = channels
             .iter()
             .map(|c| format!("LISTEN {};", escape_identifier(c)))
             .collect();
@@ -175,6 +176,7 @@ impl Listener {
         let reader = Reader {
             client: &client,
             statement: &statement,
+            channels: &channels,
         };
 
         let info = self.db.log_info().await?;
@@ -263,7 +265,6 @@ impl Listener {
         after: i64,
         catching_up: bool,
     ) -> Result<i64, ListenError> {
-        let channels = self.routes.channels();
         let mut cursor = after;
         loop {
             let read = read_events(
@@ -271,7 +272,7 @@ impl Listener {
                 reader.statement,
                 cursor,
                 i64::MAX,
-                &channels,
+                reader.channels,
                 FETCH_PAGE,
             );
             let page = tokio::time::timeout(FETCH_TIMEOUT, read)
