@@ -1,11 +1,10 @@
 -- pgrelay schema: the event log and its metadata. Idempotent: run by every
--- `pgrelay install`, inside one transaction.
+-- `pgrelay install`, inside one transaction, as the owner role (sql/owner.sql
+-- created the schema for it), so every object here belongs to that role.
 
-CREATE SCHEMA IF NOT EXISTS pgrelay;
-
--- Event ids come from this sequence, but only while holding pgrelay's
--- transaction-level advisory lock at commit time (see triggers/capture.sql), so
--- ids are handed out in commit order.
+-- Event ids come from this sequence, but only while holding the commit-order
+-- lock at commit time (see triggers/capture.sql), so ids are handed out in
+-- commit order.
 CREATE SEQUENCE IF NOT EXISTS pgrelay.events_id_seq AS bigint;
 
 CREATE TABLE IF NOT EXISTS pgrelay.events (
@@ -33,9 +32,19 @@ INSERT INTO pgrelay.meta (epoch)
 VALUES (md5(random()::text || clock_timestamp()::text || pg_backend_pid()::text))
 ON CONFLICT (singleton) DO NOTHING;
 
+-- The commit-order lock (taken by pgrelay.emit) and the retention lock (taken
+-- by pgrelay.prune): empty tables, locked and never read or written. Unlike an
+-- advisory lock, which any role can take, these can only be locked by their
+-- owner, its members and superusers: LOCK TABLE in EXCLUSIVE mode needs
+-- UPDATE, DELETE or TRUNCATE, granted to nobody, and the schema grants no
+-- USAGE, so other roles cannot even name them.
+CREATE TABLE IF NOT EXISTS pgrelay.commit_order_lock ();
+CREATE TABLE IF NOT EXISTS pgrelay.prune_lock ();
+
 -- Retention: deletes one batch of events older than p_older_than and records
 -- the highest deleted id in meta.pruned_through. Returns the rows deleted, or
 -- -1 when another pgrelay replica is pruning right now (one at a time).
+-- Runs with the rights of pgrelay serve's role.
 CREATE OR REPLACE FUNCTION pgrelay.prune(p_older_than interval, p_batch integer)
 RETURNS integer
 LANGUAGE plpgsql
@@ -45,10 +54,11 @@ DECLARE
     v_count integer;
     v_max   bigint;
 BEGIN
-    -- 0x7067_7265 is "pgre": pgrelay's advisory lock class, object 2 = pruning.
-    IF NOT pg_try_advisory_xact_lock(1885827685, 2) THEN
+    BEGIN
+        LOCK TABLE pgrelay.prune_lock IN EXCLUSIVE MODE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
         RETURN -1;
-    END IF;
+    END;
     WITH doomed AS (
         SELECT id FROM pgrelay.events
         WHERE created_at < clock_timestamp() - p_older_than

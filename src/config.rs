@@ -18,6 +18,7 @@ use serde::Deserialize;
 use crate::admission::Limits;
 use crate::auth::{AdminClaim, AuthConfig, KeySource};
 use crate::hub::QueueSizes;
+use crate::install::{WatchSpec, WatchSpecError, DEFAULT_MAX_EVENT_BYTES, DEFAULT_OWNER};
 use crate::route::Routes;
 
 #[derive(Debug, Parser)]
@@ -147,9 +148,23 @@ pub struct InstallArgs {
     /// Also create the demo tables (users, businesses, reservations) and their triggers.
     #[arg(long)]
     pub demo: bool,
-    /// Attach the capture trigger to TABLE, notifying CHANNEL; repeatable.
-    #[arg(long = "watch", value_name = "TABLE=CHANNEL")]
+    /// Capture TABLE's changes on CHANNEL; repeatable. Options after the pair, space-separated:
+    /// ops=insert,update,delete (default: all three); columns=a,b (allow-list) or
+    /// exclude=a,b (deny-list); enrich=FIELD:FK_COLUMN.COLUMN,... (adds COLUMN of the row the
+    /// foreign key FK_COLUMN points to, as FIELD).
+    #[arg(
+        long = "watch",
+        value_name = "TABLE=CHANNEL [ops=..] [columns=..|exclude=..] [enrich=..]"
+    )]
     pub watch: Vec<String>,
+    /// NOLOGIN role that owns the pgrelay schema and the capture functions (created if
+    /// missing; never a superuser) [default: pgrelay_owner].
+    #[arg(long, env = "PGRELAY_OWNER")]
+    pub owner: Option<String>,
+    /// Largest event payload logged whole, in bytes (as jsonb); a larger row is logged as a
+    /// stub with its primary key and "truncated": true [default: 1048576].
+    #[arg(long, env = "PGRELAY_MAX_EVENT_SIZE")]
+    pub max_event_size: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -258,6 +273,8 @@ pub enum ConfigError {
     },
     #[error("--route: {0}")]
     Route(#[from] crate::route::RouteError),
+    #[error("{0}")]
+    Watch(#[from] WatchSpecError),
     #[error("{0}")]
     Key(#[from] crate::auth::KeyError),
 }
@@ -392,6 +409,9 @@ fn positive(
 }
 
 const MAX_COUNT: usize = 1 << 20;
+/// The largest event cap: well under a WebSocket client's usual 16 MiB frame
+/// limit, which a larger event would break.
+pub const MAX_EVENT_BYTES: u32 = 8 << 20;
 
 /// Flag (or env) values when given, else the file's, else empty.
 fn list(flag: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
@@ -644,8 +664,24 @@ impl std::fmt::Display for ServeConfig {
 pub struct InstallConfig {
     pub database: tokio_postgres::Config,
     pub demo: bool,
-    /// (table, channel) pairs.
-    pub watch: Vec<(String, String)>,
+    pub watch: Vec<WatchSpec>,
+    /// The role that owns the schema and the capture functions.
+    pub owner: String,
+    /// Payloads larger than this are logged as a stub.
+    pub max_event_bytes: u32,
+}
+
+impl InstallConfig {
+    /// The schema alone, with the default owner and event cap.
+    pub fn new(database: tokio_postgres::Config) -> InstallConfig {
+        InstallConfig {
+            database,
+            demo: false,
+            watch: Vec::new(),
+            owner: DEFAULT_OWNER.to_owned(),
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+        }
+    }
 }
 
 impl InstallArgs {
@@ -655,23 +691,30 @@ impl InstallArgs {
         let watch = self
             .watch
             .iter()
-            .map(|spec| match spec.split_once('=') {
-                Some((table, channel))
-                    if !table.trim().is_empty() && !channel.trim().is_empty() =>
-                {
-                    Ok((table.trim().to_owned(), channel.trim().to_owned()))
-                }
-                _ => Err(ConfigError::Value {
-                    flag: "watch",
-                    value: spec.clone(),
-                    reason: "expected TABLE=CHANNEL".into(),
-                }),
-            })
+            .map(|spec| spec.parse())
             .collect::<Result<_, _>>()?;
+        let owner = self.owner.unwrap_or_else(|| DEFAULT_OWNER.to_owned());
+        if owner.trim().is_empty() || owner.len() > 63 {
+            return Err(ConfigError::Value {
+                flag: "owner",
+                value: owner,
+                reason: "must be a role name of 1 to 63 bytes".into(),
+            });
+        }
+        let max_event_bytes = self.max_event_size.unwrap_or(DEFAULT_MAX_EVENT_BYTES);
+        if !(64..=MAX_EVENT_BYTES).contains(&max_event_bytes) {
+            return Err(ConfigError::Value {
+                flag: "max-event-size",
+                value: max_event_bytes.to_string(),
+                reason: format!("must be from 64 to {MAX_EVENT_BYTES} bytes"),
+            });
+        }
         Ok(InstallConfig {
             database,
             demo: self.demo,
             watch,
+            owner,
+            max_event_bytes,
         })
     }
 }

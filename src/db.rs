@@ -12,7 +12,14 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::value::RawValue;
 use tokio_postgres::{NoTls, Row};
 
-use crate::parse::{check_object, Event};
+use crate::parse::{check_object, truncated, Event};
+
+/// The largest payload delivered whole, as JSON text. Capture already logs a
+/// stub for rows above its own cap (`install --max-event-size`); this is the
+/// net under anything else in the log (rows written by hand, or by an older
+/// capture): one event too large for a client's frame limit would break
+/// every socket it is routed to, on every resume.
+pub const MAX_DELIVERED_EVENT: usize = crate::config::MAX_EVENT_BYTES as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -267,10 +274,19 @@ fn page_from_rows(rows: &[Row]) -> Result<Page, DbError> {
 fn event_from_row(row: &Row) -> Result<Event, DbError> {
     let id: i64 = row.try_get(0)?;
     let data: String = row.try_get(5)?;
-    let data = RawValue::from_string(data).map_err(|e| DbError::BadRow {
-        id,
-        reason: e.to_string(),
-    })?;
+    let data = if data.len() > MAX_DELIVERED_EVENT {
+        tracing::warn!(
+            id,
+            bytes = data.len(),
+            "event payload over {MAX_DELIVERED_EVENT} bytes: delivering a truncated stub"
+        );
+        truncated(&data)
+    } else {
+        RawValue::from_string(data).map_err(|e| DbError::BadRow {
+            id,
+            reason: e.to_string(),
+        })?
+    };
     check_object(&data).map_err(|e| DbError::BadRow {
         id,
         reason: e.to_string(),

@@ -52,9 +52,8 @@ pub async fn run(listen: &str, signal: impl Future<Output = ()>) -> Result<(), D
         .parse()
         .map_err(|e: tokio_postgres::Error| DemoError::Seed(e.to_string()))?;
     install(&InstallConfig {
-        database: database.clone(),
         demo: true,
-        watch: Vec::new(),
+        ..InstallConfig::new(database.clone())
     })
     .await?;
     seed(&database).await?;

@@ -41,7 +41,7 @@ use tokio_util::task::TaskTracker;
 use crate::db::{read_events, Db, DbError, EVENTS_BETWEEN};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::parse::{parse_notification, Event, Notice};
+use crate::parse::{parse_wakeup, Event};
 use crate::route::Routes;
 use crate::Status;
 
@@ -298,15 +298,13 @@ impl Listener {
         }
     }
 
-    /// Checks a notification's payload, logging one that is not a pgrelay
-    /// envelope. Returns the event id it names, if any. The payload itself is
-    /// never delivered: any role that can connect can NOTIFY anything, so
-    /// only rows in `pgrelay.events` are, and a forged id cannot move the
-    /// cursor.
+    /// Checks a notification's payload, logging one that is not an event id.
+    /// Returns the id it names, if any. It only wakes the reader: any role
+    /// that can connect can NOTIFY anything, so only rows in `pgrelay.events`
+    /// are delivered, and a forged id cannot move the cursor.
     fn inspect(&self, n: &Notification) -> Option<(String, i64)> {
-        match parse_notification(n.channel(), n.payload()) {
-            Ok(Notice::Full(event)) => Some((event.channel, event.id)),
-            Ok(Notice::IdOnly { id }) => Some((n.channel().to_owned(), id)),
+        match parse_wakeup(n.payload()) {
+            Ok(id) => Some((n.channel().to_owned(), id)),
             Err(e) => {
                 self.metrics.bad_notifications.inc();
                 tracing::warn!(channel = n.channel(), error = %e, "skipping notification");

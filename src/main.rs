@@ -74,12 +74,15 @@ async fn run(cli: Cli) -> ExitCode {
             };
             match install::install(&config).await {
                 Ok(installed) => {
-                    println!("pgrelay schema and capture triggers installed");
+                    println!(
+                        "pgrelay schema and capture functions installed, owned by role {}",
+                        installed.owner
+                    );
                     if installed.demo {
                         println!("demo tables users, businesses, reservations installed");
                     }
-                    for (table, channel) in installed.watched {
-                        println!("watching {table} on channel {channel}");
+                    for spec in installed.watched {
+                        println!("watching {spec}");
                     }
                     ExitCode::SUCCESS
                 }

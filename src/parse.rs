@@ -1,10 +1,11 @@
-//! NOTIFY payload -> [`Notice`], and [`Event`] -> the client's `event` frame.
+//! NOTIFY payload -> the event id it wakes us for, and [`Event`] -> the
+//! client's `event` frame.
 //!
 //! Pure: no I/O, so plain unit tests and the fuzz target cover it. The capture
-//! trigger sends either the whole envelope or, for rows too large for NOTIFY,
-//! only `{"id":N,"channel":...}`; both decode here. The frame text a client
-//! receives is produced only by [`Event::frame`], once per event, whether the
-//! event came from a NOTIFY or from a replay query.
+//! trigger's NOTIFY payload is the event's id and nothing else (LISTEN needs no
+//! privilege, so a payload is readable by every role): events themselves are
+//! read from `pgrelay.events`. The frame text a client receives is produced
+//! only by [`Event::frame`], once per event.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -22,82 +23,31 @@ pub struct Event {
     pub data: Box<RawValue>,
 }
 
-/// What a NOTIFY told us.
-#[derive(Debug)]
-pub enum Notice {
-    /// The whole event was in the payload.
-    Full(Event),
-    /// The event was too large for NOTIFY: read it from `pgrelay.events`.
-    IdOnly { id: i64 },
-}
-
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ParseError {
-    #[error("notification payload is not a pgrelay envelope: {0}")]
-    Shape(#[source] serde_json::Error),
-    #[error("notification payload names channel {payload:?} but arrived on {channel:?}")]
-    ChannelMismatch { payload: String, channel: String },
+    #[error("notification payload is not an event id")]
+    NotAnId,
     #[error("notification payload has a non-positive id {0}")]
     BadId(i64),
     #[error("event data is not a JSON object")]
     DataNotObject,
 }
 
-/// Either shape of the payload: every field but `id` and `channel` is optional
-/// so that the id-only form decodes with the same code.
-#[derive(Deserialize)]
-struct Envelope {
-    id: i64,
-    channel: String,
-    table: Option<String>,
-    op: Option<String>,
-    at: Option<String>,
-    data: Option<Box<RawValue>>,
-}
-
-/// Decodes a NOTIFY payload received on `channel`.
-pub fn parse_notification(channel: &str, payload: &str) -> Result<Notice, ParseError> {
-    let envelope: Envelope = serde_json::from_str(payload).map_err(ParseError::Shape)?;
-    if envelope.channel != channel {
-        return Err(ParseError::ChannelMismatch {
-            payload: envelope.channel,
-            channel: channel.to_owned(),
-        });
+/// Decodes a NOTIFY payload: the id of the event that woke us, as decimal
+/// text. Anything else was not sent by a capture trigger.
+pub fn parse_wakeup(payload: &str) -> Result<i64, ParseError> {
+    if payload.is_empty() || !payload.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ParseError::NotAnId);
     }
-    if envelope.id <= 0 {
-        return Err(ParseError::BadId(envelope.id));
+    let id: i64 = payload.parse().map_err(|_| ParseError::NotAnId)?;
+    // Canonical only ("007" is not what a trigger sends).
+    if id.to_string() != payload {
+        return Err(ParseError::NotAnId);
     }
-    match envelope {
-        Envelope {
-            id,
-            channel,
-            table: Some(table),
-            op: Some(op),
-            at: Some(at),
-            data: Some(data),
-        } => {
-            check_object(&data)?;
-            Ok(Notice::Full(Event {
-                id,
-                channel,
-                table,
-                op,
-                at,
-                data,
-            }))
-        }
-        Envelope {
-            id,
-            table: None,
-            op: None,
-            at: None,
-            data: None,
-            ..
-        } => Ok(Notice::IdOnly { id }),
-        _ => Err(ParseError::Shape(serde::de::Error::custom(
-            "envelope must have all of table, op, at, data, or none of them",
-        ))),
+    if id <= 0 {
+        return Err(ParseError::BadId(id));
     }
+    Ok(id)
 }
 
 /// Row payloads are JSON objects: routing reads their top-level fields.
@@ -107,6 +57,23 @@ pub fn check_object(data: &RawValue) -> Result<(), ParseError> {
     } else {
         Err(ParseError::DataNotObject)
     }
+}
+
+/// The stub delivered in place of a payload larger than the cap: its `id`
+/// field when it has one, and `"truncated": true`. Only the oversized path
+/// pays for the parse (of `id` alone; the rest is skipped).
+pub fn truncated(data: &str) -> Box<RawValue> {
+    #[derive(Deserialize)]
+    struct Key<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+    }
+    let stub = match serde_json::from_str::<Key>(data) {
+        Ok(Key { id: Some(id) }) => format!(r#"{{"id":{},"truncated":true}}"#, id.get()),
+        _ => r#"{"truncated":true}"#.to_owned(),
+    };
+    // Both shapes are valid JSON by construction.
+    RawValue::from_string(stub).unwrap_or_else(|_| unreachable!("stub is valid JSON"))
 }
 
 #[derive(Serialize)]
@@ -143,56 +110,50 @@ impl Event {
 mod tests {
     use super::*;
 
-    fn check(channel: &str, payload: &str, expect: Result<&str, &str>) {
-        let got = match parse_notification(channel, payload) {
-            Ok(Notice::Full(event)) => Ok(event.frame()),
-            Ok(Notice::IdOnly { id }) => Ok(format!("id-only {id}")),
-            Err(e) => Err(e.to_string()),
+    fn check(payload: &str, expect: Result<i64, ParseError>) {
+        assert_eq!(parse_wakeup(payload), expect, "payload {payload:?}");
+    }
+
+    #[test]
+    fn wakeups() {
+        check("7", Ok(7));
+        check("9223372036854775807", Ok(i64::MAX));
+        check("0", Err(ParseError::BadId(0)));
+        check("", Err(ParseError::NotAnId));
+        check("-1", Err(ParseError::NotAnId));
+        check("+1", Err(ParseError::NotAnId));
+        check(" 1", Err(ParseError::NotAnId));
+        check("1.0", Err(ParseError::NotAnId));
+        check("007", Err(ParseError::NotAnId));
+        check("9223372036854775808", Err(ParseError::NotAnId));
+        check(r#"{"id":7,"channel":"c"}"#, Err(ParseError::NotAnId));
+    }
+
+    #[test]
+    fn stubs() {
+        let stub = |data: &str| truncated(data).get().to_owned();
+        assert_eq!(
+            stub(r#"{"id": 42, "x": "y"}"#),
+            r#"{"id":42,"truncated":true}"#
+        );
+        assert_eq!(stub(r#"{"id": "a-b"}"#), r#"{"id":"a-b","truncated":true}"#);
+        assert_eq!(stub(r#"{"x": 1}"#), r#"{"truncated":true}"#);
+        assert_eq!(stub("not json"), r#"{"truncated":true}"#);
+    }
+
+    #[test]
+    fn frames() {
+        let event = Event {
+            id: 7,
+            channel: "business_events".into(),
+            table: "businesses".into(),
+            op: "INSERT".into(),
+            at: "2026-11-25T18:40:00.123456Z".into(),
+            data: RawValue::from_string(r#"{"id": 3, "owner_id": 42}"#.into()).expect("json"),
         };
-        match (got, expect) {
-            (Ok(got), Ok(want)) => assert_eq!(got, want, "payload {payload}"),
-            (Err(got), Err(want)) => assert!(got.contains(want), "{got:?} lacks {want:?}"),
-            (got, want) => panic!("payload {payload}: got {got:?}, want {want:?}"),
-        }
-    }
-
-    #[test]
-    fn envelopes() {
-        check(
-            "business_events",
-            r#"{"id" : 7, "channel" : "business_events", "table" : "businesses", "op" : "INSERT", "at" : "2026-11-25T18:40:00.123456Z", "data" : {"id": 3, "owner_id": 42}}"#,
-            Ok(
-                r#"{"type":"event","id":7,"channel":"business_events","table":"businesses","op":"INSERT","at":"2026-11-25T18:40:00.123456Z","data":{"id": 3, "owner_id": 42}}"#,
-            ),
-        );
-        check(
-            "business_events",
-            r#"{"id":8,"channel":"business_events"}"#,
-            Ok("id-only 8"),
-        );
-    }
-
-    #[test]
-    fn rejects_bad_payloads() {
-        check("c", "not json", Err("not a pgrelay envelope"));
-        check("c", "", Err("not a pgrelay envelope"));
-        check("c", "[]", Err("not a pgrelay envelope"));
-        check(
-            "c",
-            r#"{"id":"x","channel":"c"}"#,
-            Err("not a pgrelay envelope"),
-        );
-        check("c", r#"{"id":1,"channel":"d"}"#, Err("arrived on"));
-        check("c", r#"{"id":0,"channel":"c"}"#, Err("non-positive id"));
-        check(
-            "c",
-            r#"{"id":1,"channel":"c","op":"INSERT"}"#,
-            Err("none of them"),
-        );
-        check(
-            "c",
-            r#"{"id":1,"channel":"c","table":"t","op":"INSERT","at":"x","data":[1]}"#,
-            Err("not a JSON object"),
+        assert_eq!(
+            event.frame(),
+            r#"{"type":"event","id":7,"channel":"business_events","table":"businesses","op":"INSERT","at":"2026-11-25T18:40:00.123456Z","data":{"id": 3, "owner_id": 42}}"#
         );
     }
 }
@@ -204,34 +165,19 @@ mod properties {
 
     proptest! {
         /// Whatever someone NOTIFYs, decoding returns, never panics, and a
-        /// decoded event always has a positive id and an object as data.
+        /// decoded id is positive and is exactly the payload.
         #[test]
-        fn any_payload_decodes_or_is_refused(payload in ".{0,200}") {
-            if let Ok(Notice::Full(event)) = parse_notification("c", &payload) {
-                prop_assert!(event.id > 0);
-                prop_assert!(event.data.get().trim_start().starts_with('{'), "data must be an object");
-                let frame: serde_json::Value = serde_json::from_str(&event.frame()).expect("frame is JSON");
-                prop_assert_eq!(frame["type"].as_str(), Some("event"));
+        fn any_payload_decodes_or_is_refused(payload in ".{0,40}") {
+            if let Ok(id) = parse_wakeup(&payload) {
+                prop_assert!(id > 0);
+                prop_assert_eq!(id.to_string(), payload);
             }
         }
 
-        /// Well-formed envelopes always decode, with their fields intact.
+        /// Every id a capture trigger sends decodes to itself.
         #[test]
-        fn envelopes_round_trip(id in 1i64.., table in "[a-z_]{1,10}", name in ".{0,20}") {
-            let data = serde_json::json!({"name": name});
-            let payload = serde_json::json!({
-                "id": id, "channel": "c", "table": table, "op": "UPDATE",
-                "at": "2026-11-25T00:00:00.000000Z", "data": data,
-            }).to_string();
-            match parse_notification("c", &payload) {
-                Ok(Notice::Full(event)) => {
-                    prop_assert_eq!(event.id, id);
-                    prop_assert_eq!(&event.table, &table);
-                    let back: serde_json::Value = serde_json::from_str(event.data.get()).expect("json");
-                    prop_assert_eq!(back, data);
-                }
-                other => prop_assert!(false, "{:?}", other),
-            }
+        fn ids_round_trip(id in 1i64..) {
+            prop_assert_eq!(parse_wakeup(&id.to_string()), Ok(id));
         }
     }
 }

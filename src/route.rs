@@ -198,7 +198,7 @@ impl fmt::Display for Routes {
 
 /// Channel and field names: printable, no separators, so that a route prints
 /// back to itself and a channel means the same to LISTEN and to the trigger.
-fn is_name(name: &str) -> bool {
+pub fn is_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()

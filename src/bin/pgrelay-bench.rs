@@ -304,9 +304,8 @@ impl Server {
         let url = cluster.url("postgres");
         let database: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
         pgrelay::install::install(&InstallConfig {
-            database: database.clone(),
             demo: true,
-            watch: Vec::new(),
+            ..InstallConfig::new(database.clone())
         })
         .await
         .map_err(|e| e.to_string())?;

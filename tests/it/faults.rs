@@ -269,9 +269,8 @@ async fn postgres_restart_keeps_sockets_open_and_relays_rows_committed_after_it(
     let url = cluster.url("restart");
     let database: tokio_postgres::Config = url.parse().expect("cluster url");
     pgrelay::install::install(&InstallConfig {
-        database: database.clone(),
         demo: true,
-        watch: Vec::new(),
+        ..InstallConfig::new(database.clone())
     })
     .await
     .expect("install --demo");
@@ -1042,9 +1041,8 @@ async fn reinstalled_log_restarts_sockets_and_a_resume_gets_reset_not_silence() 
 
     db.exec("DROP SCHEMA pgrelay CASCADE").await;
     pgrelay::install::install(&InstallConfig {
-        database: db.config(),
         demo: true,
-        watch: Vec::new(),
+        ..InstallConfig::new(db.config())
     })
     .await
     .expect("reinstall");

@@ -108,9 +108,8 @@ impl TestDb {
     pub async fn demo(test: &str) -> TestDb {
         let db = TestDb::empty(test).await;
         pgrelay::install::install(&InstallConfig {
-            database: db.config(),
             demo: true,
-            watch: Vec::new(),
+            ..InstallConfig::new(db.config())
         })
         .await
         .expect("install --demo");
