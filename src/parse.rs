@@ -59,21 +59,25 @@ pub fn check_object(data: &RawValue) -> Result<(), ParseError> {
     }
 }
 
-/// The stub delivered in place of a payload larger than the cap: its `id`
-/// field when it has one, and `"truncated": true`. Only the oversized path
-/// pays for the parse (of `id` alone; the rest is skipped).
+/// Fields of at most this many bytes (as JSON) survive in a stub: ids,
+/// numbers, short strings, which is what routing reads.
+pub const STUB_FIELD_BYTES: usize = 256;
+
+/// The stub delivered in place of a payload larger than the cap, by the same
+/// rule as capture's (triggers/capture.sql): the payload's fields of at most
+/// [`STUB_FIELD_BYTES`], and `"truncated": true`. Only the oversized path
+/// pays for this parse.
 pub fn truncated(data: &str) -> Box<RawValue> {
-    #[derive(Deserialize)]
-    struct Key<'a> {
-        #[serde(borrow)]
-        id: Option<&'a RawValue>,
-    }
-    let stub = match serde_json::from_str::<Key>(data) {
-        Ok(Key { id: Some(id) }) => format!(r#"{{"id":{},"truncated":true}}"#, id.get()),
-        _ => r#"{"truncated":true}"#.to_owned(),
-    };
-    // Both shapes are valid JSON by construction.
-    RawValue::from_string(stub).unwrap_or_else(|_| unreachable!("stub is valid JSON"))
+    let mut stub: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(data)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, value)| value.get().len() <= STUB_FIELD_BYTES)
+            .filter_map(|(key, value)| Some((key, serde_json::from_str(value.get()).ok()?)))
+            .collect();
+    stub.insert("truncated".into(), serde_json::Value::Bool(true));
+    serde_json::value::to_raw_value(&stub)
+        .unwrap_or_else(|_| unreachable!("a map of JSON values serialises"))
 }
 
 #[derive(Serialize)]

@@ -85,9 +85,11 @@ $$;
 --   p_enrich_* one entry per added field: the payload field p_enrich_fields[i]
 --              is the column p_enrich_columns[i] of the row that the
 --              single-column foreign key p_enrich_via[i] points to
---   p_max_bytes a payload larger than this (as jsonb) is logged as a stub: the
---              primary key and "truncated": true; default: the session
---              setting pgrelay.max_event_bytes, else 1 MiB
+--   p_max_bytes a payload larger than this (as jsonb) is logged as a stub: its
+--              primary key and every field of at most 256 bytes (ids, numbers,
+--              short strings: what routing reads), and "truncated": true; if
+--              that is still too large, the primary key alone. Default: the
+--              session setting pgrelay.max_event_bytes, else 1 MiB
 -- The payload is the new row (the old one for DELETE), as JSON.
 CREATE OR REPLACE FUNCTION pgrelay.watch(
     p_table regclass,
@@ -111,6 +113,7 @@ DECLARE
         nullif(current_setting('pgrelay.max_event_bytes', true), '')::integer, 1048576);
     v_pairs     text[] := '{}';
     v_keys      text[] := '{}';
+    v_key_names text[] := '{}';
     v_fields    text[] := '{}';
     v_name      text;
     v_column    record;
@@ -158,6 +161,7 @@ BEGIN
             pgrelay.jsonb_sql(format('r.%I', v_column.attname), v_column.atttypid));
         IF v_column.is_key THEN
             v_keys := v_keys || v_pairs[cardinality(v_pairs)];
+            v_key_names := v_key_names || v_column.attname::text;
         END IF;
     END LOOP;
 
@@ -219,7 +223,13 @@ BEGIN
             IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
             v_payload := %2$s;
             IF pg_column_size(v_payload) > %3$s THEN
-                v_payload := %4$s;
+                v_payload := coalesce(
+                    (SELECT jsonb_object_agg(key, value) FROM jsonb_each(v_payload)
+                      WHERE key = ANY (%5$L::text[]) OR pg_column_size(value) <= 256),
+                    '{}') || '{"truncated": true}';
+                IF pg_column_size(v_payload) > %3$s THEN
+                    v_payload := %4$s;
+                END IF;
             END IF;
             PERFORM pgrelay.emit(TG_ARGV[0], TG_TABLE_NAME, TG_OP, v_payload);
             RETURN NULL;
@@ -234,7 +244,8 @@ BEGIN
         CASE WHEN cardinality(v_keys) = 0 THEN '''{"truncated": true}''::jsonb'
              ELSE format('jsonb_build_object(%s) || ''{"truncated": true}''::jsonb',
                          array_to_string(v_keys, ', '))
-        END);
+        END,
+        v_key_names);
     EXECUTE format('ALTER FUNCTION %s() OWNER TO %I', v_function, v_owner);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', v_function);
     EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture ON %s', p_table);

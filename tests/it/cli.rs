@@ -10,27 +10,6 @@ use pgrelay::auth::{AuthConfig, KeySource, Verifier};
 
 use crate::harness::*;
 
-/// Longest any single run of the binary may take.
-const RUN_LIMIT: Duration = Duration::from_secs(10);
-
-/// Runs `pgrelay args...` with only the `envs` given among PGRELAY_*,
-/// DATABASE_URL and RUST_LOG, so the developer's environment cannot leak in.
-async fn pgrelay(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
-    command.args(args).kill_on_drop(true);
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name.starts_with("PGRELAY_") || name == "DATABASE_URL" || name == "RUST_LOG" {
-            command.env_remove(name.as_ref());
-        }
-    }
-    command.envs(envs.iter().copied());
-    tokio::time::timeout(RUN_LIMIT, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("pgrelay {args:?} still running after {RUN_LIMIT:?}"))
-        .unwrap_or_else(|e| panic!("run pgrelay {args:?}: {e}"))
-}
-
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }

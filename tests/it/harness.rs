@@ -408,3 +408,51 @@ pub async fn insert_business(client: &Client, owner: i64, name: &str) -> i64 {
         .expect("insert business")
         .get(0)
 }
+
+/// Longest any single run of the binary may take.
+const RUN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Runs `pgrelay args...` with only the `envs` given among PGRELAY_*,
+/// DATABASE_URL and RUST_LOG, so the developer's environment cannot leak in.
+pub async fn pgrelay(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+    command.args(args).kill_on_drop(true);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("PGRELAY_") || name == "DATABASE_URL" || name == "RUST_LOG" {
+            command.env_remove(name.as_ref());
+        }
+    }
+    command.envs(envs.iter().copied());
+    tokio::time::timeout(RUN_LIMIT, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("pgrelay {args:?} still running after {RUN_LIMIT:?}"))
+        .unwrap_or_else(|e| panic!("run pgrelay {args:?}: {e}"))
+}
+
+/// LISTENs on `channel` with its own connection (as whoever `url` names)
+/// and forwards the payloads.
+pub async fn listen(
+    url: &str,
+    channel: &str,
+) -> (tokio_postgres::Client, tokio::sync::mpsc::Receiver<String>) {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect for LISTEN");
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                if tx.send(n.payload().to_owned()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .expect("LISTEN");
+    (client, rx)
+}
