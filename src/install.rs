@@ -1,6 +1,7 @@
 //! `pgrelay install`: the embedded sql/ and triggers/ files, applied in one
-//! transaction under an advisory lock, so it is idempotent and safe to run
-//! from several replicas at once. Works without the source tree.
+//! transaction under an advisory lock (waited for at most `lock_timeout`), so
+//! it is idempotent and safe to run from several replicas at once. Works
+//! without the source tree.
 //!
 //! Privileges: the `pgrelay` schema and everything in it, the SECURITY
 //! DEFINER capture functions included, belong to a dedicated owner role
@@ -285,8 +286,12 @@ pub async fn install(config: &InstallConfig) -> Result<Installed, InstallError> 
             .transaction()
             .await
             .map_err(sql_error("the schema"))?;
+        // Installs serialise on an advisory lock, which any role could hold:
+        // like every lock install waits for (a busy table's trigger), it is
+        // given up after lock_timeout, with an error, rather than hang.
         tx.batch_execute(
             "SET LOCAL client_min_messages = warning; \
+             SET LOCAL lock_timeout = '30s'; \
              SELECT pg_advisory_xact_lock(1885827685, 3);",
         )
         .await

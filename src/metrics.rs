@@ -86,7 +86,7 @@ impl Default for Metrics {
         let bad_notifications = Counter::default();
         registry.register(
             "bad_notifications",
-            "Notifications skipped because they were not pgrelay envelopes",
+            "Notifications skipped: not an event id, or naming no event in the log",
             bad_notifications.clone(),
         );
         let deliveries = Counter::default();

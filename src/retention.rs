@@ -1,6 +1,7 @@
 //! Retention: deletes events older than `--retention` from `pgrelay.events`,
 //! in small batches (short transactions, no long locks on the log), one
-//! replica at a time (`pgrelay.prune` takes an advisory lock and reports when
+//! replica at a time (`pgrelay.prune` locks `pgrelay.prune_lock`, which no
+//! application role can, and reports when
 //! another replica holds it). A cursor below what was pruned gets `reset`.
 
 use std::time::Duration;
