@@ -18,6 +18,7 @@ use serde::Deserialize;
 use crate::admission::Limits;
 use crate::auth::{AdminClaim, AuthConfig, KeySource};
 use crate::hub::QueueSizes;
+use crate::pgconn::{Target, TargetError};
 use crate::route::Routes;
 
 #[derive(Debug, Parser)]
@@ -238,8 +239,8 @@ pub enum ConfigError {
         "missing --database-url (or PGRELAY_DATABASE_URL, DATABASE_URL, database_url in --config)"
     )]
     NoDatabase,
-    #[error("--database-url: invalid connection string: {0}")]
-    DatabaseUrl(String),
+    #[error("--database-url: {0}")]
+    Database(#[from] TargetError),
     #[error("--listen {value:?}: {reason}")]
     Listen { value: String, reason: String },
     #[error(
@@ -265,7 +266,7 @@ pub enum ConfigError {
 /// Everything `serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    pub database: tokio_postgres::Config,
+    pub database: Target,
     pub listen: SocketAddr,
     pub auth: AuthConfig,
     pub routes: Routes,
@@ -283,7 +284,7 @@ pub struct ServeConfig {
 impl ServeConfig {
     /// Sensible values for everything but the database, listen address and key;
     /// used by `demo`, tests and the benchmark.
-    pub fn new(database: tokio_postgres::Config, listen: SocketAddr, secret: &str) -> ServeConfig {
+    pub fn new(database: Target, listen: SocketAddr, secret: &str) -> ServeConfig {
         ServeConfig {
             database,
             listen,
@@ -344,11 +345,9 @@ fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
     })
 }
 
-/// Resolves the connection string: flag/env, then file, then DATABASE_URL.
-fn database(
-    flag: Option<String>,
-    file: Option<String>,
-) -> Result<tokio_postgres::Config, ConfigError> {
+/// Resolves the connection string: flag/env, then file, then DATABASE_URL;
+/// its sslmode/sslrootcert (or PGSSLMODE/PGSSLROOTCERT) as libpq reads them.
+fn database(flag: Option<String>, file: Option<String>) -> Result<Target, ConfigError> {
     // An empty value (`PGRELAY_DATABASE_URL=` from a compose file) is unset.
     let set = |u: &String| !u.trim().is_empty();
     let url = flag
@@ -356,7 +355,7 @@ fn database(
         .or(file.filter(set))
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(set))
         .ok_or(ConfigError::NoDatabase)?;
-    tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::DatabaseUrl(e.to_string()))
+    Ok(Target::from_str(&url)?)
 }
 
 fn duration(
@@ -546,23 +545,7 @@ impl ServeArgs {
 impl std::fmt::Display for ServeConfig {
     /// The effective settings as TOML-like lines; no password, no secret.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let db = &self.database;
-        let hosts: Vec<String> = db
-            .get_hosts()
-            .iter()
-            .map(|h| match h {
-                tokio_postgres::config::Host::Tcp(name) => name.clone(),
-                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-            })
-            .collect();
-        writeln!(
-            f,
-            "database = \"host={} port={:?} dbname={} user={}\"",
-            hosts.join(","),
-            db.get_ports(),
-            db.get_dbname().unwrap_or("-"),
-            db.get_user().unwrap_or("-"),
-        )?;
+        writeln!(f, "database = {:?}", self.database.to_string())?;
         writeln!(f, "listen = \"{}\"", self.listen)?;
         match &self.auth.key {
             KeySource::Secret(_) => writeln!(f, "jwt_key = \"HS256 secret (redacted)\"")?,
@@ -642,7 +625,7 @@ impl std::fmt::Display for ServeConfig {
 /// What `install` needs, validated.
 #[derive(Debug, Clone)]
 pub struct InstallConfig {
-    pub database: tokio_postgres::Config,
+    pub database: Target,
     pub demo: bool,
     /// (table, channel) pairs.
     pub watch: Vec<(String, String)>,

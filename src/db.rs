@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::value::RawValue;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 use crate::parse::{check_object, Event};
+use crate::pgconn::Target;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -85,7 +86,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// otherwise: a name in pg_stat_activity, a bounded connect, and keepalives
 /// and a TCP user timeout so a dead server or cut network is noticed on idle
 /// connections (the LISTEN connection is idle most of the time).
-pub fn harden(config: &mut tokio_postgres::Config) {
+pub fn harden(config: &mut Target) {
     if config.get_application_name().is_none() {
         config.application_name("pgrelay");
     }
@@ -110,10 +111,11 @@ impl Db {
             .map_err(|_| DbError::Timeout(what))?
     }
 
-    pub fn new(config: tokio_postgres::Config, size: usize) -> Result<Db, DbError> {
+    pub fn new(target: Target, size: usize) -> Result<Db, DbError> {
+        let (config, tls) = target.into_parts();
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 // Verified: a connection a network cut left half-open fails
                 // the check (within recycle_timeout) instead of hanging the

@@ -304,7 +304,7 @@ impl Server {
         let url = cluster.url("postgres");
         let database: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
         pgrelay::install::install(&InstallConfig {
-            database: database.clone(),
+            database: url.parse().map_err(|e| format!("{e}"))?,
             demo: true,
             watch: Vec::new(),
         })

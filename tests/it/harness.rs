@@ -124,7 +124,7 @@ impl TestDb {
         db
     }
 
-    pub fn config(&self) -> tokio_postgres::Config {
+    pub fn config(&self) -> pgrelay::pgconn::Target {
         self.url.parse().expect("test url parses")
     }
 

@@ -225,7 +225,7 @@ async fn install_without_privileges_is_a_one_line_permission_error() {
         name = db.name
     ))
     .await;
-    let as_role: tokio_postgres::Config = url_as(&db, &role, "pw").parse().expect("url");
+    let as_role: pgrelay::pgconn::Target = url_as(&db, &role, "pw").parse().expect("url");
     let result = install(&InstallConfig {
         database: as_role,
         demo: true,
