@@ -14,13 +14,18 @@ use crate::harness::*;
 const RUN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Runs `pgrelay args...` with only the `envs` given among PGRELAY_*,
-/// DATABASE_URL and RUST_LOG, so the developer's environment cannot leak in.
-async fn pgrelay(args: &[&str], envs: &[(&str, &str)]) -> Output {
+/// DATABASE_URL, PGSSL* and RUST_LOG, so the developer's environment cannot
+/// leak in.
+pub async fn pgrelay(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
     command.args(args).kill_on_drop(true);
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if name.starts_with("PGRELAY_") || name == "DATABASE_URL" || name == "RUST_LOG" {
+        if name.starts_with("PGRELAY_")
+            || name.starts_with("PGSSL")
+            || name == "DATABASE_URL"
+            || name == "RUST_LOG"
+        {
             command.env_remove(name.as_ref());
         }
     }
@@ -31,17 +36,17 @@ async fn pgrelay(args: &[&str], envs: &[(&str, &str)]) -> Output {
         .unwrap_or_else(|e| panic!("run pgrelay {args:?}: {e}"))
 }
 
-fn stdout(output: &Output) -> String {
+pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn stderr(output: &Output) -> String {
+pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// Exit code 2 and exactly one stderr line `pgrelay: error: ...` mentioning
 /// `mentions`, without panic text. Returns the line.
-fn assert_usage_error(output: &Output, mentions: &str) -> String {
+pub fn assert_usage_error(output: &Output, mentions: &str) -> String {
     let err = stderr(output);
     assert_eq!(output.status.code(), Some(2), "stderr: {err}");
     assert!(!err.contains("panicked"), "panic text in stderr: {err}");
@@ -56,7 +61,7 @@ fn assert_usage_error(output: &Output, mentions: &str) -> String {
 }
 
 /// `key = value` lines of `--print-config`.
-fn setting(printed: &str, key: &str) -> String {
+pub fn setting(printed: &str, key: &str) -> String {
     printed
         .lines()
         .find_map(|line| {

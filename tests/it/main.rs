@@ -10,3 +10,4 @@ mod relay;
 mod resume;
 mod security;
 mod tail;
+mod tls;
