@@ -13,6 +13,10 @@
 //! the `postgres` OS user (`runuser -u postgres --`) and the temporary
 //! directory is handed to that user.
 //!
+//! TLS tests start a cluster with [`Cluster::start_with`], which puts
+//! [`Extras`] (certificate files, `ssl = on`) in place before the server
+//! first starts.
+//!
 //! Fault-injection tests use [`Cluster::stop`] and [`Cluster::start_again`] to
 //! take the server away and bring it back on the same port with the same data.
 //! Dropping a `Cluster` stops the server (immediate mode) and deletes its
@@ -72,6 +76,18 @@ pub struct Cluster {
     as_postgres: bool,
     /// Serialises stop/start so concurrent callers do not race `pg_ctl`.
     control: tokio::sync::Mutex<()>,
+    /// Lines appended to the settings file ([`Extras::settings`]).
+    extra_settings: String,
+}
+
+/// What a cluster gets before its server first starts, beyond the defaults.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// Files written into the data directory: (name, contents), mode 0600
+    /// and owned by the server's user, as PostgreSQL wants of a key file.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// postgresql.conf lines, e.g. `ssl = on`.
+    pub settings: String,
 }
 
 /// Why a [`Cluster`] could not be started, stopped or restarted.
@@ -153,6 +169,15 @@ impl Cluster {
     /// variants (with the failing tool's output and the server log) when the
     /// directory cannot be set up or initdb or the server fails.
     pub async fn start() -> Result<Cluster, ClusterError> {
+        Self::start_with(Extras::default()).await
+    }
+
+    /// [`Cluster::start`], with `extras` in place before the server starts.
+    ///
+    /// # Errors
+    ///
+    /// As [`Cluster::start`]; also when a file cannot be written.
+    pub async fn start_with(extras: Extras) -> Result<Cluster, ClusterError> {
         let bindir = find_bindir().await?;
         let as_postgres = running_as_root().await;
 
@@ -177,6 +202,7 @@ impl Cluster {
             port: 0,
             as_postgres,
             control: tokio::sync::Mutex::new(()),
+            extra_settings: extras.settings,
         };
         // From here on, an early return drops `cluster`, which stops any
         // server that got started and removes the directory.
@@ -196,6 +222,9 @@ impl Cluster {
 
         cluster.initdb().await?;
         cluster.include_settings().await?;
+        for (name, contents) in &extras.files {
+            cluster.write_private_file(name, contents).await?;
+        }
 
         let mut attempt = 1;
         loop {
@@ -390,6 +419,30 @@ impl Cluster {
             })
     }
 
+    /// Writes `contents` to `name` in the data directory, readable by the
+    /// server's user only.
+    async fn write_private_file(&self, name: &str, contents: &[u8]) -> Result<(), ClusterError> {
+        let path = self.data_dir.join(name);
+        let io_error = |source| ClusterError::Io {
+            what: format!("writing {}", path.display()),
+            source,
+        };
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .await
+            .map_err(io_error)?;
+        tokio::io::AsyncWriteExt::write_all(&mut file, contents)
+            .await
+            .map_err(io_error)?;
+        if self.as_postgres {
+            chown_to_postgres(&path).await?;
+        }
+        Ok(())
+    }
+
     /// Writes the server settings, including the current port.
     async fn write_settings(&self) -> Result<(), ClusterError> {
         let mut text =
@@ -408,6 +461,8 @@ impl Cluster {
              max_connections = 300\n\
              shared_buffers = 128MB\n",
         );
+        text.push_str(&self.extra_settings);
+        text.push('\n');
         let path = self.data_dir.join(SETTINGS_FILE);
         tokio::fs::write(&path, text)
             .await

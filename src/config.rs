@@ -19,6 +19,7 @@ use crate::admission::Limits;
 use crate::auth::{AdminClaim, AuthConfig, KeySource};
 use crate::hub::QueueSizes;
 use crate::install::{WatchSpec, WatchSpecError, DEFAULT_MAX_EVENT_BYTES, DEFAULT_OWNER};
+use crate::pgconn::{Target, TargetError};
 use crate::route::Routes;
 
 #[derive(Debug, Parser)]
@@ -253,8 +254,8 @@ pub enum ConfigError {
         "missing --database-url (or PGRELAY_DATABASE_URL, DATABASE_URL, database_url in --config)"
     )]
     NoDatabase,
-    #[error("--database-url: invalid connection string: {0}")]
-    DatabaseUrl(String),
+    #[error("--database-url: {0}")]
+    Database(#[from] TargetError),
     #[error("--listen {value:?}: {reason}")]
     Listen { value: String, reason: String },
     #[error(
@@ -282,7 +283,7 @@ pub enum ConfigError {
 /// Everything `serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    pub database: tokio_postgres::Config,
+    pub database: Target,
     pub listen: SocketAddr,
     pub auth: AuthConfig,
     pub routes: Routes,
@@ -300,7 +301,7 @@ pub struct ServeConfig {
 impl ServeConfig {
     /// Sensible values for everything but the database, listen address and key;
     /// used by `demo`, tests and the benchmark.
-    pub fn new(database: tokio_postgres::Config, listen: SocketAddr, secret: &str) -> ServeConfig {
+    pub fn new(database: Target, listen: SocketAddr, secret: &str) -> ServeConfig {
         ServeConfig {
             database,
             listen,
@@ -361,11 +362,9 @@ fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
     })
 }
 
-/// Resolves the connection string: flag/env, then file, then DATABASE_URL.
-fn database(
-    flag: Option<String>,
-    file: Option<String>,
-) -> Result<tokio_postgres::Config, ConfigError> {
+/// Resolves the connection string: flag/env, then file, then DATABASE_URL;
+/// its sslmode/sslrootcert (or PGSSLMODE/PGSSLROOTCERT) as libpq reads them.
+fn database(flag: Option<String>, file: Option<String>) -> Result<Target, ConfigError> {
     // An empty value (`PGRELAY_DATABASE_URL=` from a compose file) is unset.
     let set = |u: &String| !u.trim().is_empty();
     let url = flag
@@ -373,7 +372,7 @@ fn database(
         .or(file.filter(set))
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(set))
         .ok_or(ConfigError::NoDatabase)?;
-    tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::DatabaseUrl(e.to_string()))
+    Ok(Target::from_str(&url)?)
 }
 
 fn duration(
@@ -566,23 +565,7 @@ impl ServeArgs {
 impl std::fmt::Display for ServeConfig {
     /// The effective settings as TOML-like lines; no password, no secret.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let db = &self.database;
-        let hosts: Vec<String> = db
-            .get_hosts()
-            .iter()
-            .map(|h| match h {
-                tokio_postgres::config::Host::Tcp(name) => name.clone(),
-                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-            })
-            .collect();
-        writeln!(
-            f,
-            "database = \"host={} port={:?} dbname={} user={}\"",
-            hosts.join(","),
-            db.get_ports(),
-            db.get_dbname().unwrap_or("-"),
-            db.get_user().unwrap_or("-"),
-        )?;
+        writeln!(f, "database = {:?}", self.database.to_string())?;
         writeln!(f, "listen = \"{}\"", self.listen)?;
         match &self.auth.key {
             KeySource::Secret(_) => writeln!(f, "jwt_key = \"HS256 secret (redacted)\"")?,
@@ -662,7 +645,7 @@ impl std::fmt::Display for ServeConfig {
 /// What `install` needs, validated.
 #[derive(Debug, Clone)]
 pub struct InstallConfig {
-    pub database: tokio_postgres::Config,
+    pub database: Target,
     pub demo: bool,
     pub watch: Vec<WatchSpec>,
     /// The role that owns the schema and the capture functions.
@@ -673,7 +656,7 @@ pub struct InstallConfig {
 
 impl InstallConfig {
     /// The schema alone, with the default owner and event cap.
-    pub fn new(database: tokio_postgres::Config) -> InstallConfig {
+    pub fn new(database: Target) -> InstallConfig {
         InstallConfig {
             database,
             demo: false,

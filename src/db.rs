@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::value::RawValue;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 use crate::parse::{check_object, truncated, Event};
 
@@ -20,6 +20,7 @@ use crate::parse::{check_object, truncated, Event};
 /// capture): one event too large for a client's frame limit would break
 /// every socket it is routed to, on every resume.
 pub const MAX_DELIVERED_EVENT: usize = crate::config::MAX_EVENT_BYTES as usize;
+use crate::pgconn::Target;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -92,7 +93,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// otherwise: a name in pg_stat_activity, a bounded connect, and keepalives
 /// and a TCP user timeout so a dead server or cut network is noticed on idle
 /// connections (the LISTEN connection is idle most of the time).
-pub fn harden(config: &mut tokio_postgres::Config) {
+pub fn harden(config: &mut Target) {
     if config.get_application_name().is_none() {
         config.application_name("pgrelay");
     }
@@ -117,10 +118,11 @@ impl Db {
             .map_err(|_| DbError::Timeout(what))?
     }
 
-    pub fn new(config: tokio_postgres::Config, size: usize) -> Result<Db, DbError> {
+    pub fn new(target: Target, size: usize) -> Result<Db, DbError> {
+        let (config, tls) = target.into_parts();
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 // Verified: a connection a network cut left half-open fails
                 // the check (within recycle_timeout) instead of hanging the

@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio_postgres::NoTls;
 
 use crate::auth::mint;
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::{InstallConfig, ServeConfig};
 use crate::db::db_message;
 use crate::install::{install, InstallError};
+use crate::pgconn::Target;
 use crate::{Relay, StartError};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,9 +48,9 @@ pub async fn run(listen: &str, signal: impl Future<Output = ()>) -> Result<(), D
     eprintln!("starting a throwaway PostgreSQL...");
     let cluster = Cluster::start().await?;
     let url = cluster.url("postgres");
-    let database: tokio_postgres::Config = url
+    let database: Target = url
         .parse()
-        .map_err(|e: tokio_postgres::Error| DemoError::Seed(e.to_string()))?;
+        .map_err(|e: crate::pgconn::TargetError| DemoError::Seed(e.to_string()))?;
     install(&InstallConfig {
         demo: true,
         ..InstallConfig::new(database.clone())
@@ -102,9 +102,9 @@ pub async fn run(listen: &str, signal: impl Future<Output = ()>) -> Result<(), D
     Ok(())
 }
 
-async fn seed(database: &tokio_postgres::Config) -> Result<(), DemoError> {
+async fn seed(database: &Target) -> Result<(), DemoError> {
     let (client, connection) = database
-        .connect(NoTls)
+        .connect()
         .await
         .map_err(|e| DemoError::Seed(db_message(&e)))?;
     let driver = tokio::spawn(connection);

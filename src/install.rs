@@ -21,7 +21,6 @@ use std::str::FromStr;
 
 use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
 
 use crate::config::InstallConfig;
 use crate::db::db_message;
@@ -277,7 +276,7 @@ pub async fn install(config: &InstallConfig) -> Result<Installed, InstallError> 
     let mut database = config.database.clone();
     crate::db::harden(&mut database);
     let (mut client, connection) = database
-        .connect(NoTls)
+        .connect()
         .await
         .map_err(|e| InstallError::Connect(db_message(&e)))?;
     let driver = tokio::spawn(connection);

@@ -13,8 +13,9 @@
 //! ```
 //!
 //! Beside the flow: `server` (HTTP, upgrade, auth at the door), `auth` (JWT,
-//! pure), `config` (flags, env, TOML -> typed config), `db` (the read pool),
-//! `install` (embedded SQL), `retention` (pruning), `metrics`, `cluster`
+//! pure), `config` (flags, env, TOML -> typed config), `pgconn` (a database
+//! target: settings + sslmode/sslrootcert, the one `connect`), `db` (the read
+//! pool), `install` (embedded SQL), `retention` (pruning), `metrics`, `cluster`
 //! (throwaway PostgreSQL for `demo` and tests), `demo`.
 //!
 //! Invariants: data flows one way; the listener never waits on a socket;
@@ -34,6 +35,7 @@ pub mod install;
 pub mod listen;
 pub mod metrics;
 pub mod parse;
+pub mod pgconn;
 pub mod retention;
 pub mod route;
 pub mod server;

@@ -34,7 +34,7 @@ use futures_util::future::poll_fn;
 use postgres_protocol::escape::escape_identifier;
 use rand::Rng;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Notification};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -42,6 +42,7 @@ use crate::db::{read_events, Db, DbError, EVENTS_BETWEEN};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::parse::{parse_wakeup, Event};
+use crate::pgconn::Target;
 use crate::route::Routes;
 use crate::Status;
 
@@ -84,7 +85,7 @@ pub enum ListenError {
 }
 
 pub struct Listener {
-    pub config: tokio_postgres::Config,
+    pub config: Target,
     pub routes: Routes,
     pub db: Db,
     pub hub: Arc<Hub>,
@@ -133,7 +134,7 @@ impl Listener {
             config.get_application_name().unwrap_or("pgrelay")
         );
         config.application_name(name);
-        let (client, mut connection) = config.connect(NoTls).await.map_err(ListenError::Connect)?;
+        let (client, mut connection) = config.connect().await.map_err(ListenError::Connect)?;
         let (tx, mut rx) =
             mpsc::channel::<Result<Notification, tokio_postgres::Error>>(NOTIFY_QUEUE);
         self.tracker.spawn(async move {

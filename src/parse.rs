@@ -136,12 +136,17 @@ mod tests {
     #[test]
     fn stubs() {
         let stub = |data: &str| truncated(data).get().to_owned();
+        let long = "z".repeat(STUB_FIELD_BYTES);
         assert_eq!(
-            stub(r#"{"id": 42, "x": "y"}"#),
-            r#"{"id":42,"truncated":true}"#
+            stub(&format!(
+                r#"{{"id": 42, "owner_id": "7", "blob": "{long}"}}"#
+            )),
+            r#"{"id":42,"owner_id":"7","truncated":true}"#
         );
-        assert_eq!(stub(r#"{"id": "a-b"}"#), r#"{"id":"a-b","truncated":true}"#);
-        assert_eq!(stub(r#"{"x": 1}"#), r#"{"truncated":true}"#);
+        assert_eq!(
+            stub(r#"{"id": "a-b", "tags": [1, 2]}"#),
+            r#"{"id":"a-b","tags":[1,2],"truncated":true}"#
+        );
         assert_eq!(stub("not json"), r#"{"truncated":true}"#);
     }
 

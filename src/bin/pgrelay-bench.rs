@@ -305,7 +305,7 @@ impl Server {
         let database: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
         pgrelay::install::install(&InstallConfig {
             demo: true,
-            ..InstallConfig::new(database.clone())
+            ..InstallConfig::new(url.parse().map_err(|e| format!("{e}"))?)
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -10,17 +10,17 @@ use pgrelay::auth::{AuthConfig, KeySource, Verifier};
 
 use crate::harness::*;
 
-fn stdout(output: &Output) -> String {
+pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn stderr(output: &Output) -> String {
+pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// Exit code 2 and exactly one stderr line `pgrelay: error: ...` mentioning
 /// `mentions`, without panic text. Returns the line.
-fn assert_usage_error(output: &Output, mentions: &str) -> String {
+pub fn assert_usage_error(output: &Output, mentions: &str) -> String {
     let err = stderr(output);
     assert_eq!(output.status.code(), Some(2), "stderr: {err}");
     assert!(!err.contains("panicked"), "panic text in stderr: {err}");
@@ -35,7 +35,7 @@ fn assert_usage_error(output: &Output, mentions: &str) -> String {
 }
 
 /// `key = value` lines of `--print-config`.
-fn setting(printed: &str, key: &str) -> String {
+pub fn setting(printed: &str, key: &str) -> String {
     printed
         .lines()
         .find_map(|line| {

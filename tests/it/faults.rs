@@ -104,7 +104,7 @@ async fn start_relay(config: ServeConfig, ping: Duration) -> TestRelay {
     relay
 }
 
-fn serve_config(database: tokio_postgres::Config) -> ServeConfig {
+fn serve_config(database: pgrelay::pgconn::Target) -> ServeConfig {
     ServeConfig::new(database, "127.0.0.1:0".parse().expect("addr"), SECRET)
 }
 
@@ -267,7 +267,7 @@ async fn postgres_restart_keeps_sockets_open_and_relays_rows_committed_after_it(
         .await
         .expect("create database");
     let url = cluster.url("restart");
-    let database: tokio_postgres::Config = url.parse().expect("cluster url");
+    let database: pgrelay::pgconn::Target = url.parse().expect("cluster url");
     pgrelay::install::install(&InstallConfig {
         demo: true,
         ..InstallConfig::new(database.clone())
@@ -461,7 +461,7 @@ async fn network_cut(test: &str, heal: fn(&Proxy)) {
     let db = TestDb::demo(test).await;
     let (upstream, rewrite) = through_proxy(&db).await;
     let proxy = Proxy::start(upstream).await;
-    let via_proxy: tokio_postgres::Config = rewrite(proxy.addr).parse().expect("proxy url");
+    let via_proxy: pgrelay::pgconn::Target = rewrite(proxy.addr).parse().expect("proxy url");
     let relay = start_relay(serve_config(via_proxy), Duration::from_secs(30)).await;
     let mut ws = relay.ws("/ws/dashboard/", &token("1", true)).await;
     let start = ws.hello().await["last_id"].as_i64().expect("last_id");

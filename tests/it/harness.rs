@@ -123,7 +123,7 @@ impl TestDb {
         db
     }
 
-    pub fn config(&self) -> tokio_postgres::Config {
+    pub fn config(&self) -> pgrelay::pgconn::Target {
         self.url.parse().expect("test url parses")
     }
 
@@ -413,13 +413,18 @@ pub async fn insert_business(client: &Client, owner: i64, name: &str) -> i64 {
 const RUN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Runs `pgrelay args...` with only the `envs` given among PGRELAY_*,
-/// DATABASE_URL and RUST_LOG, so the developer's environment cannot leak in.
+/// DATABASE_URL, PGSSL* and RUST_LOG, so the developer's environment cannot
+/// leak in.
 pub async fn pgrelay(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
     command.args(args).kill_on_drop(true);
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if name.starts_with("PGRELAY_") || name == "DATABASE_URL" || name == "RUST_LOG" {
+        if name.starts_with("PGRELAY_")
+            || name.starts_with("PGSSL")
+            || name == "DATABASE_URL"
+            || name == "RUST_LOG"
+        {
             command.env_remove(name.as_ref());
         }
     }

@@ -218,7 +218,7 @@ async fn install_without_privileges_is_a_one_line_permission_error() {
         name = db.name
     ))
     .await;
-    let as_role: tokio_postgres::Config = url_as(&db, &role, "pw").parse().expect("url");
+    let as_role: pgrelay::pgconn::Target = url_as(&db, &role, "pw").parse().expect("url");
     let result = install(&InstallConfig {
         demo: true,
         ..InstallConfig::new(as_role)

@@ -11,3 +11,4 @@ mod relay;
 mod resume;
 mod security;
 mod tail;
+mod tls;
