@@ -60,6 +60,11 @@ pub struct DatabaseArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    /// Connection string for the LISTEN connection alone, when reads go through
+    /// a transaction-mode pooler: point this at the database directly or at a
+    /// session-mode pool [default: --database-url].
+    #[arg(long, env = "PGRELAY_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
     /// Address to serve HTTP and WebSockets on [default: 127.0.0.1:8080].
     #[arg(long, env = "PGRELAY_LISTEN")]
     pub listen: Option<String>,
@@ -207,6 +212,7 @@ pub struct TailArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     database_url: Option<String>,
+    listen_database_url: Option<String>,
     listen: Option<String>,
     jwt_secret: Option<String>,
     jwt_secret_file: Option<PathBuf>,
@@ -238,8 +244,8 @@ pub enum ConfigError {
         "missing --database-url (or PGRELAY_DATABASE_URL, DATABASE_URL, database_url in --config)"
     )]
     NoDatabase,
-    #[error("--database-url: invalid connection string: {0}")]
-    DatabaseUrl(String),
+    #[error("--{flag}: invalid connection string: {reason}")]
+    DatabaseUrl { flag: &'static str, reason: String },
     #[error("--listen {value:?}: {reason}")]
     Listen { value: String, reason: String },
     #[error(
@@ -266,6 +272,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub database: tokio_postgres::Config,
+    /// The LISTEN connection's own target; `None`: the same as `database`.
+    pub listen_database: Option<tokio_postgres::Config>,
     pub listen: SocketAddr,
     pub auth: AuthConfig,
     pub routes: Routes,
@@ -286,6 +294,7 @@ impl ServeConfig {
     pub fn new(database: tokio_postgres::Config, listen: SocketAddr, secret: &str) -> ServeConfig {
         ServeConfig {
             database,
+            listen_database: None,
             listen,
             auth: AuthConfig {
                 key: KeySource::Secret(secret.to_owned()),
@@ -344,19 +353,30 @@ fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
     })
 }
 
+/// An empty value (`PGRELAY_DATABASE_URL=` from a compose file) is unset.
+fn set(url: &String) -> bool {
+    !url.trim().is_empty()
+}
+
 /// Resolves the connection string: flag/env, then file, then DATABASE_URL.
 fn database(
     flag: Option<String>,
     file: Option<String>,
 ) -> Result<tokio_postgres::Config, ConfigError> {
-    // An empty value (`PGRELAY_DATABASE_URL=` from a compose file) is unset.
-    let set = |u: &String| !u.trim().is_empty();
     let url = flag
         .filter(set)
         .or(file.filter(set))
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(set))
         .ok_or(ConfigError::NoDatabase)?;
-    tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::DatabaseUrl(e.to_string()))
+    connection("database-url", &url)
+}
+
+/// Parses the connection string given to `--flag`.
+fn connection(flag: &'static str, url: &str) -> Result<tokio_postgres::Config, ConfigError> {
+    tokio_postgres::Config::from_str(url).map_err(|e| ConfigError::DatabaseUrl {
+        flag,
+        reason: e.to_string(),
+    })
 }
 
 fn duration(
@@ -406,6 +426,13 @@ impl ServeArgs {
     pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
         let file = load_file(self.db.config.as_deref())?;
         let database = database(self.db.database_url, file.database_url)?;
+        // Never DATABASE_URL: unset means "the same as the main connection".
+        let listen_database = self
+            .listen_database_url
+            .filter(set)
+            .or(file.listen_database_url.filter(set))
+            .map(|url| connection("listen-database-url", &url))
+            .transpose()?;
         let listen_text = self
             .listen
             .or(file.listen)
@@ -533,6 +560,7 @@ impl ServeArgs {
             limits,
             demo_api: false,
             database,
+            listen_database,
             listen,
             auth,
             routes,
@@ -546,23 +574,9 @@ impl ServeArgs {
 impl std::fmt::Display for ServeConfig {
     /// The effective settings as TOML-like lines; no password, no secret.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let db = &self.database;
-        let hosts: Vec<String> = db
-            .get_hosts()
-            .iter()
-            .map(|h| match h {
-                tokio_postgres::config::Host::Tcp(name) => name.clone(),
-                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-            })
-            .collect();
-        writeln!(
-            f,
-            "database = \"host={} port={:?} dbname={} user={}\"",
-            hosts.join(","),
-            db.get_ports(),
-            db.get_dbname().unwrap_or("-"),
-            db.get_user().unwrap_or("-"),
-        )?;
+        writeln!(f, "database = \"{}\"", Redacted(&self.database))?;
+        let listen_database = self.listen_database.as_ref().unwrap_or(&self.database);
+        writeln!(f, "listen_database = \"{}\"", Redacted(listen_database))?;
         writeln!(f, "listen = \"{}\"", self.listen)?;
         match &self.auth.key {
             KeySource::Secret(_) => writeln!(f, "jwt_key = \"HS256 secret (redacted)\"")?,
@@ -636,6 +650,31 @@ impl std::fmt::Display for ServeConfig {
         )?;
         writeln!(f, "max_client_message = {}", l.max_client_message)?;
         write!(f, "client_rate = {}", l.client_messages_per_second)
+    }
+}
+
+/// A connection target without its password: hosts, ports, database, user.
+struct Redacted<'a>(&'a tokio_postgres::Config);
+
+impl std::fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let db = self.0;
+        let hosts: Vec<String> = db
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        write!(
+            f,
+            "host={} port={:?} dbname={} user={}",
+            hosts.join(","),
+            db.get_ports(),
+            db.get_dbname().unwrap_or("-"),
+            db.get_user().unwrap_or("-"),
+        )
     }
 }
 

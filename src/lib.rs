@@ -67,7 +67,7 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Liveness facts the listener publishes and the server reads.
 #[derive(Debug, Default)]
 pub struct Status {
-    /// LISTEN is active and caught up.
+    /// LISTEN is active, caught up, and its last probe came back.
     pub ready: AtomicBool,
     epoch: RwLock<String>,
 }
@@ -127,6 +127,11 @@ impl Relay {
         ping_interval: Duration,
     ) -> Result<Relay, StartError> {
         db::harden(&mut config.database);
+        let mut listen_database = config
+            .listen_database
+            .clone()
+            .unwrap_or_else(|| config.database.clone());
+        db::harden(&mut listen_database);
         let verifier = Verifier::new(&config.auth)?;
         let db = Db::new(config.database.clone(), config.pool_size)
             .map_err(|e| StartError::Database(e.to_string()))?;
@@ -160,7 +165,7 @@ impl Relay {
         hub.advance(info.max_id);
         tracker.spawn(
             Listener {
-                config: config.database.clone(),
+                config: listen_database,
                 routes: config.routes.clone(),
                 db: db.clone(),
                 hub: Arc::clone(&hub),
