@@ -354,7 +354,7 @@ fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
 }
 
 /// An empty value (`PGRELAY_DATABASE_URL=` from a compose file) is unset.
-fn set(url: &String) -> bool {
+fn is_set(url: &str) -> bool {
     !url.trim().is_empty()
 }
 
@@ -364,9 +364,9 @@ fn database(
     file: Option<String>,
 ) -> Result<tokio_postgres::Config, ConfigError> {
     let url = flag
-        .filter(set)
-        .or(file.filter(set))
-        .or_else(|| std::env::var("DATABASE_URL").ok().filter(set))
+        .filter(|u| is_set(u))
+        .or(file.filter(|u| is_set(u)))
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| is_set(u)))
         .ok_or(ConfigError::NoDatabase)?;
     connection("database-url", &url)
 }
@@ -429,8 +429,8 @@ impl ServeArgs {
         // Never DATABASE_URL: unset means "the same as the main connection".
         let listen_database = self
             .listen_database_url
-            .filter(set)
-            .or(file.listen_database_url.filter(set))
+            .filter(|u| is_set(u))
+            .or(file.listen_database_url.filter(|u| is_set(u)))
             .map(|url| connection("listen-database-url", &url))
             .transpose()?;
         let listen_text = self
