@@ -1,6 +1,7 @@
-//! The deadpool pool and every query pgrelay makes through it: the listener's
-//! reads of new events, replay pages, the log's epoch and retention cursor,
-//! pruning, the admin query.
+//! The deadpool pool and every query pgrelay makes through it: replay pages,
+//! the log's epoch and retention cursor, pruning, the admin query, the
+//! listener's probe NOTIFY; and the read of new events, which the listener
+//! also runs on its own connection.
 //!
 //! The LISTEN connection is not here (see `listen`): a pooled connection
 //! cannot carry LISTEN. Every query takes typed parameters; nothing is built by

@@ -5,7 +5,8 @@
 //! ```text
 //! INSERT/UPDATE on a watched table
 //!   -> capture trigger (triggers/)  pgrelay.events row + pg_notify, ids in commit order
-//!   -> listen    one dedicated LISTEN connection; reconnects, catches up from pgrelay.events
+//!   -> listen    one dedicated LISTEN connection; reconnects, catches up from pgrelay.events,
+//!                probes that it hears other connections' NOTIFYs, re-reads the log every heartbeat
 //!   -> parse     NOTIFY payload -> Event (pure)
 //!   -> route     Event -> audiences: dashboard, user:<id> (pure)
 //!   -> hub       audience -> subscribers; each event serialised once, bounded rings
