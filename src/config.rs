@@ -62,6 +62,11 @@ pub struct DatabaseArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    /// Connection string for the LISTEN connection alone, when reads go through
+    /// a transaction-mode pooler: point this at the database directly or at a
+    /// session-mode pool [default: --database-url].
+    #[arg(long, env = "PGRELAY_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
     /// Address to serve HTTP and WebSockets on [default: 127.0.0.1:8080].
     #[arg(long, env = "PGRELAY_LISTEN")]
     pub listen: Option<String>,
@@ -223,6 +228,7 @@ pub struct TailArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     database_url: Option<String>,
+    listen_database_url: Option<String>,
     listen: Option<String>,
     jwt_secret: Option<String>,
     jwt_secret_file: Option<PathBuf>,
@@ -254,8 +260,12 @@ pub enum ConfigError {
         "missing --database-url (or PGRELAY_DATABASE_URL, DATABASE_URL, database_url in --config)"
     )]
     NoDatabase,
-    #[error("--database-url: {0}")]
-    Database(#[from] TargetError),
+    #[error("--{flag}: {source}")]
+    Database {
+        flag: &'static str,
+        #[source]
+        source: TargetError,
+    },
     #[error("--listen {value:?}: {reason}")]
     Listen { value: String, reason: String },
     #[error(
@@ -284,6 +294,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub database: Target,
+    /// The LISTEN connection's own target; `None`: the same as `database`.
+    pub listen_database: Option<Target>,
     pub listen: SocketAddr,
     pub auth: AuthConfig,
     pub routes: Routes,
@@ -304,6 +316,7 @@ impl ServeConfig {
     pub fn new(database: Target, listen: SocketAddr, secret: &str) -> ServeConfig {
         ServeConfig {
             database,
+            listen_database: None,
             listen,
             auth: AuthConfig {
                 key: KeySource::Secret(secret.to_owned()),
@@ -362,17 +375,25 @@ fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
     })
 }
 
+/// An empty value (`PGRELAY_DATABASE_URL=` from a compose file) is unset.
+fn is_set(url: &str) -> bool {
+    !url.trim().is_empty()
+}
+
 /// Resolves the connection string: flag/env, then file, then DATABASE_URL;
 /// its sslmode/sslrootcert (or PGSSLMODE/PGSSLROOTCERT) as libpq reads them.
 fn database(flag: Option<String>, file: Option<String>) -> Result<Target, ConfigError> {
-    // An empty value (`PGRELAY_DATABASE_URL=` from a compose file) is unset.
-    let set = |u: &String| !u.trim().is_empty();
     let url = flag
-        .filter(set)
-        .or(file.filter(set))
-        .or_else(|| std::env::var("DATABASE_URL").ok().filter(set))
+        .filter(|u| is_set(u))
+        .or(file.filter(|u| is_set(u)))
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| is_set(u)))
         .ok_or(ConfigError::NoDatabase)?;
-    Ok(Target::from_str(&url)?)
+    connection("database-url", &url)
+}
+
+/// Parses the connection string given to `--flag`.
+fn connection(flag: &'static str, url: &str) -> Result<Target, ConfigError> {
+    Target::from_str(url).map_err(|source| ConfigError::Database { flag, source })
 }
 
 fn duration(
@@ -425,6 +446,13 @@ impl ServeArgs {
     pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
         let file = load_file(self.db.config.as_deref())?;
         let database = database(self.db.database_url, file.database_url)?;
+        // Never DATABASE_URL: unset means "the same as the main connection".
+        let listen_database = self
+            .listen_database_url
+            .filter(|u| is_set(u))
+            .or(file.listen_database_url.filter(|u| is_set(u)))
+            .map(|url| connection("listen-database-url", &url))
+            .transpose()?;
         let listen_text = self
             .listen
             .or(file.listen)
@@ -552,6 +580,7 @@ impl ServeArgs {
             limits,
             demo_api: false,
             database,
+            listen_database,
             listen,
             auth,
             routes,
@@ -566,6 +595,8 @@ impl std::fmt::Display for ServeConfig {
     /// The effective settings as TOML-like lines; no password, no secret.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "database = {:?}", self.database.to_string())?;
+        let listen_database = self.listen_database.as_ref().unwrap_or(&self.database);
+        writeln!(f, "listen_database = {:?}", listen_database.to_string())?;
         writeln!(f, "listen = \"{}\"", self.listen)?;
         match &self.auth.key {
             KeySource::Secret(_) => writeln!(f, "jwt_key = \"HS256 secret (redacted)\"")?,

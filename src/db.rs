@@ -1,15 +1,24 @@
-//! The deadpool pool and every query pgrelay makes through it: the listener's
-//! reads of new events, replay pages, the log's epoch and retention cursor,
-//! pruning, the admin query.
+//! The deadpool pool and every query pgrelay makes through it: replay pages,
+//! the log's epoch and retention cursor, pruning, the admin query, the
+//! listener's probe NOTIFY; and the read of new events, which the listener
+//! also runs on its own connection.
 //!
 //! The LISTEN connection is not here (see `listen`): a pooled connection
 //! cannot carry LISTEN. Every query takes typed parameters; nothing is built by
 //! formatting strings.
+//!
+//! No named prepared statement outlives a transaction: every query is sent
+//! as one unnamed parse-bind-execute (`query_typed`), so the pool (and the
+//! listener's reads) work through PgBouncer in transaction mode of any
+//! version, where a statement prepared in one transaction may be missing in
+//! the next (the server connection changes). Only `--admin-query`, whose
+//! parameter type is the server's to say, prepares, inside a transaction.
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::value::RawValue;
+use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 
 use crate::parse::{check_object, truncated, Event};
@@ -146,7 +155,7 @@ impl Db {
         self.timed("log info", async {
             let client = self.pool.get().await?;
             let row = client
-                .query_opt(
+                .query_typed_opt(
                     // Retention may have emptied the log: the newest id ever
                     // handed out is then the pruned one.
                     "SELECT m.epoch, m.pruned_through, \
@@ -182,8 +191,7 @@ impl Db {
     ) -> Result<Page, DbError> {
         self.timed("events between", async {
             let client = self.pool.get().await?;
-            let statement = client.prepare_cached(EVENTS_BETWEEN).await?;
-            read_events(&client, &statement, after, upto, channels, limit).await
+            read_events(&client, after, upto, channels, limit).await
         })
         .await
     }
@@ -200,11 +208,17 @@ impl Db {
     ) -> Result<Page, DbError> {
         self.timed("user events between", async {
             let client = self.pool.get().await?;
-            let statement = client.prepare_cached(USER_EVENTS_BETWEEN).await?;
             let rows = client
-                .query(
-                    &statement,
-                    &[&after, &upto, channels, fields, &user, &limit],
+                .query_typed(
+                    USER_EVENTS_BETWEEN,
+                    &[
+                        (&after, Type::INT8),
+                        (&upto, Type::INT8),
+                        (channels, Type::TEXT_ARRAY),
+                        (fields, Type::TEXT_ARRAY),
+                        (&user, Type::TEXT),
+                        (&limit, Type::INT8),
+                    ],
                 )
                 .await?;
             page_from_rows(&rows)
@@ -240,19 +254,26 @@ pub struct Page {
     pub rows: usize,
 }
 
-/// Runs [`EVENTS_BETWEEN`], prepared on `client`: shared by the pool's
-/// replays and the listener's own connection. A row that is not a valid
-/// event (written by hand into the log) is logged and skipped.
+/// Runs [`EVENTS_BETWEEN`] on `client`: shared by the pool's replays and the
+/// listener's own connection. A row that is not a valid event (written by
+/// hand into the log) is logged and skipped.
 pub async fn read_events(
     client: &tokio_postgres::Client,
-    statement: &tokio_postgres::Statement,
     after: i64,
     upto: i64,
     channels: &[String],
     limit: i64,
 ) -> Result<Page, DbError> {
     let rows = client
-        .query(statement, &[&after, &upto, &channels, &limit])
+        .query_typed(
+            EVENTS_BETWEEN,
+            &[
+                (&after, Type::INT8),
+                (&upto, Type::INT8),
+                (&channels, Type::TEXT_ARRAY),
+                (&limit, Type::INT8),
+            ],
+        )
         .await?;
     page_from_rows(&rows)
 }
@@ -311,9 +332,9 @@ impl Db {
             let client = self.pool.get().await?;
             let interval = format!("{} milliseconds", older_than.as_millis());
             let row = client
-                .query_one(
+                .query_typed_one(
                     "SELECT pgrelay.prune($1::text::interval, $2)",
-                    &[&interval, &batch],
+                    &[(&interval, Type::TEXT), (&batch, Type::INT4)],
                 )
                 .await?;
             let deleted: i32 = row.try_get(0)?;
@@ -329,9 +350,12 @@ impl Db {
     /// row says whether the user is a super admin (no row: not one).
     pub async fn admin_query(&self, query: &str, user: &str) -> Result<bool, DbError> {
         self.timed("admin query", async {
-            use tokio_postgres::types::{ToSql, Type};
-            let client = self.pool.get().await?;
-            let statement = client.prepare_cached(query).await?;
+            use tokio_postgres::types::ToSql;
+            let mut client = self.pool.get().await?;
+            // Prepared and run in one transaction, so a transaction-mode
+            // pooler keeps the same server connection between the two.
+            let tx = client.transaction().await?;
+            let statement = tx.prepare(query).await?;
             let param_type = statement.params().first().cloned().unwrap_or(Type::TEXT);
             let as_i64;
             let as_i32;
@@ -353,11 +377,32 @@ impl Db {
                 }
                 _ => &user,
             };
-            let row = client.query_opt(&statement, &[param]).await?;
+            let row = tx.query_opt(&statement, &[param]).await?;
+            // Closed before the commit, on the server connection it lives on.
+            drop(statement);
+            tx.commit().await?;
             match row {
                 None => Ok(false),
                 Some(row) => Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false)),
             }
+        })
+        .await
+    }
+}
+
+impl Db {
+    /// `pg_notify(channel, payload)` through the pool, committed on return:
+    /// the listener's probe that its LISTEN connection really hears.
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), DbError> {
+        self.timed("probe notify", async {
+            let client = self.pool.get().await?;
+            client
+                .query_typed(
+                    "SELECT pg_notify($1, $2)",
+                    &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
+                )
+                .await?;
+            Ok(())
         })
         .await
     }
@@ -383,7 +428,7 @@ impl Db {
                 }
             };
             let client = self.pool.get().await?;
-            let row = client.query_opt(sql, &[]).await?;
+            let row = client.query_typed_opt(sql, &[]).await?;
             row.map(|r| r.try_get(0))
                 .transpose()?
                 .ok_or(DbError::Demo("create a business first"))

@@ -5,7 +5,8 @@
 //! ```text
 //! INSERT/UPDATE on a watched table
 //!   -> capture trigger (triggers/)  pgrelay.events row + pg_notify, ids in commit order
-//!   -> listen    one dedicated LISTEN connection; reconnects, catches up from pgrelay.events
+//!   -> listen    one dedicated LISTEN connection; reconnects, catches up from pgrelay.events,
+//!                probes that it hears other connections' NOTIFYs, re-reads the log every heartbeat
 //!   -> parse     NOTIFY payload -> Event (pure)
 //!   -> route     Event -> audiences: dashboard, user:<id> (pure)
 //!   -> hub       audience -> subscribers; each event serialised once, bounded rings
@@ -69,7 +70,7 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Liveness facts the listener publishes and the server reads.
 #[derive(Debug, Default)]
 pub struct Status {
-    /// LISTEN is active and caught up.
+    /// LISTEN is active, caught up, and its last probe came back.
     pub ready: AtomicBool,
     epoch: RwLock<String>,
 }
@@ -129,6 +130,11 @@ impl Relay {
         ping_interval: Duration,
     ) -> Result<Relay, StartError> {
         db::harden(&mut config.database);
+        let mut listen_database = config
+            .listen_database
+            .clone()
+            .unwrap_or_else(|| config.database.clone());
+        db::harden(&mut listen_database);
         let verifier = Verifier::new(&config.auth)?;
         let db = Db::new(config.database.clone(), config.pool_size)
             .map_err(|e| StartError::Database(e.to_string()))?;
@@ -162,7 +168,7 @@ impl Relay {
         hub.advance(info.max_id);
         tracker.spawn(
             Listener {
-                config: config.database.clone(),
+                config: listen_database,
                 routes: config.routes.clone(),
                 db: db.clone(),
                 hub: Arc::clone(&hub),

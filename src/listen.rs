@@ -16,15 +16,29 @@
 //! failed heartbeat) it reconnects with capped exponential backoff and jitter,
 //! LISTENs again, then catches up from the cursor before going live. LISTEN
 //! comes before the catch-up read, so nothing falls between the two.
-//! `/readyz` is 503 from the loss until the catch-up is done.
+//! `/readyz` is 503 from the loss until the catch-up is done and a probe has
+//! come back.
+//!
+//! A LISTEN that hears nothing is the fault no error reports: through a
+//! transaction-mode pooler (PgBouncer) the LISTEN lands on a server
+//! connection that is handed to someone else after the statement, and no
+//! notification ever comes back. So the listener proves it hears: after
+//! LISTEN and on every heartbeat it NOTIFYs a private channel through the
+//! pool (another connection; through its own connection the probe would come
+//! back even via a pooler) and expects it back here within [`PROBE_TIMEOUT`].
+//! A probe that does not come back turns `/readyz` to 503 and logs one line
+//! naming the likely cause (once per change, not per heartbeat); the next
+//! probe that comes back restores readiness. And whatever notifications do,
+//! every heartbeat also reads the log above the cursor (the safety net), so
+//! delivery is at worst one heartbeat late, never silently stopped.
 //!
 //! The connection is driven by its own task that only forwards notifications
-//! into a bounded queue (overflow policy: the driver waits, so notifications
-//! back up in PostgreSQL's own 8 GB queue, visible as
-//! `pg_notification_queue_usage`; the queue is drained in batches, so in
-//! practice it stays near empty). Reads go through the pool, never this
-//! connection, so the driver is never blocked behind our own query. Nothing
-//! here waits on a socket.
+//! into a bounded queue (overflow policy: when it is full a notification is
+//! dropped, which loses nothing: a queued one already causes the read, and
+//! notifications back up in PostgreSQL's own 8 GB queue, visible as
+//! `pg_notification_queue_usage`). Reads of new events go on this connection,
+//! so a storm of replays cannot starve the listener of pool connections; the
+//! driver task never waits on them. Nothing here waits on a socket.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,11 +48,12 @@ use futures_util::future::poll_fn;
 use postgres_protocol::escape::escape_identifier;
 use rand::Rng;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, Notification};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::db::{read_events, Db, DbError, EVENTS_BETWEEN};
+use crate::db::{read_events, Db, DbError};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::parse::{parse_wakeup, Event};
@@ -48,10 +63,9 @@ use crate::Status;
 
 /// Notifications read from the socket but not yet handled.
 const NOTIFY_QUEUE: usize = 16_384;
-/// The LISTEN connection's prepared read of new events.
+/// The LISTEN connection's read of new events.
 struct Reader<'a> {
     client: &'a tokio_postgres::Client,
-    statement: &'a tokio_postgres::Statement,
     /// The routed channels, listed once per connection, not per wake-up.
     channels: &'a [String],
 }
@@ -65,8 +79,60 @@ const FETCH_PAGE: i64 = 1_000;
 /// How often the connection proves it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a probe NOTIFY has to come back on the LISTEN connection
+/// (sending it included).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the last probe showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Heard {
+    /// No verdict yet (start).
+    Unknown,
+    /// The probe came back: LISTEN hears other connections' NOTIFYs.
+    Yes,
+    /// Sent through the pool, never came back.
+    No,
+    /// Could not be sent through the pool (why).
+    Unsent(String),
+}
+
+/// The listener's self-test (see the module docs). Outlives connections, so
+/// a verdict is logged only when it changes.
+struct Probe {
+    /// `pgrelay_probe_<random hex>`: this process's own channel.
+    channel: String,
+    /// Probes sent so far; the payload of the next one.
+    sent: u64,
+    /// The payload in flight and when it is due back.
+    pending: Option<(String, Instant)>,
+    heard: Heard,
+}
+
+impl Probe {
+    fn new() -> Probe {
+        Probe {
+            channel: format!("pgrelay_probe_{:016x}", rand::rng().random::<u64>()),
+            sent: 0,
+            pending: None,
+            heard: Heard::Unknown,
+        }
+    }
+
+    /// When the probe in flight is due, if one is.
+    fn due(&self) -> Option<Instant> {
+        self.pending.as_ref().map(|(_, due)| *due)
+    }
+}
+
+/// Waits until `deadline`, or forever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -100,8 +166,9 @@ impl Listener {
     pub async fn run(self) {
         let mut cursor: Option<i64> = None;
         let mut backoff = BACKOFF_MIN;
+        let mut probe = Probe::new();
         loop {
-            let result = self.connected(&mut cursor, &mut backoff).await;
+            let result = self.connected(&mut cursor, &mut backoff, &mut probe).await;
             self.status.ready.store(false, Ordering::SeqCst);
             match result {
                 Ok(()) => return,
@@ -125,6 +192,7 @@ impl Listener {
         &self,
         cursor: &mut Option<i64>,
         backoff: &mut Duration,
+        probe: &mut Probe,
     ) -> Result<(), ListenError> {
         // A distinct application_name lets operators (and tests) find the
         // LISTEN backend in pg_stat_activity.
@@ -161,22 +229,20 @@ impl Listener {
         let channels = self.routes.channels();
         let listen: String = channels
             .iter()
+            .chain([&probe.channel])
             .map(|c| format!("LISTEN {};", escape_identifier(c)))
             .collect();
         client
             .batch_execute(&listen)
             .await
             .map_err(ListenError::Listen)?;
+        // A probe sent to the previous connection cannot come back here.
+        probe.pending = None;
 
         // Reads go on this connection, not the pool: a storm of replays
         // cannot starve the listener of connections.
-        let statement = client
-            .prepare(EVENTS_BETWEEN)
-            .await
-            .map_err(ListenError::Listen)?;
         let reader = Reader {
             client: &client,
-            statement: &statement,
             channels: &channels,
         };
 
@@ -202,22 +268,34 @@ impl Listener {
         let start = *cursor.get_or_insert(self.hub.last_id());
         let caught_up = self.fetch(&reader, start, true).await?;
         *cursor = Some(caught_up);
-        self.status.ready.store(true, Ordering::SeqCst);
         *backoff = BACKOFF_MIN;
         tracing::info!(channels = %self.routes, last_id = caught_up, "listening");
+        // Ready once the first probe is back (caught up, and LISTEN hears).
+        self.send_probe(probe).await;
 
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.tick().await;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
+                _ = until(probe.due()) => {
+                    probe.pending = None;
+                    self.verdict(probe, Heard::No);
+                },
                 message = rx.recv() => {
                     // Everything already queued is one wake-up: one read.
                     let mut notified = Vec::new();
+                    let mut woken = false;
                     let mut next = message;
                     loop {
                         match next {
-                            Some(Ok(n)) => notified.extend(self.inspect(&n)),
+                            Some(Ok(n)) if n.channel() == probe.channel => {
+                                self.probe_back(probe, n.payload());
+                            }
+                            Some(Ok(n)) => {
+                                woken = true;
+                                notified.extend(self.inspect(&n));
+                            }
                             Some(Err(e)) => return Err(ListenError::Lost(e)),
                             None => return Err(ListenError::Closed),
                         }
@@ -225,6 +303,9 @@ impl Listener {
                             Ok(m) => next = Some(m),
                             Err(_) => break,
                         }
+                    }
+                    if !woken {
+                        continue;
                     }
                     let last = self.fetch(&reader, cursor.unwrap_or(0), false).await?;
                     *cursor = Some(last);
@@ -236,7 +317,7 @@ impl Listener {
                 _ = heartbeat.tick() => {
                     let row = tokio::time::timeout(
                         HEARTBEAT_TIMEOUT,
-                        client.query_one(
+                        client.query_typed_one(
                             "SELECT pg_notification_queue_usage(), (SELECT epoch FROM pgrelay.meta)",
                             &[],
                         ),
@@ -252,9 +333,77 @@ impl Listener {
                     if epoch.as_deref() != Some(self.status.epoch().as_str()) {
                         return Err(ListenError::Heartbeat("the event log's epoch changed".into()));
                     }
+                    // The safety net: read the log even without a wake-up, so
+                    // delivery never stops silently when notifications do not
+                    // arrive. Costs one indexed read per heartbeat.
+                    *cursor = Some(self.fetch(&reader, cursor.unwrap_or(0), false).await?);
+                    // One probe in flight at a time: its deadline decides.
+                    if probe.pending.is_none() {
+                        self.send_probe(probe).await;
+                    }
                 }
             }
         }
+    }
+
+    /// NOTIFYs the probe channel through the pool; the answer is awaited by
+    /// the main loop (see [`Probe::due`]).
+    async fn send_probe(&self, probe: &mut Probe) {
+        probe.sent += 1;
+        let payload = probe.sent.to_string();
+        let due = Instant::now() + PROBE_TIMEOUT;
+        let sent = tokio::time::timeout(PROBE_TIMEOUT, self.db.notify(&probe.channel, &payload))
+            .await
+            .unwrap_or(Err(DbError::Timeout("probe notify")));
+        match sent {
+            Ok(()) => probe.pending = Some((payload, due)),
+            Err(e) => self.verdict(probe, Heard::Unsent(e.to_string())),
+        }
+    }
+
+    /// A notification on the probe channel: the probe in flight is back.
+    /// Others (late, from an earlier probe) prove nothing about the bound.
+    fn probe_back(&self, probe: &mut Probe, payload: &str) {
+        if probe.pending.as_ref().is_some_and(|(p, _)| p == payload) {
+            probe.pending = None;
+            self.verdict(probe, Heard::Yes);
+        }
+    }
+
+    /// Records a probe's outcome: readiness and the gauge follow it, and a
+    /// change (only a change) is logged.
+    fn verdict(&self, probe: &mut Probe, heard: Heard) {
+        let ok = heard == Heard::Yes;
+        self.status.ready.store(ok, Ordering::SeqCst);
+        self.metrics.listen_probe_ok.set(i64::from(ok));
+        if std::mem::discriminant(&heard) != std::mem::discriminant(&probe.heard) {
+            match &heard {
+                Heard::Yes if probe.heard == Heard::Unknown => {
+                    tracing::debug!(channel = %probe.channel, "probe NOTIFY came back");
+                }
+                Heard::Yes => tracing::info!(
+                    channel = %probe.channel,
+                    "probe NOTIFY came back on the LISTEN connection: ready again"
+                ),
+                Heard::No => tracing::error!(
+                    channel = %probe.channel,
+                    "probe NOTIFY did not come back on the LISTEN connection within {}s: \
+                     LISTEN is probably going through a transaction-mode pooler (PgBouncer); \
+                     point --listen-database-url at the database directly or at a \
+                     session-mode pool (not ready; events are still read every {}s)",
+                    PROBE_TIMEOUT.as_secs(),
+                    HEARTBEAT.as_secs(),
+                ),
+                Heard::Unsent(error) => tracing::error!(
+                    channel = %probe.channel,
+                    error = %error,
+                    "probe NOTIFY could not be sent through the pool (not ready until one \
+                     comes back on the LISTEN connection)"
+                ),
+                Heard::Unknown => {}
+            }
+        }
+        probe.heard = heard;
     }
 
     /// Reads from `pgrelay.events` and hands on, in order, every routed event
@@ -268,14 +417,7 @@ impl Listener {
     ) -> Result<i64, ListenError> {
         let mut cursor = after;
         loop {
-            let read = read_events(
-                reader.client,
-                reader.statement,
-                cursor,
-                i64::MAX,
-                reader.channels,
-                FETCH_PAGE,
-            );
+            let read = read_events(reader.client, cursor, i64::MAX, reader.channels, FETCH_PAGE);
             let page = tokio::time::timeout(FETCH_TIMEOUT, read)
                 .await
                 .map_err(|_| ListenError::Db(DbError::Timeout("reading new events")))??;

@@ -64,6 +64,7 @@ pub struct Metrics {
     pub replay_rows: Counter,
     pub event_lag: Histogram,
     pub notification_queue_usage: Gauge<f64, AtomicU64>,
+    pub listen_probe_ok: Gauge,
 }
 
 impl Default for Metrics {
@@ -133,6 +134,14 @@ impl Default for Metrics {
             "pg_notification_queue_usage() as last sampled by the listener",
             notification_queue_usage.clone(),
         );
+        let listen_probe_ok = Gauge::default();
+        registry.register(
+            "listen_probe_ok",
+            "1 when the last probe NOTIFY, sent through the pool, came back on the \
+             LISTEN connection; 0 before the first and after one that did not \
+             (a transaction-mode pooler in front of LISTEN)",
+            listen_probe_ok.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -146,6 +155,7 @@ impl Default for Metrics {
             replay_rows,
             event_lag,
             notification_queue_usage,
+            listen_probe_ok,
         }
     }
 }

@@ -557,3 +557,63 @@ async fn tokens_never_reach_the_log_even_at_trace_level() {
     }
     assert!(!log.contains(SECRET), "the log carries the JWT secret");
 }
+
+/// `--listen-database-url` (flag, variable or file key) gives the LISTEN
+/// connection its own target, printed without its password; unset, it is
+/// the main target (never DATABASE_URL behind the main one's back); a bad
+/// one is a usage error that names the flag.
+#[tokio::test]
+async fn listen_database_url_defaults_to_the_database_and_is_printed_redacted() {
+    let pooled = "postgres://app:pooled-secret@pooler:6432/app";
+    let direct = "postgres://app:direct-secret@db:5432/app";
+    let serve = ["serve", "--database-url", pooled, "--jwt-secret", "s"];
+
+    let env = [("DATABASE_URL", "postgres://other@elsewhere/other")];
+    let default = pgrelay(&[&serve[..], &["--print-config"]].concat(), &env).await;
+    assert_eq!(default.status.code(), Some(0), "{}", stderr(&default));
+    let printed = stdout(&default);
+    assert_eq!(
+        setting(&printed, "listen_database"),
+        setting(&printed, "database")
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write_file(
+        dir.path(),
+        "pgrelay.toml",
+        &format!("listen_database_url = \"{direct}\"\n"),
+    );
+    let flag = ["--listen-database-url", direct];
+    let variable = [("PGRELAY_LISTEN_DATABASE_URL", direct)];
+    let config = ["--config", &file];
+    for (args, env) in [
+        (&flag[..], &[][..]),
+        (&[][..], &variable[..]),
+        (&config[..], &[][..]),
+    ] {
+        let output = pgrelay(&[&serve[..], args, &["--print-config"]].concat(), env).await;
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let printed = stdout(&output);
+        let listen = setting(&printed, "listen_database");
+        assert!(
+            listen.contains("host=db ") && listen.contains("5432"),
+            "{args:?} {env:?}: {listen}"
+        );
+        assert!(setting(&printed, "database").contains("host=pooler "));
+        assert!(
+            !printed.contains("pooled-secret") && !printed.contains("direct-secret"),
+            "a password is printed:\n{printed}"
+        );
+    }
+
+    let bad = pgrelay(
+        &[
+            &serve[..],
+            &["--listen-database-url", "postgres://db:port/app"],
+        ]
+        .concat(),
+        &[],
+    )
+    .await;
+    assert_usage_error(&bad, "--listen-database-url");
+}

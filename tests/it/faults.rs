@@ -37,28 +37,6 @@ use crate::resume::{
 
 // --- helpers ---------------------------------------------------------------
 
-/// `GET path`: status and body, or `None` when nothing accepts the
-/// connection. Bounded by [`WAIT`].
-async fn try_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(WAIT, exchange)
-        .await
-        .unwrap_or_else(|_| panic!("GET {path} timed out"))
-}
-
 async fn readyz(relay: &TestRelay) -> Option<u16> {
     try_http_get(relay.relay.addr(), "/readyz")
         .await
@@ -69,27 +47,8 @@ async fn wait_readyz(relay: &TestRelay, status: u16, what: &str) {
     wait_for(what, || async { readyz(relay).await == Some(status) }).await;
 }
 
-/// The value of one sample in `/metrics`, e.g. `pgrelay_listener_reconnects_total`
-/// or `pgrelay_connections{stream="dashboard"}`; `None` if absent. Compared
-/// without regard to case, so a label value rendered `Dashboard` matches.
-async fn metric(relay: &TestRelay, sample: &str) -> Option<f64> {
-    let (status, body) = try_http_get(relay.relay.addr(), "/metrics")
-        .await
-        .expect("GET /metrics");
-    assert_eq!(status, 200, "{body}");
-    let sample = sample.to_lowercase();
-    body.lines().find_map(|line| {
-        line.to_lowercase()
-            .strip_prefix(&sample)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 async fn reconnects(relay: &TestRelay) -> f64 {
-    metric(relay, "pgrelay_listener_reconnects_total")
+    metric(relay.relay.addr(), "pgrelay_listener_reconnects_total")
         .await
         .expect("pgrelay_listener_reconnects_total in /metrics")
 }
@@ -606,7 +565,7 @@ async fn slow_socket_is_closed_4008_and_resumes_without_loss_while_others_get_ev
         &expected[..got.len()],
         "what it got before the close is the events in order, without a gap",
     );
-    assert!(metric(&relay, "pgrelay_slow_closes_total").await >= Some(1.0));
+    assert!(metric(relay.relay.addr(), "pgrelay_slow_closes_total").await >= Some(1.0));
 
     let cursor = got.last().copied().unwrap_or(start);
     let mut resumed = resume(
@@ -930,7 +889,7 @@ async fn peer_that_never_answers_pings_is_dropped() {
         "the relay pinged the silent peer before dropping it"
     );
     wait_for("the gauge to count only the live socket", || async {
-        metric(&relay, DASHBOARD_SOCKETS).await == Some(1.0)
+        metric(relay.relay.addr(), DASHBOARD_SOCKETS).await == Some(1.0)
     })
     .await;
 
@@ -939,7 +898,10 @@ async fn peer_that_never_answers_pings_is_dropped() {
         pings.load(Ordering::SeqCst) >= 5
     })
     .await;
-    assert_eq!(metric(&relay, DASHBOARD_SOCKETS).await, Some(1.0));
+    assert_eq!(
+        metric(relay.relay.addr(), DASHBOARD_SOCKETS).await,
+        Some(1.0)
+    );
     let id = db.business(2, "still here").await;
     let frame = tokio::time::timeout(WAIT, received.recv())
         .await
@@ -956,33 +918,13 @@ async fn peer_that_never_answers_pings_is_dropped() {
 #[tokio::test]
 async fn sigterm_closes_sockets_with_1001_and_exits_0_within_5_s() {
     let db = TestDb::demo("fault_sigterm").await;
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("pick a free port");
-    let log = tempfile::NamedTempFile::new().expect("log file");
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
-    command
-        .args(["serve", "--database-url", &db.url, "--jwt-secret", SECRET])
-        .args(["--listen", &addr.to_string()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log.reopen().expect("log file"))
-        .kill_on_drop(true);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("PGRELAY_") || name == "DATABASE_URL" {
-            command.env_remove(name);
-        }
-    }
-    let mut child = command.spawn().expect("spawn pgrelay serve");
-    let log_text = || std::fs::read_to_string(log.path()).unwrap_or_default();
-
-    wait_for("pgrelay serve to be ready", || {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("pgrelay serve exited early ({status}): {}", log_text());
-        }
-        async move { try_http_get(addr, "/readyz").await.map(|(s, _)| s) == Some(200) }
-    })
-    .await;
+    let mut serve = ServeProcess::spawn(&["--database-url", &db.url]);
+    let addr = serve.addr;
+    serve
+        .wait_for("pgrelay serve to be ready", || async move {
+            try_http_get(addr, "/readyz").await.map(|(s, _)| s) == Some(200)
+        })
+        .await;
     let mut dashboard = Ws::connect(
         &format!("ws://{addr}/ws/dashboard/"),
         Some(&token("1", true)),
@@ -998,7 +940,7 @@ async fn sigterm_closes_sockets_with_1001_and_exits_0_within_5_s() {
     .expect("notifications socket");
     owner.hello().await;
 
-    let pid = child.id().expect("pid").to_string();
+    let pid = serve.child.id().expect("pid").to_string();
     let sent = Instant::now();
     let kill = tokio::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -1012,11 +954,11 @@ async fn sigterm_closes_sockets_with_1001_and_exits_0_within_5_s() {
         assert_eq!(code, 1001, "{reason}");
     }
     let left = Duration::from_secs(5).saturating_sub(sent.elapsed());
-    let status = tokio::time::timeout(left, child.wait())
+    let status = tokio::time::timeout(left, serve.child.wait())
         .await
-        .unwrap_or_else(|_| panic!("still running 5 s after SIGTERM: {}", log_text()))
+        .unwrap_or_else(|_| panic!("still running 5 s after SIGTERM: {}", serve.log()))
         .expect("wait for pgrelay");
-    assert!(status.success(), "exit status {status}: {}", log_text());
+    assert!(status.success(), "exit status {status}: {}", serve.log());
     assert!(
         TcpStream::connect(addr).await.is_err(),
         "nothing accepts connections after exit"

@@ -368,33 +368,114 @@ impl Ws {
 /// A plain HTTP/1.1 `GET path` to `addr` (no upgrade, no token): status and
 /// body. For `/healthz`, `/readyz` and refusals of non-WebSocket requests.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path)
+        .await
+        .unwrap_or_else(|| panic!("GET {path}: no HTTP response from {addr}"))
+}
+
+/// `GET path`: status and body, or `None` when nothing accepts the
+/// connection or the answer is not HTTP. Bounded by [`WAIT`].
+pub async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect for GET");
+        let mut stream = TcpStream::connect(addr).await.ok()?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("send GET");
+        stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
-        stream
-            .read_to_end(&mut response)
-            .await
-            .expect("read response");
-        String::from_utf8_lossy(&response).into_owned()
+        stream.read_to_end(&mut response).await.ok()?;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        Some((status, body.to_owned()))
     };
-    let response = tokio::time::timeout(WAIT, exchange)
+    tokio::time::timeout(WAIT, exchange)
         .await
-        .unwrap_or_else(|_| panic!("GET {path} timed out"));
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("GET {path}: malformed response {response:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no status in {head:?}"));
-    (status, body.to_owned())
+        .unwrap_or_else(|_| panic!("GET {path} timed out"))
+}
+
+/// The value of one sample in `/metrics` at `addr`, e.g.
+/// `pgrelay_listener_reconnects_total` or `pgrelay_connections{stream="dashboard"}`;
+/// `None` if absent. Compared without regard to case, so a label value
+/// rendered `Dashboard` matches.
+pub async fn metric(addr: std::net::SocketAddr, sample: &str) -> Option<f64> {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    let sample = sample.to_lowercase();
+    body.lines().find_map(|line| {
+        line.to_lowercase()
+            .strip_prefix(&sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The real `pgrelay serve` binary as a child process on a free port, with
+/// the test secret, no `PGRELAY_*` or `DATABASE_URL` from the environment,
+/// and its log (stderr) kept in a file. Killed on drop.
+pub struct ServeProcess {
+    pub child: tokio::process::Child,
+    pub addr: std::net::SocketAddr,
+    log: tempfile::NamedTempFile,
+}
+
+impl ServeProcess {
+    /// Spawns `pgrelay serve ARGS --jwt-secret SECRET --listen ADDR`.
+    pub fn spawn(args: &[&str]) -> ServeProcess {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("pick a free port");
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+        command
+            .arg("serve")
+            .args(args)
+            .args(["--jwt-secret", SECRET, "--listen", &addr.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log.reopen().expect("log file"))
+            .kill_on_drop(true);
+        for (name, _) in std::env::vars() {
+            if name.starts_with("PGRELAY_") || name == "DATABASE_URL" {
+                command.env_remove(name);
+            }
+        }
+        let child = command.spawn().expect("spawn pgrelay serve");
+        ServeProcess { child, addr, log }
+    }
+
+    /// Everything the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_for_log(&mut self, needle: &str) {
+        let path = self.log.path().to_owned();
+        self.wait_for(&format!("{needle:?} in the log"), || {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            async move { log.contains(needle) }
+        })
+        .await;
+    }
+
+    /// Waits for `check`, failing early (with the log) if the process exits.
+    pub async fn wait_for<F, Fut>(&mut self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let ServeProcess { child, log, .. } = self;
+        wait_for(what, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(log.path()).unwrap_or_default();
+                panic!("pgrelay serve exited early ({status}): {log}");
+            }
+            check()
+        })
+        .await;
+    }
 }
 
 /// Inserts a business on an open connection (one transaction) and returns its id.
