@@ -350,8 +350,12 @@ async fn large_backlog_replays_completely_in_order_across_pages() {
 async fn epoch_mismatch_answers_reset_then_continues_live() {
     let db = TestDb::demo("resume_epoch").await;
     let relay = TestRelay::start(&db).await;
+    // Seen by the relay before the resume connects, so they are below its
+    // `hello.last_id` and only a replay could send them.
+    let mut seen = relay.dashboard().await;
     for i in 0..3 {
         db.business(2, &format!("before {i}")).await;
+        seen.event().await;
     }
     let first = ids_after(&db, 0).await[0];
     let mut ws = relay
@@ -379,7 +383,10 @@ async fn epoch_mismatch_answers_reset_then_continues_live() {
 async fn cursor_beyond_the_log_answers_reset_cursor_unknown_then_continues_live() {
     let db = TestDb::demo("resume_unknown").await;
     let relay = TestRelay::start(&db).await;
+    // Seen by the relay before the resume connects (below its `hello.last_id`).
+    let mut seen = relay.dashboard().await;
     db.business(2, "before").await;
+    seen.event().await;
     let beyond = max_id(&db).await + 1000;
     let mut ws = relay
         .ws(
