@@ -2,12 +2,13 @@
 //! each wake-up, read the new events from `pgrelay.events`, route them, hand
 //! them to the hub, in id (= commit) order.
 //!
-//! Why read the log instead of trusting the NOTIFY payload: any role that can
-//! connect can NOTIFY any text on any channel, so a payload could forge an
-//! event, or name a huge id that would make every later real event look like
-//! a duplicate. A notification is therefore only a wake-up (its payload is
-//! checked, and a malformed one logged and counted); what is delivered is what
-//! the log holds above the cursor. Notifications queued together cost one
+//! Why read the log: the capture trigger's NOTIFY payload is the event id
+//! alone (LISTEN needs no privilege, so a payload is readable by every role),
+//! and any role that can connect can NOTIFY any text on any channel, so a
+//! payload could name a huge id that would make every later real event look
+//! like a duplicate. A notification is therefore only a wake-up (its payload
+//! is checked, and a malformed one logged and counted); what is delivered is
+//! what the log holds above the cursor. Notifications queued together cost one
 //! read, so under load the reads batch themselves. NOTIFY is sent only after
 //! the commit is visible, and ids are in commit order, so a read after a
 //! wake-up sees the event and cannot skip a smaller id that commits later.
