@@ -359,6 +359,81 @@ async fn watch_options_are_checked_against_the_catalog_in_one_line() {
     assert_eq!(schema, 0);
 }
 
+#[tokio::test]
+async fn the_applications_own_role_installs_and_serves_without_superuser() {
+    let db = TestDb::empty("capture_app_installs").await;
+    let role = format!("{}_app", db.name);
+    // What a DBA grants the role that owns the application's tables.
+    let grants = format!(
+        "ALTER ROLE \"{role}\" CREATEROLE; \
+         GRANT CREATE ON DATABASE \"{name}\" TO \"{role}\"; \
+         GRANT CREATE ON SCHEMA public TO \"{role}\";",
+        name = db.name
+    );
+    let (installed, events, owner_is_narrow) = as_role(&db, &role, &grants, async |url: &str| {
+        connect(url)
+            .await
+            .batch_execute(DJANGO_DDL)
+            .await
+            .expect("the app role makes its tables");
+        let mut args = vec!["install", "--database-url", url];
+        args.extend(watch_flags(&WATCH));
+        let installed = pgrelay(&args, &[]).await;
+        // serve as the same role: a member of the owner role now.
+        let relay = TestRelay::start_with(&db, |config| {
+            config.database = url.parse().expect("app url");
+            config.routes = Routes::parse(&ROUTES).expect("routes");
+        })
+        .await;
+        let mut dashboard = relay.dashboard().await;
+        let mut owner = relay.notifications("2").await;
+        let app = connect(url).await;
+        let business: i64 = app
+            .query_one(
+                "INSERT INTO businesses (name, created_at, owner_id) \
+                 VALUES ('Mine', now(), 2) RETURNING id",
+                &[],
+            )
+            .await
+            .expect("insert business")
+            .get(0);
+        app.execute(
+            "INSERT INTO reservations (starts_at, party_size, business_id, customer_id) \
+             VALUES (now(), 2, $1, 3)",
+            &[&business],
+        )
+        .await
+        .expect("insert reservation");
+        let events = [
+            dashboard.event().await,
+            dashboard.event().await,
+            owner.event().await,
+            owner.event().await,
+        ];
+        let owner_is_narrow: bool = app
+            .query_one(
+                "SELECT NOT (rolsuper OR rolcanlogin) FROM pg_roles r \
+                 JOIN pg_namespace n ON n.nspowner = r.oid WHERE n.nspname = 'pgrelay'",
+                &[],
+            )
+            .await
+            .expect("owner")
+            .get(0);
+        (installed, events, owner_is_narrow)
+    })
+    .await;
+    assert!(
+        installed.status.success(),
+        "install as the app role: {}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    assert!(owner_is_narrow);
+    assert_eq!(events[0]["table"], "businesses");
+    assert_eq!(events[1]["data"]["business_owner_id"], 2);
+    assert_eq!(events[2], events[0]);
+    assert_eq!(events[3], events[1]);
+}
+
 /// Runs `setup` as the superuser, then `f` with a connection as a new LOGIN
 /// role `role` (no other rights), then drops the role whatever happened.
 async fn as_role<T>(db: &TestDb, role: &str, setup: &str, f: impl AsyncFnOnce(&str) -> T) -> T {
