@@ -257,3 +257,19 @@ END
 $watch$;
 
 REVOKE ALL ON FUNCTION pgrelay.watch(regclass, text, text[], text[], text[], text[], text[], text[], integer) FROM PUBLIC;
+
+-- Capture functions no trigger uses any more (the table was dropped, or its
+-- trigger was) are removed: `install` is how capture is kept tidy.
+DO $tidy$
+DECLARE
+    v_function regprocedure;
+BEGIN
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        WHERE p.pronamespace = 'pgrelay'::regnamespace AND p.proname ~ '^capture_[0-9]+$'
+          AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid)
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', v_function);
+    END LOOP;
+END
+$tidy$;

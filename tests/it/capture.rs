@@ -277,6 +277,11 @@ async fn django_tables_get_the_seed_rules_from_flags_alone_live_and_on_replay() 
 #[tokio::test]
 async fn reinstalling_with_other_options_replaces_the_capture_in_place() {
     let db = django_db("capture_reinstall").await;
+    let functions = "SELECT count(*) FROM pg_proc \
+                     WHERE pronamespace = 'pgrelay'::regnamespace AND proname LIKE 'capture%'";
+    assert_eq!(id_of(&db, functions).await, 3);
+    // Users are no longer watched: the next install tidies their function.
+    db.exec("DROP TRIGGER pgrelay_capture ON users").await;
     // Businesses now INSERT only, with two columns.
     let output = install_cli(
         &db,
@@ -291,6 +296,7 @@ async fn reinstalling_with_other_options_replaces_the_capture_in_place() {
     )
     .await;
     assert_eq!(triggers, 1);
+    assert_eq!(id_of(&db, functions).await, 2);
 
     let relay = relay_with_seed_routes(&db).await;
     let mut dashboard = relay.dashboard().await;
