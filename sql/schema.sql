@@ -18,6 +18,23 @@ CREATE TABLE IF NOT EXISTS pgrelay.events (
 
 CREATE INDEX IF NOT EXISTS events_created_at_idx ON pgrelay.events (created_at);
 
+-- What a user's replay searches by (db::USER_EVENTS_BETWEEN): the events
+-- whose payload names a user in a field, found without reading other users'
+-- rows. fastupdate off: no pending list whose flush would land on one
+-- capture, under the commit-order lock. Built here while the log is small;
+-- on a large log (an upgrade) `pgrelay install` builds it CONCURRENTLY after
+-- this transaction instead, so the application's writes are never blocked
+-- for the length of a build.
+DO $index$
+BEGIN
+    IF to_regclass('pgrelay.events_payload_idx') IS NULL
+       AND (SELECT reltuples FROM pg_class WHERE oid = 'pgrelay.events'::regclass) < 100000 THEN
+        CREATE INDEX events_payload_idx ON pgrelay.events
+            USING gin (payload jsonb_path_ops) WITH (fastupdate = off);
+    END IF;
+END
+$index$;
+
 -- One row. `epoch` identifies this event log: a cursor from another epoch (a
 -- restored or reinstalled database) gets `reset`, never a silent gap.
 -- `pruned_through` is the highest id that retention may have deleted: a cursor

@@ -199,7 +199,10 @@ impl Verifier {
         }
         let user = ["sub", "user_id"]
             .iter()
-            .find_map(|name| claims.get(*name).and_then(user_id))
+            .find_map(|name| {
+                let raw = serde_json::value::to_raw_value(claims.get(*name)?).ok()?;
+                user_id(&raw)
+            })
             .ok_or(AuthError::NoUser)?;
         let exp = claims
             .get("exp")

@@ -22,6 +22,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 
 use crate::parse::{check_object, truncated, Event};
+use crate::route::{is_integer_id, UserFilter};
 
 /// The largest payload delivered whole, as JSON text. Capture already logs a
 /// stub for rows above its own cap (`install --max-event-size`); this is the
@@ -153,8 +154,9 @@ impl Db {
     /// pgrelay schema is missing.
     pub async fn log_info(&self) -> Result<LogInfo, DbError> {
         self.timed("log info", async {
-            let client = self.pool.get().await?;
-            let row = client
+            let mut client = self.pool.get().await?;
+            let tx = bounded(&mut client).await?;
+            let row = tx
                 .query_typed_opt(
                     // Retention may have emptied the log: the newest id ever
                     // handed out is then the pruned one.
@@ -172,6 +174,7 @@ impl Db {
                     _ => DbError::Query(e),
                 })?
                 .ok_or(DbError::NotInstalled)?;
+            tx.commit().await?;
             Ok(LogInfo {
                 epoch: row.try_get(0)?,
                 pruned_through: row.try_get(1)?,
@@ -181,7 +184,9 @@ impl Db {
         .await
     }
 
-    /// Up to `limit` events on `channels` with `after < id <= upto`, in id order.
+    /// One replay page: up to `limit` events on `channels` with
+    /// `after < id <= upto`, in id order. The caller bounds `upto - after`
+    /// (see [`REPLAY_WINDOW`]); the server bounds the time.
     pub async fn events_between(
         &self,
         after: i64,
@@ -190,41 +195,70 @@ impl Db {
         limit: i64,
     ) -> Result<Page, DbError> {
         self.timed("events between", async {
-            let client = self.pool.get().await?;
-            read_events(&client, after, upto, channels, limit).await
+            let mut client = self.pool.get().await?;
+            let tx = bounded(&mut client).await?;
+            let page = read_events(&*tx, after, upto, channels, limit).await?;
+            tx.commit().await?;
+            Ok(page)
         })
         .await
     }
 
-    /// Up to `limit` of `user`'s events (see [`USER_EVENTS_BETWEEN`]) with
-    /// `after < id <= upto`, in id order.
+    /// One page of a user's replay (see [`USER_EVENTS_BETWEEN`]): up to
+    /// `limit` events with `after < id <= upto` whose routed field names
+    /// `filter`'s user, in id order.
     pub async fn user_events_between(
         &self,
         after: i64,
         upto: i64,
-        (channels, fields): &(Vec<String>, Vec<String>),
-        user: &str,
+        filter: &UserFilter,
         limit: i64,
     ) -> Result<Page, DbError> {
         self.timed("user events between", async {
-            let client = self.pool.get().await?;
-            let rows = client
+            let mut client = self.pool.get().await?;
+            let tx = bounded(&mut client).await?;
+            let rows = tx
                 .query_typed(
                     USER_EVENTS_BETWEEN,
                     &[
                         (&after, Type::INT8),
                         (&upto, Type::INT8),
-                        (channels, Type::TEXT_ARRAY),
-                        (fields, Type::TEXT_ARRAY),
-                        (&user, Type::TEXT),
+                        (&filter.patterns, Type::TEXT_ARRAY),
+                        (&filter.channels, Type::TEXT_ARRAY),
+                        (&filter.fields, Type::TEXT_ARRAY),
+                        (&filter.user, Type::TEXT),
+                        (&filter.integer, Type::BOOL),
                         (&limit, Type::INT8),
                     ],
                 )
                 .await?;
+            tx.commit().await?;
             page_from_rows(&rows)
         })
         .await
     }
+}
+
+/// Ids one replay page may cover at most: with the primary key, a page
+/// scans at most this many rows whatever the log holds, and a replay moves
+/// on by whole windows where nothing matches.
+pub const REPLAY_WINDOW: i64 = 100_000;
+
+/// The server-side limit on every query through the pool that reads the log
+/// (replay pages, log info, pruning) and on the admin query: a query
+/// pgrelay has given up on (the socket left, the deadline passed) does not
+/// keep running inside PostgreSQL. `SET LOCAL`, so a transaction-mode
+/// pooler hands no setting on to its other clients.
+const STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = '5s'";
+
+/// A transaction whose statements PostgreSQL itself stops after
+/// [`STATEMENT_TIMEOUT`].
+async fn bounded(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, DbError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(STATEMENT_TIMEOUT).await?;
+    Ok(tx)
 }
 
 /// Up to `$4` events on channels `$3` with `$1 < id <= $2`, in id order.
@@ -234,14 +268,22 @@ pub const EVENTS_BETWEEN: &str =
      WHERE id > $1 AND id <= $2 AND channel = ANY($3) ORDER BY id LIMIT $4";
 
 /// Like [`EVENTS_BETWEEN`], for one user's stream: only rows whose routed
-/// field (`$3` channels paired with `$4` fields) holds the user id `$5` as
-/// text, so a user's replay ships only their events, not the whole log.
+/// field (`$4` channels paired with `$5` fields) names the user `$6` by the
+/// rule of `route::user_id` (a JSON string equal to it, or, when `$7` says
+/// the id is an integer, a JSON number written the same), so a user's replay
+/// ships only their events. `$3` holds the same as containment patterns
+/// (`{"field": "42"}`, `{"field": 42}`), which the GIN index on the payload
+/// answers without reading other users' rows.
 pub const USER_EVENTS_BETWEEN: &str = "SELECT id, channel, table_name, op, \
      pgrelay.format_at(created_at), payload::text FROM pgrelay.events e \
-     WHERE id > $1 AND id <= $2 AND EXISTS ( \
-         SELECT 1 FROM unnest($3::text[], $4::text[]) AS r(ch, f) \
-         WHERE r.ch = e.channel AND e.payload ->> r.f = $5) \
-     ORDER BY id LIMIT $6";
+     WHERE id > $1 AND id <= $2 AND e.payload @> ANY ($3::text[]::jsonb[]) \
+     AND EXISTS ( \
+         SELECT 1 FROM unnest($4::text[], $5::text[]) AS r(ch, f) \
+         WHERE r.ch = e.channel \
+           AND CASE jsonb_typeof(e.payload -> r.f) \
+                   WHEN 'string' THEN true WHEN 'number' THEN $7 ELSE false END \
+           AND e.payload ->> r.f = $6) \
+     ORDER BY id LIMIT $8";
 
 /// One page of the log: its readable events, and how far it went.
 #[derive(Debug, Default)]
@@ -258,7 +300,7 @@ pub struct Page {
 /// listener's own connection. A row that is not a valid event (written by
 /// hand into the log) is logged and skipped.
 pub async fn read_events(
-    client: &tokio_postgres::Client,
+    client: &impl tokio_postgres::GenericClient,
     after: i64,
     upto: i64,
     channels: &[String],
@@ -329,14 +371,16 @@ impl Db {
     /// another replica holds the pruning lock.
     pub async fn prune(&self, older_than: Duration, batch: i32) -> Result<Option<i32>, DbError> {
         self.timed("prune", async {
-            let client = self.pool.get().await?;
+            let mut client = self.pool.get().await?;
+            let tx = bounded(&mut client).await?;
             let interval = format!("{} milliseconds", older_than.as_millis());
-            let row = client
+            let row = tx
                 .query_typed_one(
                     "SELECT pgrelay.prune($1::text::interval, $2)",
                     &[(&interval, Type::TEXT), (&batch, Type::INT4)],
                 )
                 .await?;
+            tx.commit().await?;
             let deleted: i32 = row.try_get(0)?;
             Ok((deleted >= 0).then_some(deleted))
         })
@@ -354,22 +398,26 @@ impl Db {
             let mut client = self.pool.get().await?;
             // Prepared and run in one transaction, so a transaction-mode
             // pooler keeps the same server connection between the two.
-            let tx = client.transaction().await?;
+            let tx = bounded(&mut client).await?;
             let statement = tx.prepare(query).await?;
             let param_type = statement.params().first().cloned().unwrap_or(Type::TEXT);
+            // An integer parameter takes only an id in canonical form: "01"
+            // or "+1" would name user 1 to the query while routing and the
+            // socket caps see another user. An id the column cannot hold
+            // names nobody either: not an admin.
+            let integer = is_integer_id(user);
             let as_i64;
             let as_i32;
             let param: &(dyn ToSql + Sync) = match param_type {
                 Type::INT8 => {
-                    // An id the column cannot hold names nobody: not an admin.
-                    let Ok(id) = user.parse::<i64>() else {
+                    let Some(id) = user.parse::<i64>().ok().filter(|_| integer) else {
                         return Ok(false);
                     };
                     as_i64 = id;
                     &as_i64
                 }
                 Type::INT4 => {
-                    let Ok(id) = user.parse::<i32>() else {
+                    let Some(id) = user.parse::<i32>().ok().filter(|_| integer) else {
                         return Ok(false);
                     };
                     as_i32 = id;

@@ -335,6 +335,7 @@ pub async fn install(config: &InstallConfig) -> Result<Installed, InstallError> 
             watch(&tx, spec).await?;
         }
         tx.commit().await.map_err(sql_error("the schema"))?;
+        payload_index(&client).await?;
         Ok(Installed {
             demo: config.demo,
             owner: config.owner.clone(),
@@ -345,6 +346,35 @@ pub async fn install(config: &InstallConfig) -> Result<Installed, InstallError> 
     drop(client);
     let _ = driver.await;
     result
+}
+
+/// Builds the replay index on a log that was too large to index inside the
+/// install transaction (see sql/schema.sql), CONCURRENTLY, so writes go on
+/// meanwhile; a build an earlier install left invalid is dropped first.
+async fn payload_index(client: &tokio_postgres::Client) -> Result<(), InstallError> {
+    let valid: Option<bool> = client
+        .query_one(
+            "SELECT (SELECT indisvalid FROM pg_index \
+                     WHERE indexrelid = to_regclass('pgrelay.events_payload_idx'))",
+            &[],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(sql_error("the replay index"))?;
+    let build = match valid {
+        Some(true) => return Ok(()),
+        Some(false) => "DROP INDEX CONCURRENTLY pgrelay.events_payload_idx; ",
+        None => "",
+    };
+    client
+        .batch_execute(&format!(
+            "SET lock_timeout = '30s'; {build}\
+             CREATE INDEX CONCURRENTLY events_payload_idx ON pgrelay.events \
+             USING gin (payload jsonb_path_ops) WITH (fastupdate = off); \
+             RESET lock_timeout;"
+        ))
+        .await
+        .map_err(sql_error("the replay index"))
 }
 
 /// Creates the owner role if it does not exist (NOLOGIN, nothing granted),

@@ -37,6 +37,7 @@ pub mod listen;
 pub mod metrics;
 pub mod parse;
 pub mod pgconn;
+pub mod replays;
 pub mod retention;
 pub mod route;
 pub mod server;
@@ -59,6 +60,7 @@ use crate::db::{Db, DbError};
 use crate::hub::Hub;
 use crate::listen::Listener;
 use crate::metrics::Metrics;
+use crate::replays::ReplayLimits;
 use crate::server::Shared;
 
 /// How long shutdown waits for sockets to close before giving up on them.
@@ -200,6 +202,8 @@ impl Relay {
             admin_lookup,
             hub,
             db,
+            // Two pool connections stay free for admin checks and the probe.
+            replays: ReplayLimits::new(config.pool_size.saturating_sub(2)),
             routes: config.routes,
             metrics,
             status: Arc::clone(&status),

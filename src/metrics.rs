@@ -62,6 +62,7 @@ pub struct Metrics {
     pub closes: Family<CloseLabels, Counter>,
     pub listener_reconnects: Counter,
     pub replay_rows: Counter,
+    pub replays_refused: Counter,
     pub event_lag: Histogram,
     pub notification_queue_usage: Gauge<f64, AtomicU64>,
     pub listen_probe_ok: Gauge,
@@ -107,7 +108,7 @@ impl Default for Metrics {
             "closes",
             "Sockets closed by pgrelay, by close code (1001 shutdown, 1003 binary, \
              1008 bad or too many messages, 1009 too big, 1011 replay failed, \
-             4001 token, 4008 too slow)",
+             1012 event log went back, 1013 replay busy, 4001 token, 4008 too slow)",
             closes.clone(),
         );
         let listener_reconnects = Counter::default();
@@ -121,6 +122,12 @@ impl Default for Metrics {
             "replay_rows",
             "Rows read from pgrelay.events to replay or catch up",
             replay_rows.clone(),
+        );
+        let replays_refused = Counter::default();
+        registry.register(
+            "replays_refused",
+            "Resumes closed with 1013 because too many replays ran at once",
+            replays_refused.clone(),
         );
         let event_lag = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
@@ -153,6 +160,7 @@ impl Default for Metrics {
             closes,
             listener_reconnects,
             replay_rows,
+            replays_refused,
             event_lag,
             notification_queue_usage,
             listen_probe_ok,

@@ -6,11 +6,11 @@
 //! and `"42"` are the same user. The same [`Routes::route`] decides live
 //! delivery and replay, so a resumed socket sees exactly what a live one would.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
 use crate::parse::Event;
 
@@ -26,6 +26,19 @@ pub enum Audience {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routes {
     by_channel: BTreeMap<String, Vec<Audience>>,
+}
+
+/// The filter of one user's replay, built by [`Routes::user_filter`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserFilter {
+    /// Routed (channel, field) pairs, as two parallel lists.
+    pub channels: Vec<String>,
+    pub fields: Vec<String>,
+    /// JSON objects a matching payload contains (for the payload index).
+    pub patterns: Vec<String>,
+    pub user: String,
+    /// Whether `user` also matches JSON integers.
+    pub integer: bool,
 }
 
 /// Where one event goes: the dashboard stream and/or these users.
@@ -152,13 +165,44 @@ impl Routes {
             .unzip()
     }
 
+    /// What a replay of `user`'s stream filters on (see
+    /// `db::USER_EVENTS_BETWEEN`): every routed (channel, field) pair, and
+    /// the containment patterns an index can answer, one per field and
+    /// JSON type the rule of [`user_id`] lets name this user.
+    pub fn user_filter(&self, user: &str) -> UserFilter {
+        let (channels, fields) = self.user_fields();
+        let integer = is_integer_id(user);
+        let mut patterns: Vec<String> = Vec::new();
+        for field in &fields {
+            let key = serde_json::Value::from(field.as_str());
+            let string = serde_json::Value::from(user);
+            let mut candidates = vec![format!("{{{key}:{string}}}")];
+            if integer {
+                candidates.push(format!("{{{key}:{user}}}"));
+            }
+            for pattern in candidates {
+                if !patterns.contains(&pattern) {
+                    patterns.push(pattern);
+                }
+            }
+        }
+        UserFilter {
+            channels,
+            fields,
+            patterns,
+            user: user.to_owned(),
+            integer,
+        }
+    }
+
     /// The audiences of an event, or nothing for an unrouted channel.
     pub fn route(&self, event: &Event) -> Targets {
         let Some(audiences) = self.by_channel.get(&event.channel) else {
             return Targets::default();
         };
         let mut targets = Targets::default();
-        let mut row: Option<Map<String, Value>> = None;
+        // Borrowed raw values: a number is read as written, never through f64.
+        let mut row: Option<HashMap<String, &RawValue>> = None;
         for audience in audiences {
             match audience {
                 Audience::Dashboard => targets.dashboard = true,
@@ -166,7 +210,7 @@ impl Routes {
                     let row = row.get_or_insert_with(|| {
                         serde_json::from_str(event.data.get()).unwrap_or_default()
                     });
-                    if let Some(user) = row.get(field).and_then(user_id) {
+                    if let Some(user) = row.get(field).and_then(|v| user_id(v)) {
                         if !targets.users.contains(&user) {
                             targets.users.push(user);
                         }
@@ -205,19 +249,39 @@ pub fn is_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':'))
 }
 
-/// A user id as text: numbers and non-empty strings are ids, anything else is not.
-pub fn user_id(value: &Value) -> Option<String> {
-    match value {
-        Value::Number(n) => Some(n.to_string()),
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        _ => None,
+/// A user id as text, by the one rule that live routing, replay (SQL in
+/// `db`) and token subjects share: a non-empty JSON string is its text; a
+/// JSON integer is its digits exactly as written (so `42` and `"42"` are the
+/// same user, and an integer past 2^64 is not rounded); anything else —
+/// fractions (`2.50`), exponents, booleans, null, objects — names nobody.
+pub fn user_id(value: &RawValue) -> Option<String> {
+    let text = value.get();
+    if text.starts_with('"') {
+        let s: String = serde_json::from_str(text).ok()?;
+        (!s.is_empty()).then_some(s)
+    } else if is_integer_id(text) {
+        Some(text.to_owned())
+    } else {
+        None
+    }
+}
+
+/// `-?(0|[1-9][0-9]*)`: an integer in canonical form, as JSON writes one.
+/// A text user id of this form also matches JSON numbers; `01`, `+1` or
+/// ` 1` match only the string they are.
+pub fn is_integer_id(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    match digits.as_bytes() {
+        [] => false,
+        [b'0'] => true,
+        [b'0', ..] => false,
+        bytes => bytes.iter().all(u8::is_ascii_digit),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::value::RawValue;
 
     fn event(channel: &str, data: &str) -> Event {
         Event {
@@ -245,6 +309,26 @@ mod tests {
         check(d, "business_events", r#"{"owner_id":null}"#, true, &[]);
         check(d, "business_events", r#"{"owner_id":true}"#, true, &[]);
         check(d, "business_events", r#"{"owner_id":""}"#, true, &[]);
+        // One rule for ids, the same as replay's SQL: strings as they are,
+        // integers exactly as written, nothing else.
+        check(d, "business_events", r#"{"owner_id":2.50}"#, true, &[]);
+        check(d, "business_events", r#"{"owner_id":1e3}"#, true, &[]);
+        check(d, "business_events", r#"{"owner_id":-7}"#, true, &["-7"]);
+        check(
+            d,
+            "business_events",
+            r#"{"owner_id":18446744073709551616}"#,
+            true,
+            &["18446744073709551616"],
+        );
+        check(d, "business_events", r#"{"owner_id":"01"}"#, true, &["01"]);
+        check(
+            d,
+            "business_events",
+            r#"{"owner_id":"2.50"}"#,
+            true,
+            &["2.50"],
+        );
         check(d, "other", r#"{"owner_id":42}"#, false, &[]);
         check(
             d,
@@ -315,6 +399,23 @@ mod tests {
                 ]
             )
         );
+        let filter = routes.user_filter("42");
+        assert_eq!(
+            filter.patterns,
+            [
+                r#"{"owner_id":"42"}"#,
+                r#"{"owner_id":42}"#,
+                r#"{"business_owner_id":"42"}"#,
+                r#"{"business_owner_id":42}"#,
+                r#"{"customer_id":"42"}"#,
+                r#"{"customer_id":42}"#,
+            ]
+        );
+        assert!(filter.integer);
+        let filter = routes.user_filter("0\"1");
+        assert!(!filter.integer);
+        assert_eq!(filter.patterns[0], r#"{"owner_id":"0\"1"}"#);
+        assert_eq!(filter.patterns.len(), 3);
         let routes = Routes::parse(&["a=dashboard", "b=user:x"]).expect("parse");
         assert_eq!(routes.dashboard_channels(), ["a"]);
         assert_eq!(
@@ -328,7 +429,7 @@ mod tests {
 mod properties {
     use super::*;
     use proptest::prelude::*;
-    use serde_json::value::RawValue;
+    use serde_json::Value;
     use std::collections::BTreeSet;
 
     fn value() -> impl Strategy<Value = Value> {
@@ -368,7 +469,10 @@ mod properties {
             };
             let targets = routes.route(&event);
             let expected: BTreeSet<String> = if routed {
-                user_fields.iter().filter_map(|f| fields.get(f).and_then(user_id)).collect()
+                user_fields.iter().filter_map(|f| {
+                    let raw = serde_json::value::to_raw_value(fields.get(f)?).ok()?;
+                    user_id(&raw)
+                }).collect()
             } else {
                 BTreeSet::new()
             };

@@ -38,6 +38,7 @@ use crate::coalesce::Coalesce;
 use crate::db::{Db, DbError, DemoAction};
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Stream};
+use crate::replays::ReplayLimits;
 use crate::route::Routes;
 use crate::session::{self, Resume};
 use crate::Status;
@@ -53,6 +54,8 @@ pub struct Shared {
     pub admin_lookup: Option<AdminLookup>,
     pub hub: Arc<Hub>,
     pub db: Db,
+    /// Caps on replays running at once (they share the read pool).
+    pub replays: ReplayLimits,
     pub routes: Routes,
     pub metrics: Arc<Metrics>,
     pub status: Arc<Status>,

@@ -30,9 +30,11 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::Identity;
+use crate::db::REPLAY_WINDOW;
 use crate::hub::Subscription;
 use crate::metrics::{CloseLabels, Stream};
 use crate::parse::Event;
+use crate::replays::Busy;
 use crate::server::Shared;
 
 /// A stalled peer is dropped after this long.
@@ -331,6 +333,21 @@ async fn replay(
     resume: &Resume,
     upto: i64,
 ) -> Result<i64, End> {
+    // A cursor at the head of this log (the usual case after a restart, a
+    // deploy or a 1012) has nothing to replay and cannot need a reset: no
+    // query, no turn. Reconnect storms of caught-up clients cost nothing.
+    let epoch = shared.status.epoch();
+    if resume.last_id == upto && resume.epoch.as_ref().is_none_or(|e| *e == epoch) {
+        return Ok(upto);
+    }
+    let _turn = shared.replays.turn(user).await.map_err(|busy| {
+        shared.metrics.replays_refused.inc();
+        tracing::debug!(reason = %busy, "replay refused: retry later");
+        match busy {
+            Busy::User => End::Close(1013, "too many replays at once for this user: retry later"),
+            Busy::Total => End::Close(1013, "server busy replaying: retry later"),
+        }
+    })?;
     let unavailable = |e: crate::db::DbError| {
         tracing::warn!(error = %e, "replay failed");
         End::Close(1011, "replay unavailable: retry later")
@@ -351,7 +368,7 @@ async fn replay(
     }
     let dashboard = *stream == Stream::Dashboard;
     let channels = shared.routes.dashboard_channels();
-    let user_fields = shared.routes.user_fields();
+    let user_filter = shared.routes.user_filter(user);
     let visible = |event: &Event| {
         let targets = shared.routes.route(event);
         if dashboard {
@@ -362,22 +379,28 @@ async fn replay(
     };
     let mut after = resume.last_id;
     while after < upto {
+        // One bounded window a page: a window with no match costs one
+        // cheap page and the replay moves on past it.
+        let window_end = upto.min(after.saturating_add(REPLAY_WINDOW));
         let page = if dashboard {
             shared
                 .db
-                .events_between(after, upto, &channels, REPLAY_PAGE)
+                .events_between(after, window_end, &channels, REPLAY_PAGE)
                 .await
         } else {
             // Filtered in SQL (only this user's rows leave the database),
             // and again by the router below.
             shared
                 .db
-                .user_events_between(after, upto, &user_fields, user, REPLAY_PAGE)
+                .user_events_between(after, window_end, &user_filter, REPLAY_PAGE)
                 .await
         }
         .map_err(unavailable)?;
-        let Some(last) = page.last_id else { break };
-        after = last;
+        // A full page may have more in its window: go on after its last row.
+        after = match page.last_id {
+            Some(last) if page.rows as i64 == REPLAY_PAGE => last,
+            _ => window_end,
+        };
         shared.metrics.replay_rows.inc_by(page.rows as u64);
         let frames: Vec<Message> = page
             .events
@@ -386,8 +409,10 @@ async fn replay(
             .map(|e| Message::text(e.frame()))
             .collect();
         let n = frames.len() as u64;
-        write(ws, frames).await?;
-        shared.metrics.deliveries.inc_by(n);
+        if n > 0 {
+            write(ws, frames).await?;
+            shared.metrics.deliveries.inc_by(n);
+        }
     }
     // Retention may have pruned into the range while it was being read: then
     // rows may be missing from it, and the client must hear so.

@@ -9,6 +9,7 @@ mod install;
 mod pooler;
 mod refusals;
 mod relay;
+mod replay_bounds;
 mod resume;
 mod security;
 mod tail;

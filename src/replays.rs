@@ -1,0 +1,124 @@
+//! Caps on concurrent replays: in total, because replays share the read
+//! pool with admin checks and the listener's probe, and per user, so one
+//! user's many tabs and devices reconnecting with old cursors cannot take
+//! them all. Each replay page is bounded in PostgreSQL (see `db`); these
+//! bound how many run at once.
+//!
+//! Over the per-user cap a socket is refused at once; over the total cap it
+//! waits up to [`QUEUE_WAIT`] for a turn (a reconnect storm queues rather
+//! than fails), then is refused. A refused socket is closed with 1013 (try
+//! again later) and resumes later, with backoff, losing nothing.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+/// Longest a replay waits for a turn before its socket is told to retry.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(10);
+/// Concurrent replays of one user.
+pub const PER_USER: usize = 2;
+
+/// Why a replay may not start now.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Busy {
+    #[error("too many replays at once for this user")]
+    User,
+    #[error("too many replays at once")]
+    Total,
+}
+
+pub struct ReplayLimits {
+    total: Semaphore,
+    per_user: Mutex<HashMap<String, usize>>,
+}
+
+/// A replay's turn; gives it back when dropped.
+pub struct Turn<'a> {
+    _total: SemaphorePermit<'a>,
+    _user: UserSlot<'a>,
+}
+
+impl ReplayLimits {
+    /// At most `total` replays at once (at least one).
+    pub fn new(total: usize) -> ReplayLimits {
+        ReplayLimits {
+            total: Semaphore::new(total.max(1)),
+            per_user: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for a turn for `user`'s replay, within the caps.
+    pub async fn turn(&self, user: &str) -> Result<Turn<'_>, Busy> {
+        {
+            let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+            let running = per_user.entry(user.to_owned()).or_default();
+            if *running >= PER_USER {
+                return Err(Busy::User);
+            }
+            *running += 1;
+        }
+        // From here the per-user count is ours: the slot gives it back on
+        // every path, the wait for a total permit included.
+        let user = UserSlot {
+            limits: self,
+            user: user.to_owned(),
+        };
+        let total = tokio::time::timeout(QUEUE_WAIT, self.total.acquire())
+            .await
+            .map_err(|_| Busy::Total)?
+            .map_err(|_| Busy::Total)?;
+        Ok(Turn {
+            _total: total,
+            _user: user,
+        })
+    }
+
+    fn release(&self, user: &str) {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(running) = per_user.get_mut(user) {
+            *running -= 1;
+            if *running == 0 {
+                per_user.remove(user);
+            }
+        }
+    }
+}
+
+/// A per-user count taken but not yet part of a [`Turn`].
+struct UserSlot<'a> {
+    limits: &'a ReplayLimits,
+    user: String,
+}
+
+impl Drop for UserSlot<'_> {
+    fn drop(&mut self) {
+        self.limits.release(&self.user);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn per_user_and_total_caps_hold_and_turns_come_back() {
+        use futures_util::FutureExt;
+
+        let limits = ReplayLimits::new(3);
+        let a1 = limits.turn("a").await.expect("a1");
+        let a2 = limits.turn("a").await.expect("a2");
+        assert_eq!(limits.turn("a").await.err(), Some(Busy::User));
+        let b1 = limits.turn("b").await.expect("b1");
+        drop(a1);
+        let a3 = limits.turn("a").await.expect("a's turn came back");
+        // Three running: a fourth waits, and gets the turn of one that ends.
+        let mut b2 = Box::pin(limits.turn("b"));
+        assert!((&mut b2).now_or_never().is_none(), "over the total cap");
+        drop(a2);
+        let b2 = b2.now_or_never().expect("a turn freed").expect("b2");
+        drop((a3, b1, b2));
+        assert!(limits.per_user.lock().expect("lock").is_empty());
+    }
+}

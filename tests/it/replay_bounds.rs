@@ -1,0 +1,249 @@
+//! What a resuming client can cost PostgreSQL: one rule for user ids in live
+//! routing and replay, replay pages that read only the user's rows (through
+//! the payload index) in bounded id windows, a server-side statement
+//! timeout, and caps on replays running at once.
+
+use serde_json::Value;
+
+use crate::harness::*;
+use crate::resume::{read_ids, resume};
+
+/// Appends events to the log by hand (as capture would, minus the trigger)
+/// and wakes the listener: `payloads` as JSON text, on business_events.
+async fn log_events(db: &TestDb, payloads: &[&str]) -> Vec<i64> {
+    let client = db.client().await;
+    let mut ids = Vec::new();
+    for payload in payloads {
+        let id: i64 = client
+            .query_one(
+                "INSERT INTO pgrelay.events (id, channel, table_name, op, payload) \
+                 VALUES (nextval('pgrelay.events_id_seq'), 'business_events', 'businesses', \
+                         'INSERT', $1::text::jsonb) RETURNING id",
+                &[payload],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("log {payload}: {e}"))
+            .get(0);
+        client
+            .execute(
+                "SELECT pg_notify('business_events', $1)",
+                &[&id.to_string()],
+            )
+            .await
+            .expect("notify");
+        ids.push(id);
+    }
+    ids
+}
+
+async fn log_state(db: &TestDb) -> (i64, String) {
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT coalesce((SELECT max(id) FROM pgrelay.events), 0), epoch FROM pgrelay.meta",
+            &[],
+        )
+        .await
+        .expect("log state");
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn one_user_id_rule_for_live_and_replay_with_edge_values() {
+    let db = TestDb::demo("bounds_id_rule").await;
+    let relay = TestRelay::start(&db).await;
+    let (start, epoch) = log_state(&db).await;
+    let users = ["1", "01", "+1", "2.5", "2.50", "18446744073709551616", "-3"];
+    let mut live = Vec::new();
+    for user in users {
+        live.push(relay.notifications(user).await);
+    }
+    let ids = log_events(
+        &db,
+        &[
+            r#"{"id": 1, "owner_id": 2.50}"#,
+            r#"{"id": 2, "owner_id": 18446744073709551616}"#,
+            r#"{"id": 3, "owner_id": "01"}"#,
+            r#"{"id": 4, "owner_id": 1}"#,
+            r#"{"id": 5, "owner_id": "2.50"}"#,
+            r#"{"id": 6, "owner_id": -3}"#,
+            r#"{"id": 7, "owner_id": "1"}"#,
+            r#"{"id": 8, "owner_id": 1.0}"#,
+        ],
+    )
+    .await;
+    // Who is named by what: strings as written, integers as written,
+    // fractions by nobody.
+    let expected: [&[usize]; 7] = [&[3, 6], &[2], &[], &[], &[4], &[1], &[5]];
+    // A marker to every user, so "nothing more" is observable.
+    let marker_payloads: Vec<String> = users
+        .iter()
+        .map(|u| serde_json::json!({"id": 99, "owner_id": u}).to_string())
+        .collect();
+    let markers = log_events(
+        &db,
+        &marker_payloads
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    for (n, user) in users.iter().enumerate() {
+        let want: Vec<i64> = expected[n]
+            .iter()
+            .map(|&i| ids[i])
+            .chain([markers[n]])
+            .collect();
+        let got_live = read_ids(&mut live[n], want.len()).await;
+        assert_eq!(got_live, want, "live, user {user:?}");
+        let mut replay = resume(
+            &relay,
+            "/ws/notifications/",
+            &token(user, false),
+            start,
+            &epoch,
+        )
+        .await;
+        let got_replay = read_ids(&mut replay, want.len()).await;
+        assert_eq!(got_replay, want, "replay, user {user:?}");
+    }
+}
+
+/// 300,000 events of other users with five of one user spread among them:
+/// the user's replay from 0 ships their five rows and no other, and
+/// PostgreSQL finds them through the payload index, not by a scan.
+#[tokio::test]
+async fn sparse_users_replay_reads_only_their_rows_through_the_index() {
+    let db = TestDb::demo("bounds_sparse").await;
+    db.exec(
+        "INSERT INTO pgrelay.events (id, channel, table_name, op, payload) \
+         SELECT nextval('pgrelay.events_id_seq'), 'business_events', 'businesses', 'INSERT', \
+                jsonb_build_object('id', g, 'owner_id', \
+                    CASE WHEN g % 60000 = 7 THEN 424242 ELSE 1000 + g % 5000 END, \
+                    'name', 'business ' || g) \
+         FROM generate_series(1, 300000) g; \
+         ANALYZE pgrelay.events; \
+         INSERT INTO users (id, email) VALUES (424242, 'sparse@example.com');",
+    )
+    .await;
+    let relay = TestRelay::start(&db).await;
+    let (_, epoch) = log_state(&db).await;
+    let before = metric(relay.relay.addr(), "pgrelay_replay_rows_total")
+        .await
+        .unwrap_or(0.0);
+    let mut ws = resume(
+        &relay,
+        "/ws/notifications/",
+        &token("424242", false),
+        0,
+        &epoch,
+    )
+    .await;
+    let got = read_ids(&mut ws, 5).await;
+    assert_eq!(got.len(), 5);
+    let marker = db.business(424242, "live after the replay").await;
+    assert_eq!(ws.event().await["data"]["id"], marker);
+    let read = metric(relay.relay.addr(), "pgrelay_replay_rows_total")
+        .await
+        .unwrap_or(0.0)
+        - before;
+    assert_eq!(read, 5.0, "the replay read rows of other users");
+
+    // And PostgreSQL answers that page from the index, not by a scan.
+    let plan: Vec<String> = db
+        .client()
+        .await
+        .query(
+            &format!(
+                "EXPLAIN {}",
+                pgrelay::db::USER_EVENTS_BETWEEN
+                    .replace("$1", "0")
+                    .replace("$2", "100000")
+                    .replace(
+                        "$3",
+                        r#"ARRAY['{"owner_id":"424242"}','{"owner_id":424242}']"#
+                    )
+                    .replace("$4", "ARRAY['business_events']")
+                    .replace("$5", "ARRAY['owner_id']")
+                    .replace("$6", "'424242'")
+                    .replace("$7", "true")
+                    .replace("$8", "500")
+            ),
+            &[],
+        )
+        .await
+        .expect("explain")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("events_payload_idx"), "{plan}");
+}
+
+/// A replay query that cannot finish (the log is locked) is stopped by
+/// PostgreSQL itself: the socket gets 1011, and no pgrelay query is left
+/// running in the server while the lock is still held. Meanwhile a user's
+/// third replay at once is refused with 1013, and the two that waited
+/// complete once the lock goes.
+#[tokio::test]
+async fn stuck_replays_are_stopped_by_the_server_and_capped_per_user() {
+    let db = TestDb::demo("bounds_stuck").await;
+    let relay = TestRelay::start(&db).await;
+    for i in 0..3 {
+        db.business(2, &format!("old {i}")).await;
+    }
+    let (_, epoch) = log_state(&db).await;
+    let owner = token("2", false);
+    let path = format!("/ws/notifications/?last_id=0&epoch={epoch}");
+
+    // Hold the log: every replay read now waits.
+    let locker = db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pgrelay.events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the log");
+    let mut first = relay.ws(&path, &owner).await;
+    first.hello().await;
+    let mut second = relay.ws(&path, &owner).await;
+    second.hello().await;
+    let watcher = db.client().await;
+    let waiting = || async {
+        watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = 'pgrelay' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .map(|row| row.get::<_, i64>(0))
+            .unwrap_or(-1)
+    };
+    wait_for("both replays to wait on the lock", || async {
+        waiting().await == 2
+    })
+    .await;
+    let mut third = relay.ws(&path, &owner).await;
+    third.hello().await;
+    let (code, reason) = third.close_code().await;
+    assert_eq!(code, 1013, "{reason}");
+    assert!(reason.contains("retry"), "{reason}");
+
+    // The server's statement timeout ends the waits; the sockets hear 1011.
+    for ws in [&mut first, &mut second] {
+        let (code, reason) = ws.close_code().await;
+        assert_eq!(code, 1011, "{reason}");
+    }
+    assert_eq!(waiting().await, 0, "a replay query outlived its socket");
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+
+    // Retried, they complete.
+    let mut again = relay.ws(&path, &owner).await;
+    again.hello().await;
+    let replayed: Vec<Value> = vec![
+        again.event().await,
+        again.event().await,
+        again.event().await,
+    ];
+    assert_eq!(replayed[2]["data"]["name"], "old 2");
+}
