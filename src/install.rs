@@ -580,3 +580,21 @@ mod tests {
         check(&format!("t={}", "c".repeat(64)), Err("must be 1 to 63"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever is passed to --watch, parsing returns, never panics, and
+        /// what parses prints back to the same spec.
+        #[test]
+        fn watch_specs_round_trip(spec in "[a-z_.=:, ]{0,60}") {
+            if let Ok(watch) = spec.parse::<WatchSpec>() {
+                let again: WatchSpec = watch.to_string().parse().expect("printed spec parses");
+                prop_assert_eq!(again, watch);
+            }
+        }
+    }
+}
