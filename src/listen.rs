@@ -7,9 +7,10 @@
 //! and any role that can connect can NOTIFY any text on any channel, so a
 //! payload could name a huge id that would make every later real event look
 //! like a duplicate. A notification is therefore only a wake-up (its payload
-//! is checked, and a malformed one logged and counted); what is delivered is
-//! what the log holds above the cursor. Notifications queued together cost one
-//! read, so under load the reads batch themselves. NOTIFY is sent only after
+//! is checked; a malformed one is counted, and logged at most once a second
+//! per channel, see [`BadNotices`]); what is delivered is what the log holds
+//! above the cursor. Notifications queued together cost one read, so under
+//! load the reads batch themselves. NOTIFY is sent only after
 //! the commit is visible, and ids are in commit order, so a read after a
 //! wake-up sees the event and cannot skip a smaller id that commits later.
 //!
@@ -41,6 +42,7 @@
 //! so a storm of replays cannot starve the listener of pool connections; the
 //! driver task never waits on them. Nothing here waits on a socket.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -127,6 +129,50 @@ impl Probe {
     }
 }
 
+/// At most one warning per channel per this long about bad notifications.
+const BAD_NOTICE_EVERY: Duration = Duration::from_secs(1);
+
+/// Throttles the bad-notification warning, per channel: any role that can
+/// connect can NOTIFY millions of junk payloads, and each must not cost a log
+/// line. Each line says how many were left out since the previous one (the
+/// counter counts them all). Notifications arrive only on the channels the
+/// listener LISTENs to, so this holds no more entries than there are routes.
+/// Outlives connections, like [`Probe`].
+#[derive(Default)]
+struct BadNotices {
+    channels: HashMap<String, Throttle>,
+}
+
+struct Throttle {
+    logged_at: Instant,
+    suppressed: u64,
+}
+
+impl BadNotices {
+    /// Notes one bad notification on `channel` at `now`: `Some(n)` when a line
+    /// is due, `n` the ones left out since the last line on that channel.
+    fn due(&mut self, channel: &str, now: Instant) -> Option<u64> {
+        match self.channels.get_mut(channel) {
+            Some(t) if now.duration_since(t.logged_at) < BAD_NOTICE_EVERY => {
+                t.suppressed += 1;
+                None
+            }
+            Some(t) => {
+                t.logged_at = now;
+                Some(std::mem::take(&mut t.suppressed))
+            }
+            None => {
+                let first = Throttle {
+                    logged_at: now,
+                    suppressed: 0,
+                };
+                self.channels.insert(channel.to_owned(), first);
+                Some(0)
+            }
+        }
+    }
+}
+
 /// Waits until `deadline`, or forever without one.
 async fn until(deadline: Option<Instant>) {
     match deadline {
@@ -168,8 +214,11 @@ impl Listener {
         let mut cursor: Option<i64> = None;
         let mut backoff = BACKOFF_MIN;
         let mut probe = Probe::new();
+        let mut notices = BadNotices::default();
         loop {
-            let result = self.connected(&mut cursor, &mut backoff, &mut probe).await;
+            let result = self
+                .connected(&mut cursor, &mut backoff, &mut probe, &mut notices)
+                .await;
             self.status.ready.store(false, Ordering::SeqCst);
             match result {
                 Ok(()) => return,
@@ -194,6 +243,7 @@ impl Listener {
         cursor: &mut Option<i64>,
         backoff: &mut Duration,
         probe: &mut Probe,
+        notices: &mut BadNotices,
     ) -> Result<(), ListenError> {
         // A distinct application_name lets operators (and tests) find the
         // LISTEN backend in pg_stat_activity.
@@ -295,7 +345,7 @@ impl Listener {
                             }
                             Some(Ok(n)) => {
                                 woken = true;
-                                notified.extend(self.inspect(&n));
+                                notified.extend(self.inspect(&n, notices));
                             }
                             Some(Err(e)) => return Err(ListenError::Lost(e)),
                             None => return Err(ListenError::Closed),
@@ -311,8 +361,8 @@ impl Listener {
                     let last = self.fetch(&reader, cursor.unwrap_or(0), false).await?;
                     *cursor = Some(last);
                     for (channel, id) in notified.into_iter().filter(|(_, id)| *id > last) {
-                        self.metrics.bad_notifications.inc();
-                        tracing::warn!(channel, id, "skipping notification: no such event in pgrelay.events");
+                        let reason = format_args!("no event {id} in pgrelay.events");
+                        self.skip(notices, &channel, &reason);
                     }
                 },
                 _ = heartbeat.tick() => {
@@ -446,14 +496,27 @@ impl Listener {
     /// Returns the id it names, if any. It only wakes the reader: any role
     /// that can connect can NOTIFY anything, so only rows in `pgrelay.events`
     /// are delivered, and a forged id cannot move the cursor.
-    fn inspect(&self, n: &Notification) -> Option<(String, i64)> {
+    fn inspect(&self, n: &Notification, notices: &mut BadNotices) -> Option<(String, i64)> {
         match parse_wakeup(n.payload()) {
             Ok(id) => Some((n.channel().to_owned(), id)),
             Err(e) => {
-                self.metrics.bad_notifications.inc();
-                tracing::warn!(channel = n.channel(), error = %e, "skipping notification");
+                self.skip(notices, n.channel(), &e);
                 None
             }
+        }
+    }
+
+    /// Counts a bad notification, and logs it unless `notices` says this
+    /// channel had its line in the last [`BAD_NOTICE_EVERY`].
+    fn skip(&self, notices: &mut BadNotices, channel: &str, reason: &dyn std::fmt::Display) {
+        self.metrics.bad_notifications.inc();
+        if let Some(suppressed) = notices.due(channel, Instant::now()) {
+            tracing::warn!(
+                channel,
+                reason = %reason,
+                suppressed,
+                "skipping notification (one line per channel per second at most)"
+            );
         }
     }
 
@@ -466,5 +529,41 @@ impl Listener {
                 self.metrics.event_lag.observe(lag.as_secs_f64());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bad notifications at these offsets (ms) on these channels: the lines
+    /// logged, as (offset, channel, suppressed).
+    fn check(notices: &[(u64, &str)], expected: &[(u64, &str, u64)]) {
+        let start = Instant::now();
+        let mut throttle = BadNotices::default();
+        let logged: Vec<(u64, &str, u64)> = notices
+            .iter()
+            .filter_map(|&(ms, channel)| {
+                let now = start + Duration::from_millis(ms);
+                throttle.due(channel, now).map(|n| (ms, channel, n))
+            })
+            .collect();
+        assert_eq!(logged, expected);
+    }
+
+    #[test]
+    fn bad_notices_log_once_per_second_per_channel_with_the_count_left_out() {
+        check(&[(0, "a")], &[(0, "a", 0)]);
+        check(
+            &[(0, "a"), (1, "a"), (999, "a"), (1000, "a"), (1001, "a")],
+            &[(0, "a", 0), (1000, "a", 2)],
+        );
+        // Channels are throttled apart.
+        check(
+            &[(0, "a"), (5, "b"), (10, "a"), (20, "b"), (1005, "b")],
+            &[(0, "a", 0), (5, "b", 0), (1005, "b", 1)],
+        );
+        // A quiet channel logs its next one at once.
+        check(&[(0, "a"), (60_000, "a")], &[(0, "a", 0), (60_000, "a", 0)]);
     }
 }

@@ -10,12 +10,17 @@
 //! drops the socket. The only database access is the replay, through the pool.
 //!
 //! Close codes: 1001 shutdown, 1003 binary frame, 1008 unexpected message,
-//! 1009 oversized frame, 1011 replay failed (retry), 4001 token expired or
-//! refresh refused, 4008 too slow (resume with `last_id`).
+//! 1009 oversized frame, 1011 replay failed (retry), 1012 event log reset,
+//! 4001 token expired or refresh refused, 4008 too slow (resume with
+//! `last_id`). Every close the session starts is a close handshake bounded by
+//! [`CLOSE_TIMEOUT`] (see `close`): the peer's frames are read until its
+//! close frame before TCP is closed, or the kernel would reset the connection
+//! and the peer would never see the code.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::stream::FusedStream;
 use futures_util::{SinkExt, StreamExt};
 use hyper_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -39,6 +44,11 @@ use crate::server::Shared;
 
 /// A stalled peer is dropped after this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a close pgrelay starts may take, close frame and the peer's
+/// answer included. Shutdown closes every socket at once and must finish
+/// within [`crate::SHUTDOWN_GRACE`].
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+const _: () = assert!(CLOSE_TIMEOUT.as_millis() < crate::SHUTDOWN_GRACE.as_millis());
 /// Frames written per flush at most, so one busy socket yields to others.
 const MAX_BATCH: usize = 256;
 /// Events per replay page: bounds the memory a large backlog can take.
@@ -76,7 +86,6 @@ pub async fn run(
     let gauge = shared.metrics.connections(stream.clone());
     gauge.inc();
     let end = session(&mut ws, &shared, &stream, identity, resume).await;
-    gauge.dec();
     if let End::Close(code, reason) = end {
         tracing::debug!(code, reason, "closing socket");
         shared
@@ -84,11 +93,51 @@ pub async fn run(
             .closes
             .get_or_create(&CloseLabels { code })
             .inc();
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: Utf8Bytes::from_static(reason),
-        };
-        let _ = timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+        close(&mut ws, code, reason).await;
+    }
+    // Counted until the connection is gone, close handshake included.
+    gauge.dec();
+}
+
+/// The whole of a close pgrelay starts, within [`CLOSE_TIMEOUT`]: the close
+/// frame, then whatever the peer still sends, read and discarded, until its
+/// close frame or EOF; only then is TCP closed. Dropping TCP with the peer's
+/// frames unread makes the kernel answer with a reset, and a peer that gets
+/// it (a browser whose send fails, a proxy) loses the close frame and
+/// reports 1006 with no reason. The one deadline covers a peer that does not
+/// read (4008: the write of the close frame itself may stall) and one that
+/// floods instead of answering.
+async fn close(ws: &mut HyperWebsocketStream, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let handshake = async {
+        // After a read error (an oversized frame) tungstenite yields nothing
+        // more, and where the peer's next frame starts is lost.
+        let parseable = !ws.is_terminated();
+        if let Err(e) = ws.close(Some(frame)).await {
+            tracing::debug!(error = %e, "close frame not sent");
+            return;
+        }
+        if parseable {
+            // tungstenite now yields what the peer sent before it saw our
+            // close frame, then the peer's close frame, then the end.
+            loop {
+                match ws.next().await {
+                    None => return,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => break,
+                }
+            }
+        }
+        // What cannot be parsed is drained as bytes until the peer closes
+        // TCP. A peer that answered our close frame waits for us to close
+        // first: then the deadline ends it.
+        let _ = tokio::io::copy(ws.get_mut(), &mut tokio::io::sink()).await;
+    };
+    if timeout(CLOSE_TIMEOUT, handshake).await.is_err() {
+        tracing::debug!("peer did not finish the close handshake in time");
     }
 }
 

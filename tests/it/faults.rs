@@ -821,33 +821,6 @@ async fn text_frame_over_16_kib_closes_1009() {
 
 // --- heartbeat ------------------------------------------------------------------
 
-/// Completes a WebSocket handshake on a raw TCP socket and returns it; the
-/// caller then neither reads nor answers anything.
-async fn silent_websocket(addr: SocketAddr, path: &str, token: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Authorization: Bearer {token}\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send handshake");
-    // The response head only, a byte at a time, so no frame is consumed.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let byte = tokio::time::timeout(WAIT, stream.read_u8())
-            .await
-            .expect("handshake response timed out")
-            .expect("handshake response");
-        head.push(byte);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    stream
-}
-
 /// A peer that completed the handshake but never answers pings is dropped
 /// after a missed ping, while a peer that answers stays.
 #[tokio::test]

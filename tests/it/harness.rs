@@ -343,18 +343,22 @@ impl Ws {
         event
     }
 
-    /// Reads until the close frame and returns its code and reason.
+    /// Reads until the close frame, answers it (as a browser does, so the
+    /// relay's close handshake ends at once) and returns its code and reason.
     pub async fn close_code(&mut self) -> (u16, String) {
-        loop {
+        let close = loop {
             match self.next_message().await {
                 Some(Message::Close(Some(frame))) => {
-                    return (u16::from(frame.code), frame.reason.to_string())
+                    break (u16::from(frame.code), frame.reason.to_string())
                 }
-                Some(Message::Close(None)) => return (1005, String::new()),
+                Some(Message::Close(None)) => break (1005, String::new()),
                 None => panic!("socket ended without a close frame"),
                 Some(_) => continue,
             }
-        }
+        };
+        // tungstenite queued the answer: send it.
+        let _ = tokio::time::timeout(WAIT, self.stream.flush()).await;
+        close
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -435,6 +439,8 @@ impl ServeProcess {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log.reopen().expect("log file"))
+            // A file, not a terminal: plain text that tests can search.
+            .env("NO_COLOR", "1")
             .kill_on_drop(true);
         for (name, _) in std::env::vars() {
             if name.starts_with("PGRELAY_") || name == "DATABASE_URL" {
@@ -476,6 +482,34 @@ impl ServeProcess {
         })
         .await;
     }
+}
+
+/// Completes a WebSocket handshake on a raw TCP socket and returns it; the
+/// caller then neither reads nor answers anything.
+pub async fn silent_websocket(addr: std::net::SocketAddr, path: &str, token: &str) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send handshake");
+    // The response head only, a byte at a time, so no frame is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = tokio::time::timeout(WAIT, stream.read_u8())
+            .await
+            .expect("handshake response timed out")
+            .expect("handshake response");
+        head.push(byte);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
 }
 
 /// Inserts a business on an open connection (one transaction) and returns its id.

@@ -3,6 +3,7 @@
 
 mod capture;
 mod cli;
+mod closes;
 mod faults;
 mod harness;
 mod install;

@@ -807,6 +807,84 @@ async fn bad_notifications_are_skipped_counted_and_never_delivered() {
     );
 }
 
+/// The log lines about skipped notifications, each with its `suppressed`
+/// count.
+fn skip_lines(log: &str) -> Vec<(String, u64)> {
+    log.lines()
+        .filter(|l| l.contains("skipping notification"))
+        .map(|l| {
+            let suppressed = l
+                .split_once("suppressed=")
+                .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no suppressed count in {l:?}"));
+            (l.to_owned(), suppressed)
+        })
+        .collect()
+}
+
+/// 2,000 malformed NOTIFYs in one statement: every one is counted, a real
+/// event still arrives, and the log gets one line, not 2,000; the next bad
+/// one after the one-second window is logged with the count left out, so
+/// lines plus suppressed counts account for every notification.
+#[tokio::test]
+async fn bad_notification_flood_is_counted_but_logged_once_per_second() {
+    const BAD: &str = "pgrelay_bad_notifications_total";
+    let db = TestDb::demo("sec_bad_flood").await;
+    let mut serve = ServeProcess::spawn(&["--database-url", &db.url]);
+    let addr = serve.addr;
+    serve
+        .wait_for("pgrelay serve to be ready", || async move {
+            try_http_get(addr, "/readyz").await.map(|(s, _)| s) == Some(200)
+        })
+        .await;
+    let mut dashboard = Ws::connect(
+        &format!("ws://{addr}/ws/dashboard/"),
+        Some(&token("1", true)),
+    )
+    .await
+    .expect("dashboard socket");
+    dashboard.hello().await;
+
+    // Distinct payloads: PostgreSQL folds identical ones in a transaction.
+    db.exec("SELECT pg_notify('business_events', 'junk ' || g) FROM generate_series(1, 2000) g")
+        .await;
+    let id = db.business(2, "After The Flood").await;
+    assert_eq!(dashboard.event().await["data"]["id"], id);
+    serve
+        .wait_for("2,000 bad notifications counted", || async move {
+            metric(addr, BAD).await == Some(2000.0)
+        })
+        .await;
+    let counted = std::time::Instant::now();
+    let lines = skip_lines(&serve.log());
+    assert!(
+        (1..=3).contains(&lines.len()),
+        "{} lines for 2,000 bad notifications: {lines:#?}",
+        lines.len()
+    );
+
+    wait_for("the one-second window to pass", || async {
+        counted.elapsed() > Duration::from_millis(1100)
+    })
+    .await;
+    db.exec("NOTIFY business_events, 'junk again'").await;
+    let logged = lines.len();
+    wait_for("the next bad notification logged", || {
+        let more = skip_lines(&serve.log()).len() > logged;
+        async move { more }
+    })
+    .await;
+    let lines = skip_lines(&serve.log());
+    assert!(lines.len() <= 3, "{lines:#?}");
+    assert!(
+        lines.iter().any(|(_, suppressed)| *suppressed > 0),
+        "no line carries a suppressed count: {lines:#?}"
+    );
+    let accounted: u64 = lines.iter().map(|(_, suppressed)| 1 + suppressed).sum();
+    assert_eq!(accounted, 2001, "{lines:#?}");
+    assert_eq!(metric(addr, BAD).await, Some(2001.0));
+}
+
 /// A full envelope anyone with a connection can NOTIFY: nothing proves it
 /// came from the capture trigger.
 fn forged_envelope(id: i64, name: &str) -> String {
