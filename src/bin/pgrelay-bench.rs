@@ -31,6 +31,9 @@
 //! are not deserialised (the id is read from the fixed frame prefix and `at`
 //! by hand), the client read buffer is 4 KiB, counters and the histogram are
 //! per worker thread, and the runtime has at most two worker threads.
+//!
+//! That is the default `--scenario load`; the resume scenarios of issue 10
+//! (`sparse-resume`, `resume-storm`) live in `pgrelay-bench/resume.rs`.
 
 use std::collections::HashMap;
 use std::io;
