@@ -31,6 +31,9 @@
 //! are not deserialised (the id is read from the fixed frame prefix and `at`
 //! by hand), the client read buffer is 4 KiB, counters and the histogram are
 //! per worker thread, and the runtime has at most two worker threads.
+//!
+//! That is the default `--scenario load`; the resume scenarios of issue 10
+//! (`sparse-resume`, `resume-storm`) live in `pgrelay-bench/resume.rs`.
 
 use std::collections::HashMap;
 use std::io;
@@ -58,8 +61,21 @@ use tokio::sync::Semaphore;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
+#[path = "pgrelay-bench/resume.rs"]
+mod resume;
+
 // ---------------------------------------------------------------------------
 // Command line
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// N sockets, R inserts/s: deliveries, latency, loss, memory (the default).
+    Load,
+    /// One user's resume over a 1,000,000-event log, then 1,000 at once (issue 10).
+    SparseResume,
+    /// N sockets resume at once after a pgrelay restart (issue 10).
+    ResumeStorm,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StreamKind {
@@ -77,6 +93,11 @@ enum StreamKind {
     about = "Load generator for pgrelay: N sockets, R inserts/s, latency, loss, memory"
 )]
 struct Args {
+    /// What to measure (see BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = Scenario::Load)]
+    scenario: Scenario,
+    #[command(flatten)]
+    resume: resume::ResumeArgs,
     /// WebSocket clients to open.
     #[arg(long, default_value_t = 1000)]
     sockets: usize,
@@ -155,6 +176,12 @@ impl Args {
         if self.url.is_none() && (self.database_url.is_some() || self.jwt_secret.is_some()) {
             return Err("--database-url and --jwt-secret are for --url (a running pgrelay)".into());
         }
+        if self.scenario != Scenario::Load {
+            if self.url.is_some() {
+                return Err("--scenario sparse-resume and resume-storm start their own pgrelay and PostgreSQL: drop --url".into());
+            }
+            self.resume.check()?;
+        }
         Ok(())
     }
 
@@ -202,6 +229,21 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        if args.scenario != Scenario::Load {
+            let outcome = tokio::select! {
+                outcome = resume::run(&args, &mut server) => outcome,
+                _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
+            };
+            server.stop().await;
+            return match outcome {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("pgrelay-bench: error: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         let outcome = tokio::select! {
             outcome = bench(&args, &server) => outcome,
             _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
@@ -243,6 +285,55 @@ struct Server {
     child: Option<tokio::process::Child>,
     cluster: Option<Cluster>,
     description: String,
+    /// How our child was started, to start it again (none for a target).
+    serve: Option<Serve>,
+}
+
+/// `pgrelay serve` as the bench runs it.
+struct Serve {
+    bin: PathBuf,
+    url: String,
+    secret: String,
+    extra: Vec<String>,
+}
+
+impl Serve {
+    /// Starts `pgrelay serve` on `addr` and waits until it is ready (/readyz).
+    async fn spawn(&self, addr: SocketAddr) -> Result<tokio::process::Child, String> {
+        let mut command = tokio::process::Command::new(&self.bin);
+        command
+            .arg("serve")
+            .arg("--database-url")
+            .arg(&self.url)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--jwt-secret")
+            .arg(&self.secret)
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "pgrelay=warn");
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("pgrelay serve exited at start ({status})"));
+            }
+            if let Ok((200, _)) = http_get(addr, "/readyz").await {
+                return Ok(child);
+            }
+            if Instant::now() > deadline {
+                return Err("pgrelay serve was not ready (/readyz) within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// How the child pgrelay ended: (exit code, seconds from SIGTERM to exit).
@@ -278,6 +369,7 @@ impl Server {
                     child: None,
                     cluster: None,
                     description: format!("running pgrelay at {url}"),
+                    serve: None,
                 })
             }
             None => Server::own(args, users).await,
@@ -317,60 +409,46 @@ impl Server {
             .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let secret = format!("bench-{:x}", random_u64());
-        let mut command = tokio::process::Command::new(&bin);
-        command
-            .arg("serve")
-            .arg("--database-url")
-            .arg(&url)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--jwt-secret")
-            .arg(&secret)
-            .args(&args.server_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "pgrelay=warn");
-        }
-        let mut child = command
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        let serve = Serve {
+            bin,
+            url,
+            secret,
+            extra: args.server_args.clone(),
+        };
+        let child = serve.spawn(addr).await?;
         let pid = child.id();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("pgrelay serve exited at start ({status})"));
-            }
-            if let Ok((200, _)) = http_get(addr, "/readyz").await {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err("pgrelay serve was not ready (/readyz) within 30 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         Ok(Server {
             addr,
             host: addr.to_string(),
             database,
-            secret,
+            secret: serve.secret.clone(),
             pid,
             child: Some(child),
             description: format!(
                 "own pgrelay (pid {}, {}) on {addr}, throwaway PostgreSQL on port {}",
                 pid.unwrap_or(0),
-                bin.display(),
+                serve.bin.display(),
                 cluster.port()
             ),
             cluster: Some(cluster),
+            serve: Some(serve),
         })
     }
 
     /// SIGTERM to our child pgrelay (bounded wait, then SIGKILL), then the
     /// throwaway cluster. Nothing for a running target.
     async fn stop(&mut self) -> Shutdown {
+        let shutdown = self.stop_child().await;
+        if let Some(cluster) = self.cluster.take() {
+            if let Err(e) = cluster.stop().await {
+                eprintln!("stopping the throwaway PostgreSQL: {e}");
+            }
+        }
+        shutdown
+    }
+
+    /// SIGTERM to our child pgrelay (bounded wait, then SIGKILL).
+    async fn stop_child(&mut self) -> Shutdown {
         let mut shutdown = None;
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
@@ -390,12 +468,19 @@ impl Server {
                 }
             }
         }
-        if let Some(cluster) = self.cluster.take() {
-            if let Err(e) = cluster.stop().await {
-                eprintln!("stopping the throwaway PostgreSQL: {e}");
-            }
-        }
         shutdown
+    }
+
+    /// Starts our child pgrelay again, on the same port, after [`Self::stop_child`].
+    async fn start_child(&mut self) -> Result<(), String> {
+        let serve = self
+            .serve
+            .as_ref()
+            .ok_or("not our pgrelay: cannot restart it")?;
+        let child = serve.spawn(self.addr).await?;
+        self.pid = child.id();
+        self.child = Some(child);
+        Ok(())
     }
 }
 
@@ -1142,14 +1227,18 @@ fn ms(us: u64) -> String {
     format!("{:.2}ms", us as f64 / 1000.0)
 }
 
-async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
-    let (dashboards, notifications) = args.split();
-    let owners = notifications.max(1) as u64;
+/// Dashboard clients (super admins 1,000,001, 1,000,002, ...), then
+/// notification clients (users 1, 2, ...), each with its own token.
+fn client_specs(
+    secret: &str,
+    dashboards: usize,
+    notifications: usize,
+) -> Result<Vec<ClientSpec>, String> {
     let ttl = Duration::from_secs(24 * 3600);
-    let mut specs = Vec::with_capacity(args.sockets);
+    let mut specs = Vec::with_capacity(dashboards + notifications);
     for i in 0..dashboards {
         let user = (1_000_001 + i).to_string();
-        let token = pgrelay::auth::mint(&server.secret, &user, Some("super_admin"), ttl)
+        let token = pgrelay::auth::mint(secret, &user, Some("super_admin"), ttl)
             .map_err(|e| e.to_string())?;
         specs.push(ClientSpec {
             dashboard: true,
@@ -1159,33 +1248,44 @@ async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
     }
     for i in 0..notifications {
         let user = (1 + i).to_string();
-        let token =
-            pgrelay::auth::mint(&server.secret, &user, None, ttl).map_err(|e| e.to_string())?;
+        let token = pgrelay::auth::mint(secret, &user, None, ttl).map_err(|e| e.to_string())?;
         specs.push(ClientSpec {
             dashboard: false,
             user,
             token,
         });
     }
+    Ok(specs)
+}
 
-    let ctx = Arc::new(Ctx {
-        addr: server.addr,
-        host: server.host.clone(),
-        // Small buffers: 10,000 sockets must fit in the bench comfortably.
-        ws_config: WebSocketConfig::default()
-            .read_buffer_size(4 * 1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(1 << 20))
-            .max_frame_size(Some(1 << 20)),
-        connect_gate: Semaphore::new(args.connect_concurrency),
-        stop: CancellationToken::new(),
-        connected: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        first_errors: Mutex::new(Vec::new()),
-        hellos: Mutex::new(Vec::with_capacity(args.sockets)),
-        window_from_us: AtomicI64::new(i64::MAX),
-        window_to_us: AtomicI64::new(i64::MAX),
-    });
+impl Ctx {
+    fn new(server: &Server, connect_concurrency: usize, sockets: usize) -> Ctx {
+        Ctx {
+            addr: server.addr,
+            host: server.host.clone(),
+            // Small buffers: 10,000 sockets must fit in the bench comfortably.
+            ws_config: WebSocketConfig::default()
+                .read_buffer_size(4 * 1024)
+                .write_buffer_size(0)
+                .max_message_size(Some(1 << 20))
+                .max_frame_size(Some(1 << 20)),
+            connect_gate: Semaphore::new(connect_concurrency),
+            stop: CancellationToken::new(),
+            connected: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            first_errors: Mutex::new(Vec::new()),
+            hellos: Mutex::new(Vec::with_capacity(sockets)),
+            window_from_us: AtomicI64::new(i64::MAX),
+            window_to_us: AtomicI64::new(i64::MAX),
+        }
+    }
+}
+
+async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
+    let (dashboards, notifications) = args.split();
+    let owners = notifications.max(1) as u64;
+    let specs = client_specs(&server.secret, dashboards, notifications)?;
+    let ctx = Arc::new(Ctx::new(server, args.connect_concurrency, args.sockets));
     let counts = Arc::new(WriterCounts {
         inserted: AtomicU64::new(0),
         errors: AtomicU64::new(0),
