@@ -20,8 +20,10 @@ CREATE INDEX IF NOT EXISTS events_created_at_idx ON pgrelay.events (created_at);
 
 -- What a user's replay searches by (db::USER_EVENTS_BETWEEN): the events
 -- whose payload names a user in a field, found without reading other users'
--- rows. fastupdate off: no pending list whose flush would land on one
--- capture, under the commit-order lock. Built here while the log is small;
+-- rows. Each capture adds its entries under the commit-order lock, so they
+-- go to the index's pending list (fastupdate: one append, not a tree insert
+-- per key), kept small (256 kB) so that the capture which flushes it, or
+-- autovacuum, does little at a time. Built here while the log is small;
 -- on a large log (an upgrade) `pgrelay install` builds it CONCURRENTLY after
 -- this transaction instead, so the application's writes are never blocked
 -- for the length of a build.
@@ -30,10 +32,11 @@ BEGIN
     IF to_regclass('pgrelay.events_payload_idx') IS NULL
        AND (SELECT reltuples FROM pg_class WHERE oid = 'pgrelay.events'::regclass) < 100000 THEN
         CREATE INDEX events_payload_idx ON pgrelay.events
-            USING gin (payload jsonb_path_ops) WITH (fastupdate = off);
+            USING gin (payload jsonb_path_ops) WITH (fastupdate = on, gin_pending_list_limit = 256);
     END IF;
 END
 $index$;
+ALTER INDEX IF EXISTS pgrelay.events_payload_idx SET (fastupdate = on, gin_pending_list_limit = 256);
 
 -- One row. `epoch` identifies this event log: a cursor from another epoch (a
 -- restored or reinstalled database) gets `reset`, never a silent gap.

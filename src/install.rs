@@ -370,7 +370,8 @@ async fn payload_index(client: &tokio_postgres::Client) -> Result<(), InstallErr
         .batch_execute(&format!(
             "SET lock_timeout = '30s'; {build}\
              CREATE INDEX CONCURRENTLY events_payload_idx ON pgrelay.events \
-             USING gin (payload jsonb_path_ops) WITH (fastupdate = off); \
+             USING gin (payload jsonb_path_ops) \
+             WITH (fastupdate = on, gin_pending_list_limit = 256); \
              RESET lock_timeout;"
         ))
         .await
