@@ -6,6 +6,7 @@ mod cli;
 mod faults;
 mod harness;
 mod install;
+mod pending;
 mod pooler;
 mod refusals;
 mod relay;
