@@ -387,6 +387,16 @@ impl Server {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "pgrelay=warn");
         }
+        // Every client here comes from 127.0.0.1 but stands for a host of its
+        // own: lift the per-address cap on pending handshakes (default 64) to
+        // the total cap's default, unless the caller set it. The variable,
+        // not the flag, so that a pgrelay from before the cap still starts.
+        if std::env::var_os("PGRELAY_MAX_PENDING_PER_IP").is_none() {
+            command.env(
+                "PGRELAY_MAX_PENDING_PER_IP",
+                args.connect_concurrency.max(1024).to_string(),
+            );
+        }
         let mut child = command
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
