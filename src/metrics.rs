@@ -84,7 +84,11 @@ impl Default for Metrics {
             connections.clone(),
         );
         let refusals = Family::<ReasonLabels, Counter>::default();
-        registry.register("refusals", "Refused WebSocket requests", refusals.clone());
+        registry.register(
+            "refusals",
+            "Requests and connections refused before the upgrade, by reason",
+            refusals.clone(),
+        );
         let events_received = Counter::default();
         registry.register(
             "events_received",
@@ -335,7 +339,7 @@ mod tests {
         let text = metrics.render(Format::Text004);
         assert!(!text.contains("# EOF"), "{text}");
         assert!(text.contains(
-            "# HELP pgrelay_deliveries_total Event frames written to sockets (live and replay)\n\
+            "# HELP pgrelay_deliveries_total Event frames written to sockets (live and replay).\n\
              # TYPE pgrelay_deliveries_total counter\n\
              pgrelay_deliveries_total 3\n"
         ));
