@@ -16,9 +16,11 @@
 //! does not wait behind a flood it cannot see. hyper buffers at most
 //! `--max-header-bytes` of request head (431 beyond, hyper's own answer,
 //! without a body) and gives the head `--handshake-timeout` to arrive, so a
-//! pending connection's cost is bounded in bytes and in time. Logs carry the path, never the query
-//! string (it may hold `?token=`), and never a token. Accept errors are logged
-//! and retried after a pause; they never stop the server. Upgraded sockets
+//! pending connection's cost is bounded in bytes and in time.
+//!
+//! Logs carry the path, never the query string (it may hold `?token=`), and
+//! never a token. Accept errors are logged and retried after a pause; they
+//! never stop the server. Upgraded sockets
 //! escape hyper's graceful shutdown, so their tasks are tracked here and close
 //! themselves on the shared cancellation token.
 
