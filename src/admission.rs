@@ -1,12 +1,20 @@
 //! Who gets a socket, beyond a valid token: the origin allowlist, the caps on
-//! total sockets and sockets per user, and the optional database answer to
-//! "is this user a super admin?".
+//! total sockets and sockets per user, the caps on connections still before
+//! authentication (in total and per client address), and the optional
+//! database answer to "is this user a super admin?".
 //!
 //! Each check refuses one request and nothing else: a cap reached or a failed
 //! admin lookup never affects sockets already open. A failed lookup refuses
-//! (503), it never admits.
+//! (503), it never admits. Both pairs of caps are one [`Caps`]: a semaphore
+//! for the total and a count per key, the place freed when its guard drops.
+//! The pre-authentication caps exist because a connection that has not
+//! authenticated yet costs memory (hyper's buffers, a task) that nobody has
+//! vouched for: without them a flood of idle or bad handshakes is limited
+//! only by the open-file limit.
 
 use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +36,15 @@ pub struct Limits {
     /// Client messages per second allowed on one socket (1008 beyond it),
     /// with bursts of up to ten times that.
     pub client_messages_per_second: u32,
+    /// Connections accepted but not yet upgraded (or closed), in total; more
+    /// are answered 503 at once.
+    pub max_pending_handshakes: usize,
+    /// The same per client address (an IPv6 client by its /64); more are
+    /// answered 429 at once.
+    pub max_pending_per_ip: usize,
+    /// Largest request head (request line and headers), in bytes; larger is
+    /// answered 431. Also bounds hyper's read buffer for a pending connection.
+    pub max_header_bytes: usize,
 }
 
 impl Default for Limits {
@@ -38,67 +55,106 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             max_client_message: 16 * 1024,
             client_messages_per_second: 2,
+            max_pending_handshakes: 1024,
+            max_pending_per_ip: 64,
+            // Browsers send a few KiB of headers at most, cookies included
+            // (they cap one cookie at 4 KiB); nginx's default buffers stop at
+            // 8 KiB per header line. 16 KiB passes a browser with big cookies
+            // and a subprotocol token, and costs 1024 pending connections at
+            // most 16 MiB.
+            max_header_bytes: 16 * 1024,
         }
     }
 }
 
-/// Why a socket could not be given a slot.
+/// Which cap refused a place.
 #[derive(Debug, PartialEq)]
 pub enum NoSlot {
     Total,
-    User,
+    PerKey,
 }
 
-/// Counts open sockets, in total and per user.
-pub struct Slots {
+/// A total cap and a cap per key (a user, a client address).
+pub struct Caps<K> {
     total: Arc<Semaphore>,
-    per_user: Arc<Mutex<HashMap<String, usize>>>,
-    max_per_user: usize,
+    per_key: Arc<Mutex<HashMap<K, usize>>>,
+    max_per_key: usize,
 }
 
-/// One socket's place; freed on drop.
-pub struct Slot {
+/// One place under [`Caps`]; freed on drop.
+pub struct Slot<K: Eq + Hash> {
     _total: OwnedSemaphorePermit,
-    user: String,
-    per_user: Arc<Mutex<HashMap<String, usize>>>,
+    key: K,
+    per_key: Arc<Mutex<HashMap<K, usize>>>,
 }
+
+/// Open sockets, in total and per user id.
+pub type Slots = Caps<String>;
+
+/// Connections not yet upgraded, in total and per [`client_key`].
+pub type Pending = Caps<IpAddr>;
 
 impl Slots {
     pub fn new(limits: &Limits) -> Slots {
-        Slots {
-            total: Arc::new(Semaphore::new(limits.max_connections)),
-            per_user: Arc::new(Mutex::new(HashMap::new())),
-            max_per_user: limits.max_per_user,
+        Caps::with(limits.max_connections, limits.max_per_user)
+    }
+}
+
+impl Pending {
+    pub fn new(limits: &Limits) -> Pending {
+        Caps::with(limits.max_pending_handshakes, limits.max_pending_per_ip)
+    }
+}
+
+impl<K: Eq + Hash + Clone> Caps<K> {
+    pub fn with(total: usize, max_per_key: usize) -> Caps<K> {
+        Caps {
+            total: Arc::new(Semaphore::new(total)),
+            per_key: Arc::new(Mutex::new(HashMap::new())),
+            max_per_key,
         }
     }
 
-    pub fn take(&self, user: &str) -> Result<Slot, NoSlot> {
+    pub fn take(&self, key: &K) -> Result<Slot<K>, NoSlot> {
         let total = Arc::clone(&self.total)
             .try_acquire_owned()
             .map_err(|_| NoSlot::Total)?;
-        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
-        let count = per_user.entry(user.to_owned()).or_insert(0);
-        if *count >= self.max_per_user {
-            return Err(NoSlot::User);
+        let mut per_key = self.per_key.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per_key.entry(key.clone()).or_insert(0);
+        if *count >= self.max_per_key {
+            return Err(NoSlot::PerKey);
         }
         *count += 1;
         Ok(Slot {
             _total: total,
-            user: user.to_owned(),
-            per_user: Arc::clone(&self.per_user),
+            key: key.clone(),
+            per_key: Arc::clone(&self.per_key),
         })
     }
 }
 
-impl Drop for Slot {
+impl<K: Eq + Hash> Drop for Slot<K> {
     fn drop(&mut self) {
-        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = per_user.get_mut(&self.user) {
+        let mut per_key = self.per_key.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_key.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                per_user.remove(&self.user);
+                per_key.remove(&self.key);
             }
         }
+    }
+}
+
+/// The key a client address is counted under: an IPv4 address as it is (also
+/// when it arrives IPv4-mapped on a dual-stack socket), an IPv6 address by
+/// its /64, the block one host or subscriber usually holds whole.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
     }
 }
 
@@ -165,18 +221,28 @@ mod tests {
 
     #[test]
     fn slots_cap_total_and_per_user() {
-        let slots = Slots::new(&Limits {
-            max_connections: 3,
-            max_per_user: 2,
-            ..Limits::default()
-        });
-        let a1 = slots.take("a").expect("first");
-        let _a2 = slots.take("a").expect("second");
-        assert_eq!(slots.take("a").err(), Some(NoSlot::User));
-        let _b1 = slots.take("b").expect("b");
-        assert_eq!(slots.take("c").err(), Some(NoSlot::Total));
+        let slots = Slots::with(3, 2);
+        let key = |k: &str| k.to_owned();
+        let a1 = slots.take(&key("a")).expect("first");
+        let _a2 = slots.take(&key("a")).expect("second");
+        assert_eq!(slots.take(&key("a")).err(), Some(NoSlot::PerKey));
+        let _b1 = slots.take(&key("b")).expect("b");
+        assert_eq!(slots.take(&key("c")).err(), Some(NoSlot::Total));
         drop(a1);
-        assert!(slots.take("a").is_ok());
+        assert!(slots.take(&key("a")).is_ok());
+    }
+
+    #[test]
+    fn client_keys() {
+        let check = |ip: &str, key: &str| {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(client_key(ip), key.parse::<IpAddr>().expect("key"), "{ip}");
+        };
+        check("127.0.0.1", "127.0.0.1");
+        check("::ffff:10.1.2.3", "10.1.2.3");
+        check("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::");
+        check("2001:db8:1:2:ffff::1", "2001:db8:1:2::");
+        check("::1", "::");
     }
 
     #[test]

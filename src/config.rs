@@ -142,6 +142,18 @@ pub struct ServeArgs {
     /// [default: 2].
     #[arg(long, env = "PGRELAY_CLIENT_RATE")]
     pub client_rate: Option<u32>,
+    /// Connections not yet upgraded to a WebSocket (before and during
+    /// authentication), in total; more are answered 503 at once [default: 1024].
+    #[arg(long, env = "PGRELAY_MAX_PENDING_HANDSHAKES")]
+    pub max_pending_handshakes: Option<usize>,
+    /// The same per client address (IPv6 by /64); more are answered 429 at once
+    /// [default: 64].
+    #[arg(long, env = "PGRELAY_MAX_PENDING_PER_IP")]
+    pub max_pending_per_ip: Option<usize>,
+    /// Largest HTTP request head (request line and headers) in bytes; larger is
+    /// answered 431 [default: 16384].
+    #[arg(long, env = "PGRELAY_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
     /// Print the resolved configuration (secrets redacted) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -250,6 +262,9 @@ struct FileConfig {
     handshake_timeout: Option<String>,
     max_client_message: Option<usize>,
     client_rate: Option<u32>,
+    max_pending_handshakes: Option<usize>,
+    max_pending_per_ip: Option<usize>,
+    max_header_bytes: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -429,6 +444,20 @@ fn positive(
 }
 
 const MAX_COUNT: usize = 1 << 20;
+
+/// `--max-header-bytes`: hyper will not buffer less than 8 KiB (it panics
+/// below), and a request head over 1 MiB is no browser's.
+fn header_bytes(value: Option<usize>) -> Result<usize, ConfigError> {
+    const RANGE: std::ops::RangeInclusive<usize> = 8192..=(1 << 20);
+    match value {
+        Some(v) if !RANGE.contains(&v) => Err(ConfigError::Value {
+            flag: "max-header-bytes",
+            value: v.to_string(),
+            reason: format!("must be from {} to {}", RANGE.start(), RANGE.end()),
+        }),
+        v => Ok(v.unwrap_or(Limits::default().max_header_bytes)),
+    }
+}
 /// The largest event cap: well under a WebSocket client's usual 16 MiB frame
 /// limit, which a larger event would break.
 pub const MAX_EVENT_BYTES: u32 = 8 << 20;
@@ -555,6 +584,17 @@ impl ServeArgs {
                 self.client_rate.or(file.client_rate).map(|r| r as usize),
                 defaults.client_messages_per_second as usize,
             )? as u32,
+            max_pending_handshakes: positive(
+                "max-pending-handshakes",
+                self.max_pending_handshakes.or(file.max_pending_handshakes),
+                defaults.max_pending_handshakes,
+            )?,
+            max_pending_per_ip: positive(
+                "max-pending-per-ip",
+                self.max_pending_per_ip.or(file.max_pending_per_ip),
+                defaults.max_pending_per_ip,
+            )?,
+            max_header_bytes: header_bytes(self.max_header_bytes.or(file.max_header_bytes))?,
         };
         let admin_query = self
             .admin_query
@@ -669,7 +709,10 @@ impl std::fmt::Display for ServeConfig {
             humantime::format_duration(l.handshake_timeout)
         )?;
         writeln!(f, "max_client_message = {}", l.max_client_message)?;
-        write!(f, "client_rate = {}", l.client_messages_per_second)
+        writeln!(f, "client_rate = {}", l.client_messages_per_second)?;
+        writeln!(f, "max_pending_handshakes = {}", l.max_pending_handshakes)?;
+        writeln!(f, "max_pending_per_ip = {}", l.max_pending_per_ip)?;
+        write!(f, "max_header_bytes = {}", l.max_header_bytes)
     }
 }
 

@@ -4,9 +4,23 @@
 //! Every refusal happens before the 101, as a plain HTTP response whose body
 //! says why in one line: 404 unknown path, 405 wrong method, 400 not a
 //! WebSocket request or bad resume parameters, 401 no/invalid/expired token,
-//! 403 valid token without the right. Logs carry the path, never the query
-//! string (it may hold `?token=`), and never a token. Accept errors are logged
-//! and retried after a pause; they never stop the server. Upgraded sockets
+//! 403 valid token without the right.
+//!
+//! Before any of that, the accept loop bounds what unauthenticated clients
+//! can hold: each accepted connection takes a [`Pending`] place (released
+//! when it upgrades or closes), and one over `--max-pending-handshakes` (503)
+//! or `--max-pending-per-ip` (429) is answered at once by [`refuse_raw`]
+//! without reading its request, then closed. Accepting and answering, rather
+//! than leaving the listener unpolled until a place frees, tells a client
+//! what happened and keeps the kernel's accept queue moving, so a good client
+//! does not wait behind a flood it cannot see. hyper buffers at most
+//! `--max-header-bytes` of request head (431 beyond, hyper's own answer,
+//! without a body) and gives the head `--handshake-timeout` to arrive, so a
+//! pending connection's cost is bounded in bytes and in time.
+//!
+//! Logs carry the path, never the query string (it may hold `?token=`), and
+//! never a token. Accept errors are logged and retried after a pause; they
+//! never stop the server. Upgraded sockets
 //! escape hyper's graceful shutdown, so their tasks are tracked here and close
 //! themselves on the shared cancellation token.
 
@@ -32,12 +46,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::admission::{origin_allowed, AdminLookup, Limits, NoSlot, Slots};
+use crate::admission::{client_key, origin_allowed, AdminLookup, Limits, NoSlot, Pending, Slots};
 use crate::auth::{presented_token, AuthConfig, Identity, KeyError, Verifier};
 use crate::coalesce::Coalesce;
 use crate::db::{Db, DbError, DemoAction};
 use crate::hub::Hub;
-use crate::metrics::{Metrics, Stream};
+use crate::metrics::{Format, Metrics, Stream};
 use crate::replays::ReplayLimits;
 use crate::route::Routes;
 use crate::session::{self, Resume};
@@ -115,6 +129,7 @@ type Body = Full<Bytes>;
 
 /// Accepts connections until shutdown.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let pending = Pending::new(&shared.limits);
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -129,26 +144,60 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        let place = match pending.take(&client_key(addr.ip())) {
+            Ok(place) => place,
+            Err(cap) => {
+                let (status, reason, why) = match cap {
+                    NoSlot::Total => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "max_pending_handshakes",
+                        "too many connections waiting to authenticate: retry later",
+                    ),
+                    NoSlot::PerKey => (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "max_pending_per_ip",
+                        "too many connections waiting to authenticate from this address",
+                    ),
+                };
+                shared.metrics.refused(reason);
+                tracing::debug!(client.addr = %addr, status = status.as_u16(), why, "refused");
+                shared.tracker.spawn(refuse_raw(stream, status, why));
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let span = tracing::debug_span!("conn", client.addr = %addr);
         let shutdown = shared.shutdown.clone();
-        let handshake_timeout = shared.limits.handshake_timeout;
+        let limits = shared.limits.clone();
         let for_service = Arc::clone(&shared);
+        let metrics = Arc::clone(&shared.metrics);
         shared.tracker.spawn(
             async move {
+                // Held until the connection upgrades (hyper's future ends
+                // once the 101 is written and the IO handed over) or closes.
+                let _place = place;
                 let service = service_fn(move |req| {
                     let shared = Arc::clone(&for_service);
                     async move { Ok::<_, Infallible>(handle(req, &shared, addr).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(handshake_timeout)
+                    .header_read_timeout(limits.handshake_timeout)
+                    .max_header_size(limits.max_header_bytes)
+                    // hyper's default lets one connection buffer ~400 KiB of
+                    // head; it reads in steps, so allow one step past the cap
+                    // for the cap to be what refuses.
+                    .max_buf_size(limits.max_header_bytes + 8192)
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
                 tokio::pin!(conn);
                 tokio::select! {
                     result = conn.as_mut() => {
                         if let Err(e) = result {
+                            if e.is_parse_too_large() {
+                                // hyper has answered 431 itself.
+                                metrics.refused("header_too_large");
+                            }
                             tracing::debug!(error = %e, "http connection ended");
                         }
                     }
@@ -161,6 +210,33 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             .instrument(span),
         );
     }
+}
+
+/// How long a refused connection is drained after its answer, so that the
+/// request it may still be sending does not reset the connection (a reset can
+/// destroy the answer before the client reads it).
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Answers `status` with `why` on one line and closes, without reading the
+/// request first: the client of a refused connection gets no buffer and no
+/// parser, only a bounded drain.
+async fn refuse_raw(mut stream: tokio::net::TcpStream, status: StatusCode, why: &'static str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let response = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+         retry-after: 1\r\nconnection: close\r\n\r\n{why}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        why.len() + 1,
+    );
+    let answered = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, answered).await;
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {
@@ -217,12 +293,15 @@ async fn handle(
             };
         }
         "/metrics" if req.method() == Method::GET => {
-            let mut response = text(StatusCode::OK, &shared.metrics.render());
+            let format = Format::accepted(
+                req.headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            let mut response = Response::new(Full::new(Bytes::from(shared.metrics.render(format))));
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                HeaderValue::from_static(format.content_type()),
             );
             return response;
         }
@@ -335,7 +414,7 @@ async fn handle(
                 &path,
             )
         }
-        Err(NoSlot::User) => {
+        Err(NoSlot::PerKey) => {
             return refuse(
                 shared,
                 StatusCode::TOO_MANY_REQUESTS,

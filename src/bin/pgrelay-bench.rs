@@ -27,6 +27,13 @@
 //! next to this executable as a child process (`serve`); with `--url` it
 //! targets a running pgrelay instead.
 //!
+//! `--scenario handshake-storm` measures memory instead: the idle RSS of a
+//! fresh pgrelay, then `--storm-handshakes` WebSocket handshakes with a token
+//! signed by the wrong key, in waves of `--storm-concurrency` at once (each
+//! wave's connections all open before any is answered, as a flood's would),
+//! the peak RSS, and the RSS 1, 5 and 10 s after the last answer. It passes
+//! when the RSS 10 s after is within 20% of the idle RSS.
+//!
 //! It is built to cost little per delivery, or it would measure itself: frames
 //! are not deserialised (the id is read from the fixed frame prefix and `at`
 //! by hand), the client read buffer is 4 KiB, counters and the histogram are
@@ -75,6 +82,8 @@ enum Scenario {
     SparseResume,
     /// N sockets resume at once after a pgrelay restart (issue 10).
     ResumeStorm,
+    /// Waves of refused handshakes (bad tokens): does the RSS come back? (issue 10)
+    HandshakeStorm,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -98,6 +107,12 @@ struct Args {
     scenario: Scenario,
     #[command(flatten)]
     resume: resume::ResumeArgs,
+    /// handshake-storm: handshakes in all.
+    #[arg(long, default_value_t = 20_000)]
+    storm_handshakes: usize,
+    /// handshake-storm: handshakes open at once (one wave).
+    #[arg(long, default_value_t = 3_000)]
+    storm_concurrency: usize,
     /// WebSocket clients to open.
     #[arg(long, default_value_t = 1000)]
     sockets: usize,
@@ -167,6 +182,9 @@ impl Args {
         if !(1..=64).contains(&self.writers) {
             return Err("--writers must be between 1 and 64".into());
         }
+        if self.storm_handshakes == 0 || self.storm_concurrency == 0 {
+            return Err("--storm-handshakes and --storm-concurrency must be at least 1".into());
+        }
         if self.connect_concurrency == 0 {
             return Err("--connect-concurrency must be at least 1".into());
         }
@@ -176,7 +194,10 @@ impl Args {
         if self.url.is_none() && (self.database_url.is_some() || self.jwt_secret.is_some()) {
             return Err("--database-url and --jwt-secret are for --url (a running pgrelay)".into());
         }
-        if self.scenario != Scenario::Load {
+        if matches!(
+            self.scenario,
+            Scenario::SparseResume | Scenario::ResumeStorm
+        ) {
             if self.url.is_some() {
                 return Err("--scenario sparse-resume and resume-storm start their own pgrelay and PostgreSQL: drop --url".into());
             }
@@ -229,7 +250,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        if args.scenario != Scenario::Load {
+        if matches!(
+            args.scenario,
+            Scenario::SparseResume | Scenario::ResumeStorm
+        ) {
             let outcome = tokio::select! {
                 outcome = resume::run(&args, &mut server) => outcome,
                 _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
@@ -244,13 +268,36 @@ fn main() -> ExitCode {
                 }
             };
         }
+        let scenario = async {
+            match args.scenario {
+                Scenario::Load => bench(&args, &server)
+                    .await
+                    .map(|r| Done::Deliveries(Box::new(r))),
+                Scenario::HandshakeStorm => storm(&args, &server).await.map(Done::Storm),
+                Scenario::SparseResume | Scenario::ResumeStorm => {
+                    Err("dispatched above".to_owned())
+                }
+            }
+        };
         let outcome = tokio::select! {
-            outcome = bench(&args, &server) => outcome,
+            outcome = scenario => outcome,
             _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
         };
         let shutdown = server.stop().await;
         match outcome {
-            Ok(mut report) => {
+            Ok(Done::Storm(report)) => {
+                if args.json {
+                    println!("{}", report.json(&args));
+                } else {
+                    print!("{}", report.table(&args));
+                }
+                if report.passed() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Ok(Done::Deliveries(mut report)) => {
                 report.pgrelay_shutdown = shutdown;
                 if args.json {
                     println!("{}", report.json(&args));
@@ -269,6 +316,12 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// What a scenario measured.
+enum Done {
+    Deliveries(Box<Report>),
+    Storm(StormReport),
 }
 
 // ---------------------------------------------------------------------------
@@ -295,6 +348,8 @@ struct Serve {
     url: String,
     secret: String,
     extra: Vec<String>,
+    /// `PGRELAY_MAX_PENDING_PER_IP` unless the caller set it.
+    pending_per_ip: usize,
 }
 
 impl Serve {
@@ -316,6 +371,16 @@ impl Serve {
             .kill_on_drop(true);
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "pgrelay=warn");
+        }
+        // Every client here comes from 127.0.0.1 but stands for a host of its
+        // own: lift the per-address cap on pending handshakes (default 64) to
+        // the total cap's default, unless the caller set it. The variable,
+        // not the flag, so that a pgrelay from before the cap still starts.
+        if std::env::var_os("PGRELAY_MAX_PENDING_PER_IP").is_none() {
+            command.env(
+                "PGRELAY_MAX_PENDING_PER_IP",
+                self.pending_per_ip.to_string(),
+            );
         }
         let mut child = command
             .spawn()
@@ -414,6 +479,7 @@ impl Server {
             url,
             secret,
             extra: args.server_args.clone(),
+            pending_per_ip: args.connect_concurrency.max(1024),
         };
         let child = serve.spawn(addr).await?;
         let pid = child.id();
@@ -1934,6 +2000,208 @@ impl Report {
             "bench_peak_rss_kib": self.bench_hwm_kib,
             "machine_busy_s": self.machine_busy_s,
             "postgres_cpu_s": self.postgres_cpu_s,
+            "passed": self.passed(),
+        })
+        .to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// handshake-storm
+
+struct StormReport {
+    description: String,
+    /// Answers by HTTP status; 0: no answer (connect error, reset, timeout).
+    statuses: std::collections::BTreeMap<u16, usize>,
+    storm_s: f64,
+    idle_kib: u64,
+    peak_kib: u64,
+    /// RSS 1, 5 and 10 s after the storm.
+    after_kib: [u64; 3],
+}
+
+const STORM_AFTER_S: [u64; 3] = [1, 5, 10];
+
+async fn storm(args: &Args, server: &Server) -> Result<StormReport, String> {
+    let pid = server
+        .pid
+        .ok_or("handshake-storm reads pgrelay's RSS: pass --pid with --url")?;
+    let rss = move || proc_sample(Some(pid)).map(|s| s.rss_kib).unwrap_or(0);
+    // A well-formed token signed with another key: the full check runs.
+    let token = pgrelay::auth::mint("not-the-relay's-key", "1", None, Duration::from_secs(3600))
+        .map_err(|e| e.to_string())?;
+    let request: Arc<str> = format!(
+        "GET /ws/notifications/ HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {token}\r\n\r\n",
+        server.host,
+        generate_key(),
+    )
+    .into();
+    // Let start-up allocations settle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_kib = rss();
+    let peak = Arc::new(AtomicU64::new(idle_kib));
+    let sampler = {
+        let peak = Arc::clone(&peak);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                tick.tick().await;
+                peak.fetch_max(rss(), Relaxed);
+            }
+        })
+    };
+    let began = Instant::now();
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut left = args.storm_handshakes;
+    while left > 0 {
+        let wave = left.min(args.storm_concurrency);
+        left -= wave;
+        // Every connection of a wave is open before any request is sent.
+        let gate = Arc::new(tokio::sync::Barrier::new(wave));
+        let tasks: Vec<_> = (0..wave)
+            .map(|_| {
+                let request = Arc::clone(&request);
+                let gate = Arc::clone(&gate);
+                let addr = server.addr;
+                tokio::spawn(async move {
+                    let attempt = async {
+                        let stream = TcpStream::connect(addr).await;
+                        gate.wait().await;
+                        refused_status(stream?, &request).await
+                    };
+                    tokio::time::timeout(Duration::from_secs(30), attempt)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or(0)
+                })
+            })
+            .collect();
+        for task in tasks {
+            *statuses.entry(task.await.unwrap_or(0)).or_insert(0) += 1;
+        }
+        eprintln!(
+            "[{:>6.1}s] storm    {} of {} handshakes answered  pgrelay rss {:.1} MiB",
+            began.elapsed().as_secs_f64(),
+            args.storm_handshakes - left,
+            args.storm_handshakes,
+            mib(rss())
+        );
+    }
+    let ended = Instant::now();
+    sampler.abort();
+    let mut after_kib = [0; 3];
+    for (after, at) in after_kib.iter_mut().zip(STORM_AFTER_S) {
+        tokio::time::sleep_until((ended + Duration::from_secs(at)).into()).await;
+        *after = rss();
+        eprintln!(
+            "[{:>6.1}s] after    {at} s  pgrelay rss {:.1} MiB",
+            began.elapsed().as_secs_f64(),
+            mib(*after)
+        );
+    }
+    Ok(StormReport {
+        description: server.description.clone(),
+        statuses,
+        storm_s: ended.duration_since(began).as_secs_f64(),
+        idle_kib,
+        peak_kib: peak.load(Relaxed),
+        after_kib,
+    })
+}
+
+/// Sends `request` and reads the answer's status line; the connection is
+/// dropped after it (a refused handshake's client has nothing more to say).
+async fn refused_status(mut stream: TcpStream, request: &str) -> io::Result<u16> {
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    while find(&head, b"\r\n").is_none() {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    Ok(String::from_utf8_lossy(&head)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0))
+}
+
+impl StormReport {
+    fn passed(&self) -> bool {
+        self.after_kib[2] as f64 <= self.idle_kib as f64 * 1.2
+    }
+
+    fn table(&self, args: &Args) -> String {
+        use std::fmt::Write as _;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "pgrelay-bench handshake-storm: {} handshakes with a bad token, {} at once",
+            args.storm_handshakes, args.storm_concurrency
+        );
+        let _ = writeln!(t, "target: {}", self.description);
+        let _ = writeln!(t);
+        let answers: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(status, n)| match status {
+                0 => format!("{n} unanswered"),
+                s => format!("{n} x {s}"),
+            })
+            .collect();
+        let row = |t: &mut String, k: &str, v: String| {
+            let _ = writeln!(t, "  {k:<22} {v}");
+        };
+        row(&mut t, "answers", answers.join(", "));
+        row(&mut t, "storm took", format!("{:.1} s", self.storm_s));
+        row(
+            &mut t,
+            "pgrelay RSS idle",
+            format!("{:.1} MiB", mib(self.idle_kib)),
+        );
+        row(
+            &mut t,
+            "pgrelay RSS peak",
+            format!("{:.1} MiB", mib(self.peak_kib)),
+        );
+        for (kib, at) in self.after_kib.iter().zip(STORM_AFTER_S) {
+            row(
+                &mut t,
+                &format!("pgrelay RSS after {at} s"),
+                format!("{:.1} MiB", mib(*kib)),
+            );
+        }
+        row(
+            &mut t,
+            "result",
+            if self.passed() {
+                "RSS back within 20% of idle after 10 s".into()
+            } else {
+                "RSS NOT back within 20% of idle after 10 s".into()
+            },
+        );
+        t
+    }
+
+    fn json(&self, args: &Args) -> String {
+        serde_json::json!({
+            "scenario": "handshake-storm",
+            "handshakes": args.storm_handshakes,
+            "concurrency": args.storm_concurrency,
+            "target": self.description,
+            "statuses": self.statuses.iter().map(|(s, n)| (s.to_string(), *n)).collect::<HashMap<_, _>>(),
+            "storm_s": self.storm_s,
+            "rss_idle_kib": self.idle_kib,
+            "rss_peak_kib": self.peak_kib,
+            "rss_after_1s_kib": self.after_kib[0],
+            "rss_after_5s_kib": self.after_kib[1],
+            "rss_after_10s_kib": self.after_kib[2],
             "passed": self.passed(),
         })
         .to_string()

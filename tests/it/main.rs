@@ -7,6 +7,7 @@ mod closes;
 mod faults;
 mod harness;
 mod install;
+mod pending;
 mod pooler;
 mod refusals;
 mod relay;

@@ -101,7 +101,7 @@ pub(super) async fn run(args: &Args, server: &mut Server) -> Result<bool, String
     match args.scenario {
         Scenario::SparseResume => sparse(args, server).await,
         Scenario::ResumeStorm => storm(args, server).await,
-        Scenario::Load => Err("not a resume scenario".into()),
+        Scenario::Load | Scenario::HandshakeStorm => Err("not a resume scenario".into()),
     }
 }
 
