@@ -49,6 +49,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("pgrelay=info")),
         )
         .with_writer(std::io::stderr)
+        // Colours for a person at a terminal, not escape codes in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Every socket is a file descriptor: the usual soft limit of 1024 would
     // refuse the thousand-and-first client.
