@@ -787,38 +787,45 @@ enum Outcome {
     Failed(String),
 }
 
+/// A client's first handshake, through the connect gate, retried a few
+/// times when the connection itself fails (a full backlog), never when it is
+/// refused; a failure is counted and its text kept (the first five).
+async fn first_connect(ctx: &Ctx, spec: &ClientSpec) -> Result<(Ws, Hello), String> {
+    let _permit = ctx.connect_gate.acquire().await;
+    let mut attempt = 0;
+    let first = loop {
+        attempt += 1;
+        // Boxed: the handshake's state would otherwise sit in every
+        // client's task for the whole run.
+        match Box::pin(connect(ctx, spec, None)).await {
+            Ok(ok) => break Ok(ok),
+            // Refusals are final; a connect error may be a full backlog.
+            Err(e) if attempt < 5 && !e.starts_with("HTTP") => {
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    if let Err(e) = &first {
+        let mut errors = lock(&ctx.first_errors);
+        if errors.len() < 5 {
+            errors.push(e.clone());
+        }
+        drop(errors);
+        ctx.failed.fetch_add(1, Relaxed);
+    }
+    first
+}
+
 async fn client(spec: ClientSpec, ctx: Arc<Ctx>) -> ClientReport {
     let mut report = ClientReport {
         dashboard: spec.dashboard,
         user: spec.user.clone(),
         ..ClientReport::default()
     };
-    let first = {
-        let _permit = ctx.connect_gate.acquire().await;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            // Boxed: the handshake's state would otherwise sit in every
-            // client's task for the whole run.
-            match Box::pin(connect(&ctx, &spec, None)).await {
-                Ok(ok) => break Ok(ok),
-                // Refusals are final; a connect error may be a full backlog.
-                Err(e) if attempt < 5 && !e.starts_with("HTTP") => {
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-                Err(e) => break Err(e),
-            }
-        }
-    };
-    let (mut ws, hello) = match first {
+    let (mut ws, hello) = match first_connect(&ctx, &spec).await {
         Ok(ok) => ok,
         Err(e) => {
-            let mut errors = lock(&ctx.first_errors);
-            if errors.len() < 5 {
-                errors.push(e.clone());
-            }
-            drop(errors);
-            ctx.failed.fetch_add(1, Relaxed);
             report.error = Some(e);
             return report;
         }

@@ -103,6 +103,34 @@ async fn id_of(db: &TestDb, sql: &str) -> i64 {
         .get(0)
 }
 
+/// A business row as the Django app writes it; its id.
+async fn django_business(db: &TestDb, name: &str, owner: i64) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "INSERT INTO businesses (name, created_at, owner_id) VALUES ($1, now(), $2) \
+             RETURNING id",
+            &[&name, &owner],
+        )
+        .await
+        .expect("insert business")
+        .get(0)
+}
+
+/// A reservation row as the Django app writes it; its id.
+async fn django_reservation(db: &TestDb, business: i64, customer: i64, party: i32) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "INSERT INTO reservations (starts_at, party_size, business_id, customer_id) \
+             VALUES (now() + interval '1 day', $3, $1, $2) RETURNING id",
+            &[&business, &customer, &party],
+        )
+        .await
+        .expect("insert reservation")
+        .get(0)
+}
+
 /// The `(table, op, data.id)` of a frame, for comparing sequences.
 fn what(frame: &Value) -> (String, String, i64) {
     (
@@ -130,24 +158,12 @@ async fn django_tables_get_the_seed_rules_from_flags_alone_live_and_on_replay() 
     let mut customer = relay.notifications("3").await;
     let mut other_owner = relay.notifications("4").await;
 
-    let business = id_of(
-        &db,
-        "INSERT INTO businesses (name, created_at, owner_id) \
-         VALUES ('Blue Door', now(), 2) RETURNING id",
-    )
-    .await;
+    let business = django_business(&db, "Blue Door", 2).await;
     db.exec(&format!(
         "UPDATE businesses SET name = 'Blue Door Cafe' WHERE id = {business}"
     ))
     .await;
-    let reservation = id_of(
-        &db,
-        &format!(
-            "INSERT INTO reservations (starts_at, party_size, business_id, customer_id) \
-             VALUES (now() + interval '1 day', 4, {business}, 3) RETURNING id"
-        ),
-    )
-    .await;
+    let reservation = django_reservation(&db, business, 3, 4).await;
     // Not captured: reservations are INSERT only.
     db.exec(&format!(
         "UPDATE reservations SET party_size = 5 WHERE id = {reservation}; \
@@ -155,20 +171,8 @@ async fn django_tables_get_the_seed_rules_from_flags_alone_live_and_on_replay() 
     ))
     .await;
     // Another owner's business and its reservation by someone else.
-    let elsewhere = id_of(
-        &db,
-        "INSERT INTO businesses (name, created_at, owner_id) \
-         VALUES ('Green Door', now(), 4) RETURNING id",
-    )
-    .await;
-    let theirs = id_of(
-        &db,
-        &format!(
-            "INSERT INTO reservations (starts_at, party_size, business_id, customer_id) \
-             VALUES (now(), 2, {elsewhere}, 5) RETURNING id"
-        ),
-    )
-    .await;
+    let elsewhere = django_business(&db, "Green Door", 4).await;
+    let theirs = django_reservation(&db, elsewhere, 5, 2).await;
     // A user signs up and changes their password: the dashboard hears of
     // it, never of the password.
     let user = id_of(
@@ -185,20 +189,8 @@ async fn django_tables_get_the_seed_rules_from_flags_alone_live_and_on_replay() 
     .await;
     // Markers: the customer books at the other business; the owner opens a
     // second one. Each socket's next frame after its own events is its marker.
-    let booking = id_of(
-        &db,
-        &format!(
-            "INSERT INTO reservations (starts_at, party_size, business_id, customer_id) \
-             VALUES (now(), 1, {elsewhere}, 3) RETURNING id"
-        ),
-    )
-    .await;
-    let second = id_of(
-        &db,
-        "INSERT INTO businesses (name, created_at, owner_id) \
-         VALUES ('Blue Door Annex', now(), 2) RETURNING id",
-    )
-    .await;
+    let booking = django_reservation(&db, elsewhere, 3, 1).await;
+    let second = django_business(&db, "Blue Door Annex", 2).await;
 
     let s = |t: &str, op: &str, id: i64| (t.to_owned(), op.to_owned(), id);
     let live = events(&mut dashboard, 9).await;
@@ -300,20 +292,12 @@ async fn reinstalling_with_other_options_replaces_the_capture_in_place() {
 
     let relay = relay_with_seed_routes(&db).await;
     let mut dashboard = relay.dashboard().await;
-    let first = id_of(
-        &db,
-        "INSERT INTO businesses (name, created_at, owner_id) VALUES ('A', now(), 2) RETURNING id",
-    )
-    .await;
+    let first = django_business(&db, "A", 2).await;
     db.exec(&format!(
         "UPDATE businesses SET name = 'B' WHERE id = {first}"
     ))
     .await;
-    let marker = id_of(
-        &db,
-        "INSERT INTO businesses (name, created_at, owner_id) VALUES ('C', now(), 4) RETURNING id",
-    )
-    .await;
+    let marker = django_business(&db, "C", 4).await;
     let event = dashboard.event().await;
     assert_eq!(event["data"], json!({"id": first, "owner_id": 2}));
     // The UPDATE was not captured: the marker comes next.

@@ -893,25 +893,9 @@ async fn sigterm_closes_sockets_with_1001_and_exits_0_within_5_s() {
     let db = TestDb::demo("fault_sigterm").await;
     let mut serve = ServeProcess::spawn(&["--database-url", &db.url]);
     let addr = serve.addr;
-    serve
-        .wait_for("pgrelay serve to be ready", || async move {
-            try_http_get(addr, "/readyz").await.map(|(s, _)| s) == Some(200)
-        })
-        .await;
-    let mut dashboard = Ws::connect(
-        &format!("ws://{addr}/ws/dashboard/"),
-        Some(&token("1", true)),
-    )
-    .await
-    .expect("dashboard socket");
-    dashboard.hello().await;
-    let mut owner = Ws::connect(
-        &format!("ws://{addr}/ws/notifications/"),
-        Some(&token("2", false)),
-    )
-    .await
-    .expect("notifications socket");
-    owner.hello().await;
+    serve.wait_ready().await;
+    let mut dashboard = serve.socket("/ws/dashboard/", &token("1", true)).await;
+    let mut owner = serve.socket("/ws/notifications/", &token("2", false)).await;
 
     let pid = serve.child.id().expect("pid").to_string();
     let sent = Instant::now();

@@ -451,6 +451,24 @@ impl ServeProcess {
         ServeProcess { child, addr, log }
     }
 
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self) {
+        let addr = self.addr;
+        self.wait_for("pgrelay serve to be ready", || async move {
+            try_http_get(addr, "/readyz").await.map(|(s, _)| s) == Some(200)
+        })
+        .await;
+    }
+
+    /// A socket on `path` with `Authorization: Bearer token`, past `hello`.
+    pub async fn socket(&self, path: &str, token: &str) -> Ws {
+        let mut ws = Ws::connect(&format!("ws://{}{path}", self.addr), Some(token))
+            .await
+            .unwrap_or_else(|e| panic!("connect {path}: {e:?}"));
+        ws.hello().await;
+        ws
+    }
+
     /// Everything the process has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()

@@ -170,13 +170,7 @@ async fn listen_through_a_transaction_pooler_is_not_ready_says_why_and_still_del
     assert_eq!(metric(addr, "pgrelay_listen_probe_ok").await, Some(0.0));
 
     // Sockets are served meanwhile, and the safety net delivers.
-    let mut dashboard = Ws::connect(
-        &format!("ws://{addr}/ws/dashboard/"),
-        Some(&token("1", true)),
-    )
-    .await
-    .expect("dashboard socket");
-    dashboard.hello().await;
+    let mut dashboard = serve.socket("/ws/dashboard/", &token("1", true)).await;
     let mut ids = Vec::new();
     for n in 0..3 {
         ids.push(db.business(2, &format!("via the safety net {n}")).await);

@@ -832,18 +832,8 @@ async fn bad_notification_flood_is_counted_but_logged_once_per_second() {
     let db = TestDb::demo("sec_bad_flood").await;
     let mut serve = ServeProcess::spawn(&["--database-url", &db.url]);
     let addr = serve.addr;
-    serve
-        .wait_for("pgrelay serve to be ready", || async move {
-            try_http_get(addr, "/readyz").await.map(|(s, _)| s) == Some(200)
-        })
-        .await;
-    let mut dashboard = Ws::connect(
-        &format!("ws://{addr}/ws/dashboard/"),
-        Some(&token("1", true)),
-    )
-    .await
-    .expect("dashboard socket");
-    dashboard.hello().await;
+    serve.wait_ready().await;
+    let mut dashboard = serve.socket("/ws/dashboard/", &token("1", true)).await;
 
     // Distinct payloads: PostgreSQL folds identical ones in a transaction.
     db.exec("SELECT pg_notify('business_events', 'junk ' || g) FROM generate_series(1, 2000) g")

@@ -29,9 +29,9 @@ use std::sync::OnceLock;
 use tokio::sync::watch;
 
 use super::{
-    compare, connect, connect_db, delivered_total, http_get, lock, machine_busy_s, parse_int,
-    proc_sample, random_u64, splitmix, writer, Args, ClientReport, ClientSpec, Ctx, Expected,
-    Outcome, Scenario, Schedule, Server, WriterCounts, Ws, EVENT_PREFIX,
+    compare, connect, connect_db, delivered_total, first_connect, http_get, lock, machine_busy_s,
+    parse_int, proc_sample, random_u64, splitmix, writer, Args, ClientReport, ClientSpec, Ctx,
+    Expected, Outcome, Scenario, Schedule, Server, WriterCounts, Ws, EVENT_PREFIX,
 };
 use super::{
     AtomicU64, AtomicUsize, CloseCode, CloseFrame, Duration, Instant, Message, Relaxed, SinkExt,
@@ -990,29 +990,9 @@ async fn storm_client(
         ..StormReport::default()
     };
     let salt = random_u64();
-    let first = {
-        let _permit = ctx.connect_gate.acquire().await;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match Box::pin(connect(&ctx, &spec, None)).await {
-                Ok(ok) => break Ok(ok),
-                Err(e) if attempt < 5 && !e.starts_with("HTTP") => {
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-                Err(e) => break Err(e),
-            }
-        }
-    };
-    let (mut ws, hello) = match first {
+    let (mut ws, hello) = match first_connect(&ctx, &spec).await {
         Ok(ok) => ok,
         Err(e) => {
-            let mut errors = lock(&ctx.first_errors);
-            if errors.len() < 5 {
-                errors.push(e.clone());
-            }
-            drop(errors);
-            ctx.failed.fetch_add(1, Relaxed);
             out.base.error = Some(e);
             return out;
         }
