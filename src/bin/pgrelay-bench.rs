@@ -787,6 +787,34 @@ enum Outcome {
     Failed(String),
 }
 
+/// Waits until every client has connected or failed (the clients' own
+/// handshakes are bounded); any failure stops the run, naming the first
+/// errors. Returns the seconds it took, and the clients' tasks.
+async fn all_connected<T>(
+    ctx: &Ctx,
+    handles: Vec<tokio::task::JoinHandle<T>>,
+    sockets: usize,
+    began: Instant,
+) -> Result<(f64, Vec<tokio::task::JoinHandle<T>>), String> {
+    while ctx.connected.load(Relaxed) + ctx.failed.load(Relaxed) < sockets {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = began.elapsed().as_secs_f64();
+    if ctx.failed.load(Relaxed) > 0 {
+        ctx.stop.cancel();
+        for handle in handles {
+            let _ = handle.await;
+        }
+        return Err(format!(
+            "{} of {} sockets failed to connect; first errors: {}",
+            ctx.failed.load(Relaxed),
+            sockets,
+            lock(&ctx.first_errors).join("; ")
+        ));
+    }
+    Ok((took, handles))
+}
+
 /// A client's first handshake, through the connect gate, retried a few
 /// times when the connection itself fails (a full backlog), never when it is
 /// refused; a failure is counted and its text kept (the first five).
@@ -1390,22 +1418,7 @@ async fn bench(args: &Args, server: &Server) -> Result<Report, String> {
         .into_iter()
         .map(|spec| tokio::spawn(client(spec, Arc::clone(&ctx))))
         .collect();
-    while ctx.connected.load(Relaxed) + ctx.failed.load(Relaxed) < args.sockets {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let connect_s = connect_began.elapsed().as_secs_f64();
-    if ctx.failed.load(Relaxed) > 0 {
-        ctx.stop.cancel();
-        for handle in handles {
-            let _ = handle.await;
-        }
-        return Err(format!(
-            "{} of {} sockets failed to connect; first errors: {}",
-            ctx.failed.load(Relaxed),
-            args.sockets,
-            lock(&ctx.first_errors).join("; ")
-        ));
-    }
+    let (connect_s, handles) = all_connected(&ctx, handles, args.sockets, connect_began).await?;
     // Let the last handshakes' allocations settle before reading RSS.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_connected = proc_sample(server.pid);

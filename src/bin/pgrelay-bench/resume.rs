@@ -29,9 +29,9 @@ use std::sync::OnceLock;
 use tokio::sync::watch;
 
 use super::{
-    compare, connect, connect_db, delivered_total, first_connect, http_get, lock, machine_busy_s,
-    parse_int, proc_sample, random_u64, splitmix, writer, Args, ClientReport, ClientSpec, Ctx,
-    Expected, Outcome, Scenario, Schedule, Server, WriterCounts, Ws, EVENT_PREFIX,
+    all_connected, compare, connect, connect_db, delivered_total, first_connect, http_get, lock,
+    machine_busy_s, parse_int, proc_sample, random_u64, splitmix, writer, Args, ClientReport,
+    ClientSpec, Ctx, Expected, Outcome, Scenario, Schedule, Server, WriterCounts, Ws, EVENT_PREFIX,
 };
 use super::{
     AtomicU64, AtomicUsize, CloseCode, CloseFrame, Duration, Instant, Message, Relaxed, SinkExt,
@@ -1231,22 +1231,7 @@ async fn storm(args: &Args, server: &mut Server) -> Result<bool, String> {
             ))
         })
         .collect();
-    while ctx.connected.load(Relaxed) + ctx.failed.load(Relaxed) < args.sockets {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let connect_s = connect_began.elapsed().as_secs_f64();
-    if ctx.failed.load(Relaxed) > 0 {
-        ctx.stop.cancel();
-        for handle in handles {
-            let _ = handle.await;
-        }
-        return Err(format!(
-            "{} of {} sockets failed to connect; first errors: {}",
-            ctx.failed.load(Relaxed),
-            args.sockets,
-            lock(&ctx.first_errors).join("; ")
-        ));
-    }
+    let (connect_s, handles) = all_connected(&ctx, handles, args.sockets, connect_began).await?;
     let hellos = lock(&ctx.hellos).clone();
     let min_hello = hellos.iter().map(|h| h.2).min().unwrap_or(0);
     eprintln!("{} sockets connected in {connect_s:.1} s", args.sockets);
