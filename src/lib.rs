@@ -7,7 +7,7 @@
 //!   -> capture trigger (triggers/)  pgrelay.events row + pg_notify, ids in commit order
 //!   -> listen    one dedicated LISTEN connection; reconnects, catches up from pgrelay.events,
 //!                probes that it hears other connections' NOTIFYs, re-reads the log every heartbeat
-//!   -> parse     NOTIFY payload -> Event (pure)
+//!   -> parse     NOTIFY payload -> the event id it wakes us for (pure); Event -> frame
 //!   -> route     Event -> audiences: dashboard, user:<id> (pure)
 //!   -> hub       audience -> subscribers; each event serialised once, bounded rings
 //!   -> session   one task per WebSocket: hello, replay, live, refresh, close codes
@@ -16,13 +16,16 @@
 //! Beside the flow: `server` (HTTP, upgrade, auth at the door), `auth` (JWT,
 //! pure), `config` (flags, env, TOML -> typed config), `pgconn` (a database
 //! target: settings + sslmode/sslrootcert, the one `connect`), `db` (the read
-//! pool), `install` (embedded SQL), `retention` (pruning), `metrics`, `cluster`
-//! (throwaway PostgreSQL for `demo` and tests), `demo`.
+//! pool; every query under a server-side statement timeout), `replays` (caps
+//! on replays running at once), `admission` (origin, socket and pre-auth
+//! caps, admin query), `install` (embedded SQL, `--watch` specs), `retention`
+//! (pruning), `metrics`, `coalesce` (one write per batch of frames), `tail`,
+//! `cluster` (throwaway PostgreSQL for `demo` and tests), `demo`.
 //!
 //! Invariants: data flows one way; the listener never waits on a socket;
 //! nothing downstream of the listener touches PostgreSQL except replay reads
-//! through the pool; every spawned task is tracked and ends on the one
-//! cancellation token.
+//! and the admin query (at upgrade and on refresh) through the pool; every
+//! spawned task is tracked and ends on the one cancellation token.
 
 pub mod admission;
 pub mod auth;
