@@ -2,10 +2,14 @@
 //! file -> validated, typed configuration.
 //!
 //! Precedence, highest first: flag, environment variable, `--config` file,
-//! built-in default (`DATABASE_URL` is honoured after the file). Everything is
-//! parsed and checked here, before any port is bound or any connection made,
-//! and a problem is one [`ConfigError`] line that names the flag. Nothing here
-//! touches the network.
+//! built-in default (`DATABASE_URL` is honoured after the file). Each `serve`
+//! option is one field of [`ServeOptions`]: clap reads it from the flag or its
+//! variable, serde from the file, one merge layers the two, and the same
+//! struct prints `--print-config`. Defaults and checks live in one place,
+//! [`ServeArgs::resolve`]. Everything is parsed and checked here, before any
+//! port is bound or any connection made, and a problem is one [`ConfigError`]
+//! line that names the flag (or, for the file, its path and line). Nothing
+//! here touches the network.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::admission::Limits;
 use crate::auth::{AdminClaim, AuthConfig, KeySource};
@@ -62,101 +66,192 @@ pub struct DatabaseArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
-    /// Connection string for the LISTEN connection alone, when reads go through
-    /// a transaction-mode pooler: point this at the database directly or at a
-    /// session-mode pool [default: --database-url].
-    #[arg(long, env = "PGRELAY_LISTEN_DATABASE_URL", hide_env_values = true)]
-    pub listen_database_url: Option<String>,
-    /// Address to serve HTTP and WebSockets on [default: 127.0.0.1:8080].
-    #[arg(long, env = "PGRELAY_LISTEN")]
-    pub listen: Option<String>,
-    /// HS256 secret that tokens are signed with.
-    #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-    /// File holding the HS256 secret (re-read on SIGHUP, for rotation).
-    #[arg(long, env = "PGRELAY_JWT_SECRET_FILE")]
-    pub jwt_secret_file: Option<PathBuf>,
-    /// PEM file with the RS256 or ES256 public key tokens are signed for (re-read on SIGHUP).
-    #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY")]
-    pub jwt_public_key: Option<PathBuf>,
-    /// Required `iss` claim.
-    #[arg(long, env = "PGRELAY_JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
-    /// Required `aud` claim.
-    #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
-    /// Clock skew allowed on exp and nbf [default: 0s].
-    #[arg(long, env = "PGRELAY_JWT_LEEWAY")]
-    pub jwt_leeway: Option<String>,
-    /// Claim that makes a super admin, NAME=VALUE; repeatable [default: role=super_admin].
-    #[arg(
-        long = "admin-claim",
-        env = "PGRELAY_ADMIN_CLAIMS",
-        value_delimiter = ';'
-    )]
-    pub admin_claims: Vec<String>,
-    /// CHANNEL=AUDIENCE[,AUDIENCE...], AUDIENCE being dashboard or user:FIELD; repeatable
-    /// [default: the demo routes].
-    #[arg(long = "route", env = "PGRELAY_ROUTES", value_delimiter = ';')]
-    pub routes: Vec<String>,
-    /// Events older than this are pruned from pgrelay.events [default: 24h].
-    #[arg(long, env = "PGRELAY_RETENTION")]
-    pub retention: Option<String>,
-    /// Frames a dashboard socket may fall behind before it is closed with 4008 [default: 4096].
-    #[arg(long, env = "PGRELAY_DASHBOARD_QUEUE")]
-    pub dashboard_queue: Option<usize>,
-    /// Frames a notifications socket may fall behind before it is closed with 4008 [default: 64].
-    #[arg(long, env = "PGRELAY_USER_QUEUE")]
-    pub user_queue: Option<usize>,
-    /// Connections in the read pool (replay, large events) [default: 8].
-    #[arg(long, env = "PGRELAY_POOL_SIZE")]
-    pub pool_size: Option<usize>,
-    /// Browser origin allowed to open sockets, exactly as sent in `Origin`; repeatable
-    /// [default: any].
-    #[arg(
-        long = "allowed-origin",
-        env = "PGRELAY_ALLOWED_ORIGINS",
-        value_delimiter = ';'
-    )]
-    pub allowed_origins: Vec<String>,
-    /// SQL deciding super admin for tokens without an admin claim, e.g.
-    /// "SELECT role = 'super_admin' FROM users WHERE id = $1" ($1: the user id).
-    #[arg(long, env = "PGRELAY_ADMIN_QUERY")]
-    pub admin_query: Option<String>,
-    /// How long an --admin-query answer is cached [default: 30s].
-    #[arg(long, env = "PGRELAY_ADMIN_CACHE")]
-    pub admin_cache: Option<String>,
-    /// Open sockets in total; more are refused with 503 [default: 50000].
-    #[arg(long, env = "PGRELAY_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Open sockets per user; more are refused with 429 [default: 32].
-    #[arg(long, env = "PGRELAY_MAX_SOCKETS_PER_USER")]
-    pub max_sockets_per_user: Option<usize>,
-    /// Time a client has to send its request headers [default: 10s].
-    #[arg(long, env = "PGRELAY_HANDSHAKE_TIMEOUT")]
-    pub handshake_timeout: Option<String>,
-    /// Largest client message in bytes; larger closes the socket with 1009 [default: 16384].
-    #[arg(long, env = "PGRELAY_MAX_CLIENT_MESSAGE")]
-    pub max_client_message: Option<usize>,
-    /// Client messages per second per socket (bursts of 10x); more closes it with 1008
-    /// [default: 2].
-    #[arg(long, env = "PGRELAY_CLIENT_RATE")]
-    pub client_rate: Option<u32>,
-    /// Connections not yet upgraded to a WebSocket (before and during
-    /// authentication), in total; more are answered 503 at once [default: 1024].
-    #[arg(long, env = "PGRELAY_MAX_PENDING_HANDSHAKES")]
-    pub max_pending_handshakes: Option<usize>,
-    /// The same per client address (IPv6 by /64); more are answered 429 at once
-    /// [default: 64].
-    #[arg(long, env = "PGRELAY_MAX_PENDING_PER_IP")]
-    pub max_pending_per_ip: Option<usize>,
-    /// Largest HTTP request head (request line and headers) in bytes; larger is
-    /// answered 431 [default: 16384].
-    #[arg(long, env = "PGRELAY_MAX_HEADER_BYTES")]
-    pub max_header_bytes: Option<usize>,
+    #[command(flatten)]
+    pub options: ServeOptions,
     /// Print the resolved configuration (secrets redacted) and exit.
     #[arg(long)]
     pub print_config: bool,
+}
+
+/// Declares the options struct once and derives from that one declaration
+/// what a derive cannot: [`ServeOptions::or`], the field-by-field merge that
+/// puts a higher source over a lower one, and [`ServeOptions::KEYS`].
+macro_rules! options {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$field_meta:meta])* pub $field:ident: $ty:ty, )*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $( $(#[$field_meta])* pub $field: $ty, )*
+        }
+
+        impl $name {
+            /// Every TOML key, in declaration order.
+            #[cfg(test)]
+            const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// `self`'s value for each option that `self` sets, else `lower`'s.
+            fn or(mut self, lower: $name) -> $name {
+                $( Unset::or(&mut self.$field, lower.$field); )*
+                self
+            }
+        }
+    };
+}
+
+options! {
+    /// Every `serve` option, declared once: the field is the flag (`--long-name`),
+    /// `env` its variable, the field name its `--config` key, and the same
+    /// struct, filled from the resolved [`ServeConfig`], prints `--print-config`.
+    /// Every field is unset-able (`Option` or an empty list) so that sources can
+    /// be layered with [`ServeOptions::or`]; defaults and checks are applied once,
+    /// in [`ServeArgs::resolve`].
+    #[derive(Debug, Default, Args, Deserialize, Serialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct ServeOptions {
+        /// From the file only: the flag is [`DatabaseArgs`]'s, shared with `install`.
+        /// Printed resolved, as the connection the relay makes.
+        #[arg(skip)]
+        #[serde(rename(serialize = "database"))]
+        pub database_url: Option<String>,
+        /// Connection string for the LISTEN connection alone, when reads go through
+        /// a transaction-mode pooler: point this at the database directly or at a
+        /// session-mode pool [default: --database-url].
+        #[arg(long, env = "PGRELAY_LISTEN_DATABASE_URL", hide_env_values = true)]
+        #[serde(rename(serialize = "listen_database"))]
+        pub listen_database_url: Option<String>,
+        /// Address to serve HTTP and WebSockets on [default: 127.0.0.1:8080].
+        #[arg(long, env = "PGRELAY_LISTEN")]
+        pub listen: Option<String>,
+        /// HS256 secret that tokens are signed with.
+        #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
+        pub jwt_secret: Option<String>,
+        /// File holding the HS256 secret (re-read on SIGHUP, for rotation).
+        #[arg(long, env = "PGRELAY_JWT_SECRET_FILE")]
+        pub jwt_secret_file: Option<PathBuf>,
+        /// PEM file with the RS256 or ES256 public key tokens are signed for (re-read on SIGHUP).
+        #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY")]
+        pub jwt_public_key: Option<PathBuf>,
+        /// Required `iss` claim.
+        #[arg(long, env = "PGRELAY_JWT_ISSUER")]
+        pub jwt_issuer: Option<String>,
+        /// Required `aud` claim.
+        #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
+        pub jwt_audience: Option<String>,
+        /// Clock skew allowed on exp and nbf [default: 0s].
+        #[arg(long, env = "PGRELAY_JWT_LEEWAY", value_parser = humantime::parse_duration)]
+        #[serde(with = "duration")]
+        pub jwt_leeway: Option<Duration>,
+        /// Claim that makes a super admin, NAME=VALUE; repeatable [default: role=super_admin].
+        #[arg(long, env = "PGRELAY_ADMIN_CLAIMS", value_delimiter = ';')]
+        pub admin_claim: Vec<String>,
+        /// CHANNEL=AUDIENCE[,AUDIENCE...], AUDIENCE being dashboard or user:FIELD; repeatable
+        /// [default: the demo routes].
+        #[arg(long, env = "PGRELAY_ROUTES", value_delimiter = ';')]
+        pub route: Vec<String>,
+        /// Events older than this are pruned from pgrelay.events [default: 24h].
+        #[arg(long, env = "PGRELAY_RETENTION", value_parser = humantime::parse_duration)]
+        #[serde(with = "duration")]
+        pub retention: Option<Duration>,
+        /// Frames a dashboard socket may fall behind before it is closed with 4008 [default: 4096].
+        #[arg(long, env = "PGRELAY_DASHBOARD_QUEUE")]
+        pub dashboard_queue: Option<usize>,
+        /// Frames a notifications socket may fall behind before it is closed with 4008 [default: 64].
+        #[arg(long, env = "PGRELAY_USER_QUEUE")]
+        pub user_queue: Option<usize>,
+        /// Connections in the read pool (replay, large events) [default: 8].
+        #[arg(long, env = "PGRELAY_POOL_SIZE")]
+        pub pool_size: Option<usize>,
+        /// Browser origin allowed to open sockets, exactly as sent in `Origin`; repeatable
+        /// [default: any].
+        #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ';')]
+        pub allowed_origin: Vec<String>,
+        /// SQL deciding super admin for tokens without an admin claim, e.g.
+        /// "SELECT role = 'super_admin' FROM users WHERE id = $1" ($1: the user id).
+        #[arg(long, env = "PGRELAY_ADMIN_QUERY")]
+        pub admin_query: Option<String>,
+        /// How long an --admin-query answer is cached [default: 30s].
+        #[arg(long, env = "PGRELAY_ADMIN_CACHE", value_parser = humantime::parse_duration)]
+        #[serde(with = "duration")]
+        pub admin_cache: Option<Duration>,
+        /// Open sockets in total; more are refused with 503 [default: 50000].
+        #[arg(long, env = "PGRELAY_MAX_CONNECTIONS")]
+        pub max_connections: Option<usize>,
+        /// Open sockets per user; more are refused with 429 [default: 32].
+        #[arg(long, env = "PGRELAY_MAX_SOCKETS_PER_USER")]
+        pub max_sockets_per_user: Option<usize>,
+        /// Time a client has to send its request headers [default: 10s].
+        #[arg(long, env = "PGRELAY_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+        #[serde(with = "duration")]
+        pub handshake_timeout: Option<Duration>,
+        /// Largest client message in bytes; larger closes the socket with 1009 [default: 16384].
+        #[arg(long, env = "PGRELAY_MAX_CLIENT_MESSAGE")]
+        pub max_client_message: Option<usize>,
+        /// Client messages per second per socket (bursts of 10x); more closes it with 1008
+        /// [default: 2].
+        #[arg(long, env = "PGRELAY_CLIENT_RATE")]
+        pub client_rate: Option<u32>,
+        /// Connections not yet upgraded to a WebSocket (before and during
+        /// authentication), in total; more are answered 503 at once [default: 1024].
+        #[arg(long, env = "PGRELAY_MAX_PENDING_HANDSHAKES")]
+        pub max_pending_handshakes: Option<usize>,
+        /// The same per client address (IPv6 by /64); more are answered 429 at once
+        /// [default: 64].
+        #[arg(long, env = "PGRELAY_MAX_PENDING_PER_IP")]
+        pub max_pending_per_ip: Option<usize>,
+        /// Largest HTTP request head (request line and headers) in bytes; larger is
+        /// answered 431 [default: 16384].
+        #[arg(long, env = "PGRELAY_MAX_HEADER_BYTES")]
+        pub max_header_bytes: Option<usize>,
+    }
+}
+
+/// An option a source leaves unset: `None`, or no values at all for a
+/// repeatable one (a list is taken whole from one source, never appended).
+trait Unset {
+    fn or(&mut self, lower: Self);
+}
+
+impl<T> Unset for Option<T> {
+    fn or(&mut self, lower: Self) {
+        if self.is_none() {
+            *self = lower;
+        }
+    }
+}
+
+impl<T> Unset for Vec<T> {
+    fn or(&mut self, lower: Self) {
+        if self.is_empty() {
+            *self = lower;
+        }
+    }
+}
+
+/// Durations in the file as on the command line ("90s", "1h 30m"), with
+/// humantime, the flags' parser too. Twelve lines here rather than the
+/// humantime-serde crate: a dependency for this is not worth its audit.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| D::Error::custom(format!("{text:?}: {e}")))
+    }
+
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => s.collect_str(&humantime::format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -233,38 +328,6 @@ pub struct TailArgs {
     /// Pretty-print each event instead of one JSON line.
     #[arg(long)]
     pub pretty: bool,
-}
-
-/// The `--config` file. Keys are the long options with underscores.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    database_url: Option<String>,
-    listen_database_url: Option<String>,
-    listen: Option<String>,
-    jwt_secret: Option<String>,
-    jwt_secret_file: Option<PathBuf>,
-    jwt_public_key: Option<PathBuf>,
-    jwt_issuer: Option<String>,
-    jwt_audience: Option<String>,
-    jwt_leeway: Option<String>,
-    admin_claim: Option<Vec<String>>,
-    route: Option<Vec<String>>,
-    retention: Option<String>,
-    dashboard_queue: Option<usize>,
-    user_queue: Option<usize>,
-    pool_size: Option<usize>,
-    allowed_origin: Option<Vec<String>>,
-    admin_query: Option<String>,
-    admin_cache: Option<String>,
-    max_connections: Option<usize>,
-    max_sockets_per_user: Option<usize>,
-    handshake_timeout: Option<String>,
-    max_client_message: Option<usize>,
-    client_rate: Option<u32>,
-    max_pending_handshakes: Option<usize>,
-    max_pending_per_ip: Option<usize>,
-    max_header_bytes: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -370,9 +433,11 @@ fn default_admin_claim() -> AdminClaim {
     }
 }
 
-fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+/// The `--config` file, as options: its keys are the long options with
+/// underscores, and any other key is an error naming its line.
+fn load_file(path: Option<&Path>) -> Result<ServeOptions, ConfigError> {
     let Some(path) = path else {
-        return Ok(FileConfig::default());
+        return Ok(ServeOptions::default());
     };
     let err = |reason: String| ConfigError::File {
         path: path.display().to_string(),
@@ -395,12 +460,12 @@ fn is_set(url: &str) -> bool {
     !url.trim().is_empty()
 }
 
-/// Resolves the connection string: flag/env, then file, then DATABASE_URL;
-/// its sslmode/sslrootcert (or PGSSLMODE/PGSSLROOTCERT) as libpq reads them.
-fn database(flag: Option<String>, file: Option<String>) -> Result<Target, ConfigError> {
-    let url = flag
+/// Resolves the connection string: the one flag, env or file gave, else
+/// DATABASE_URL; its sslmode/sslrootcert (or PGSSLMODE/PGSSLROOTCERT) as
+/// libpq reads them.
+fn database(url: Option<String>) -> Result<Target, ConfigError> {
+    let url = url
         .filter(|u| is_set(u))
-        .or(file.filter(|u| is_set(u)))
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| is_set(u)))
         .ok_or(ConfigError::NoDatabase)?;
     connection("database-url", &url)
@@ -409,21 +474,6 @@ fn database(flag: Option<String>, file: Option<String>) -> Result<Target, Config
 /// Parses the connection string given to `--flag`.
 fn connection(flag: &'static str, url: &str) -> Result<Target, ConfigError> {
     Target::from_str(url).map_err(|source| ConfigError::Database { flag, source })
-}
-
-fn duration(
-    flag: &'static str,
-    value: Option<String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(v) => humantime::parse_duration(&v).map_err(|e| ConfigError::Value {
-            flag,
-            value: v,
-            reason: e.to_string(),
-        }),
-    }
 }
 
 /// A count from 1 to [`MAX_COUNT`] (queues are allocated up front, and a
@@ -462,30 +512,25 @@ fn header_bytes(value: Option<usize>) -> Result<usize, ConfigError> {
 /// limit, which a larger event would break.
 pub const MAX_EVENT_BYTES: u32 = 8 << 20;
 
-/// Flag (or env) values when given, else the file's, else empty.
-fn list(flag: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
-    if flag.is_empty() {
-        file.unwrap_or_default()
-    } else {
-        flag
-    }
-}
-
 impl ServeArgs {
+    /// Flag or variable (clap), over the `--config` file, over the defaults;
+    /// then every check, in one pass.
     pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
-        let file = load_file(self.db.config.as_deref())?;
-        let database = database(self.db.database_url, file.database_url)?;
+        let mut flags = self.options;
+        // One flag for both commands, so it is not in ServeOptions' clap half;
+        // empty (`PGRELAY_DATABASE_URL=` from a compose file) counts as unset.
+        flags.database_url = self.db.database_url.filter(|u| is_set(u));
+        flags.listen_database_url = flags.listen_database_url.filter(|u| is_set(u));
+        let o = flags.or(load_file(self.db.config.as_deref())?);
+
+        let database = database(o.database_url)?;
         // Never DATABASE_URL: unset means "the same as the main connection".
-        let listen_database = self
+        let listen_database = o
             .listen_database_url
             .filter(|u| is_set(u))
-            .or(file.listen_database_url.filter(|u| is_set(u)))
             .map(|url| connection("listen-database-url", &url))
             .transpose()?;
-        let listen_text = self
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen_text = o.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen =
             listen_text
                 .parse()
@@ -493,11 +538,7 @@ impl ServeArgs {
                     value: listen_text.clone(),
                     reason: e.to_string(),
                 })?;
-        let key = match (
-            self.jwt_secret.or(file.jwt_secret),
-            self.jwt_secret_file.or(file.jwt_secret_file),
-            self.jwt_public_key.or(file.jwt_public_key),
-        ) {
+        let key = match (o.jwt_secret, o.jwt_secret_file, o.jwt_public_key) {
             (Some(secret), None, None) if secret.is_empty() => {
                 return Err(ConfigError::EmptySecret)
             }
@@ -507,7 +548,8 @@ impl ServeArgs {
             (None, None, None) => return Err(ConfigError::NoKey),
             _ => return Err(ConfigError::TwoKeys),
         };
-        let admin_claims = list(self.admin_claims, file.admin_claim)
+        let admin_claims = o
+            .admin_claim
             .iter()
             .map(|c| c.parse())
             .collect::<Result<Vec<AdminClaim>, _>>()?;
@@ -518,21 +560,13 @@ impl ServeArgs {
         };
         let auth = AuthConfig {
             key,
-            issuer: self.jwt_issuer.or(file.jwt_issuer),
-            audience: self.jwt_audience.or(file.jwt_audience),
-            leeway: duration(
-                "jwt-leeway",
-                self.jwt_leeway.or(file.jwt_leeway),
-                Duration::ZERO,
-            )?,
+            issuer: o.jwt_issuer,
+            audience: o.jwt_audience,
+            leeway: o.jwt_leeway.unwrap_or(Duration::ZERO),
             admin_claims,
         };
-        let routes = Routes::parse(&list(self.routes, file.route))?;
-        let retention = duration(
-            "retention",
-            self.retention.or(file.retention),
-            DEFAULT_RETENTION,
-        )?;
+        let routes = Routes::parse(&o.route)?;
+        let retention = o.retention.unwrap_or(DEFAULT_RETENTION);
         if retention < Duration::from_secs(60) {
             return Err(ConfigError::Value {
                 flag: "retention",
@@ -543,63 +577,48 @@ impl ServeArgs {
         let queues = QueueSizes {
             dashboard: positive(
                 "dashboard-queue",
-                self.dashboard_queue.or(file.dashboard_queue),
+                o.dashboard_queue,
                 DEFAULT_QUEUES.dashboard,
             )?,
-            user: positive(
-                "user-queue",
-                self.user_queue.or(file.user_queue),
-                DEFAULT_QUEUES.user,
-            )?,
+            user: positive("user-queue", o.user_queue, DEFAULT_QUEUES.user)?,
         };
-        let pool_size = positive(
-            "pool-size",
-            self.pool_size.or(file.pool_size),
-            DEFAULT_POOL_SIZE,
-        )?;
+        let pool_size = positive("pool-size", o.pool_size, DEFAULT_POOL_SIZE)?;
         let defaults = Limits::default();
         let limits = Limits {
             max_connections: positive(
                 "max-connections",
-                self.max_connections.or(file.max_connections),
+                o.max_connections,
                 defaults.max_connections,
             )?,
             max_per_user: positive(
                 "max-sockets-per-user",
-                self.max_sockets_per_user.or(file.max_sockets_per_user),
+                o.max_sockets_per_user,
                 defaults.max_per_user,
             )?,
-            handshake_timeout: duration(
-                "handshake-timeout",
-                self.handshake_timeout.or(file.handshake_timeout),
-                defaults.handshake_timeout,
-            )?,
+            handshake_timeout: o.handshake_timeout.unwrap_or(defaults.handshake_timeout),
             max_client_message: positive(
                 "max-client-message",
-                self.max_client_message.or(file.max_client_message),
+                o.max_client_message,
                 defaults.max_client_message,
             )?,
             client_messages_per_second: positive(
                 "client-rate",
-                self.client_rate.or(file.client_rate).map(|r| r as usize),
+                o.client_rate.map(|r| r as usize),
                 defaults.client_messages_per_second as usize,
             )? as u32,
             max_pending_handshakes: positive(
                 "max-pending-handshakes",
-                self.max_pending_handshakes.or(file.max_pending_handshakes),
+                o.max_pending_handshakes,
                 defaults.max_pending_handshakes,
             )?,
             max_pending_per_ip: positive(
                 "max-pending-per-ip",
-                self.max_pending_per_ip.or(file.max_pending_per_ip),
+                o.max_pending_per_ip,
                 defaults.max_pending_per_ip,
             )?,
-            max_header_bytes: header_bytes(self.max_header_bytes.or(file.max_header_bytes))?,
+            max_header_bytes: header_bytes(o.max_header_bytes)?,
         };
-        let admin_query = self
-            .admin_query
-            .or(file.admin_query)
-            .filter(|q| !q.trim().is_empty());
+        let admin_query = o.admin_query.filter(|q| !q.trim().is_empty());
         if let Some(query) = &admin_query {
             if !query.contains("$1") {
                 return Err(ConfigError::Value {
@@ -610,13 +629,9 @@ impl ServeArgs {
             }
         }
         Ok(ServeConfig {
-            allowed_origins: list(self.allowed_origins, file.allowed_origin),
+            allowed_origins: o.allowed_origin,
             admin_query,
-            admin_cache: duration(
-                "admin-cache",
-                self.admin_cache.or(file.admin_cache),
-                DEFAULT_ADMIN_CACHE,
-            )?,
+            admin_cache: o.admin_cache.unwrap_or(DEFAULT_ADMIN_CACHE),
             limits,
             demo_api: false,
             database,
@@ -631,88 +646,64 @@ impl ServeArgs {
     }
 }
 
-impl std::fmt::Display for ServeConfig {
-    /// The effective settings as TOML-like lines; no password, no secret.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "database = {:?}", self.database.to_string())?;
-        let listen_database = self.listen_database.as_ref().unwrap_or(&self.database);
-        writeln!(f, "listen_database = {:?}", listen_database.to_string())?;
-        writeln!(f, "listen = \"{}\"", self.listen)?;
+impl ServeConfig {
+    /// The effective settings as options, every one set: what `--print-config`
+    /// shows. Connection strings are the resolved targets (no password) and
+    /// an HS256 secret is redacted. No `..Default::default()`: a new option
+    /// does not compile until it is printed.
+    fn options(&self) -> ServeOptions {
+        let (mut jwt_secret, mut jwt_secret_file, mut jwt_public_key) = (None, None, None);
         match &self.auth.key {
-            KeySource::Secret(_) => writeln!(f, "jwt_key = \"HS256 secret (redacted)\"")?,
-            KeySource::SecretFile(path) => {
-                writeln!(f, "jwt_secret_file = {:?}", path.display().to_string())?
-            }
-            KeySource::PublicKeyFile(path) => {
-                writeln!(f, "jwt_public_key = {:?}", path.display().to_string())?
-            }
+            KeySource::Secret(_) => jwt_secret = Some("(redacted)".to_owned()),
+            KeySource::SecretFile(path) => jwt_secret_file = Some(path.clone()),
+            KeySource::PublicKeyFile(path) => jwt_public_key = Some(path.clone()),
         }
-        writeln!(
-            f,
-            "jwt_issuer = {:?}",
-            self.auth.issuer.as_deref().unwrap_or("")
-        )?;
-        writeln!(
-            f,
-            "jwt_audience = {:?}",
-            self.auth.audience.as_deref().unwrap_or("")
-        )?;
-        writeln!(
-            f,
-            "jwt_leeway = \"{}\"",
-            humantime::format_duration(self.auth.leeway)
-        )?;
-        let claims: Vec<String> = self
-            .auth
-            .admin_claims
-            .iter()
-            .map(|c| format!("{:?}", format!("{}={}", c.name, c.value)))
-            .collect();
-        writeln!(f, "admin_claim = [{}]", claims.join(", "))?;
-        let routes: Vec<String> = self
-            .routes
-            .to_string()
-            .split(' ')
-            .map(|r| format!("{r:?}"))
-            .collect();
-        writeln!(f, "route = [{}]", routes.join(", "))?;
-        writeln!(
-            f,
-            "retention = \"{}\"",
-            humantime::format_duration(self.retention)
-        )?;
-        writeln!(f, "dashboard_queue = {}", self.queues.dashboard)?;
-        writeln!(f, "user_queue = {}", self.queues.user)?;
-        writeln!(f, "pool_size = {}", self.pool_size)?;
-        let origins: Vec<String> = self
-            .allowed_origins
-            .iter()
-            .map(|o| format!("{o:?}"))
-            .collect();
-        writeln!(f, "allowed_origin = [{}]", origins.join(", "))?;
-        writeln!(
-            f,
-            "admin_query = {:?}",
-            self.admin_query.as_deref().unwrap_or("")
-        )?;
-        writeln!(
-            f,
-            "admin_cache = \"{}\"",
-            humantime::format_duration(self.admin_cache)
-        )?;
+        let listen_database = self.listen_database.as_ref().unwrap_or(&self.database);
         let l = &self.limits;
-        writeln!(f, "max_connections = {}", l.max_connections)?;
-        writeln!(f, "max_sockets_per_user = {}", l.max_per_user)?;
-        writeln!(
-            f,
-            "handshake_timeout = \"{}\"",
-            humantime::format_duration(l.handshake_timeout)
-        )?;
-        writeln!(f, "max_client_message = {}", l.max_client_message)?;
-        writeln!(f, "client_rate = {}", l.client_messages_per_second)?;
-        writeln!(f, "max_pending_handshakes = {}", l.max_pending_handshakes)?;
-        writeln!(f, "max_pending_per_ip = {}", l.max_pending_per_ip)?;
-        write!(f, "max_header_bytes = {}", l.max_header_bytes)
+        ServeOptions {
+            database_url: Some(self.database.to_string()),
+            listen_database_url: Some(listen_database.to_string()),
+            listen: Some(self.listen.to_string()),
+            jwt_secret,
+            jwt_secret_file,
+            jwt_public_key,
+            jwt_issuer: self.auth.issuer.clone(),
+            jwt_audience: self.auth.audience.clone(),
+            jwt_leeway: Some(self.auth.leeway),
+            admin_claim: (self.auth.admin_claims.iter())
+                .map(|c| format!("{}={}", c.name, c.value))
+                .collect(),
+            route: self
+                .routes
+                .to_string()
+                .split(' ')
+                .map(str::to_owned)
+                .collect(),
+            retention: Some(self.retention),
+            dashboard_queue: Some(self.queues.dashboard),
+            user_queue: Some(self.queues.user),
+            pool_size: Some(self.pool_size),
+            allowed_origin: self.allowed_origins.clone(),
+            admin_query: self.admin_query.clone(),
+            admin_cache: Some(self.admin_cache),
+            max_connections: Some(l.max_connections),
+            max_sockets_per_user: Some(l.max_per_user),
+            handshake_timeout: Some(l.handshake_timeout),
+            max_client_message: Some(l.max_client_message),
+            client_rate: Some(l.client_messages_per_second),
+            max_pending_handshakes: Some(l.max_pending_handshakes),
+            max_pending_per_ip: Some(l.max_pending_per_ip),
+            max_header_bytes: Some(l.max_header_bytes),
+        }
+    }
+}
+
+impl std::fmt::Display for ServeConfig {
+    /// The effective settings as TOML, `key = value` lines (unset ones left
+    /// out); no password, no secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = toml::to_string(&self.options()).map_err(|_| std::fmt::Error)?;
+        f.write_str(text.trim_end())
     }
 }
 
@@ -744,7 +735,11 @@ impl InstallConfig {
 impl InstallArgs {
     pub fn resolve(self) -> Result<InstallConfig, ConfigError> {
         let file = load_file(self.db.config.as_deref())?;
-        let database = database(self.db.database_url, file.database_url)?;
+        let database = database(
+            (self.db.database_url)
+                .filter(|u| is_set(u))
+                .or(file.database_url),
+        )?;
         let watch = self
             .watch
             .iter()
@@ -788,6 +783,130 @@ impl TokenArgs {
                 value: String::new(),
                 reason: "required to sign a token".into(),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let argv = ["pgrelay", "serve", "--database-url", "postgres://u:pw@h/d"];
+        match Cli::try_parse_from(argv.iter().chain(args)) {
+            Ok(Cli {
+                command: Command::Serve(args),
+            }) => *args,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_source_sets_an_option_whole_or_leaves_it_to_the_next() {
+        let flags = serve(&["--listen", "127.0.0.1:1", "--route", "a=dashboard"]).options;
+        let file: ServeOptions = toml::from_str(
+            "listen = \"127.0.0.1:2\"\nroute = [\"b=dashboard\", \"c=dashboard\"]\n\
+             retention = \"2h\"\nallowed_origin = [\"https://x\"]\n",
+        )
+        .expect("file");
+        let o = flags.or(file);
+        assert_eq!(o.listen.as_deref(), Some("127.0.0.1:1"));
+        assert_eq!(o.route, ["a=dashboard"], "lists are not appended");
+        assert_eq!(o.retention, Some(Duration::from_secs(7200)));
+        assert_eq!(o.allowed_origin, ["https://x"]);
+        assert_eq!(o.pool_size, None);
+    }
+
+    /// What `--print-config` prints reads back as the same configuration:
+    /// durations, lists and counts survive the trip. (`database` and
+    /// `listen_database` are the resolved targets, shown, not re-read.)
+    #[test]
+    fn printed_config_reads_back_as_the_same_config() {
+        let config = serve(&[
+            "--jwt-secret",
+            "s",
+            "--jwt-leeway",
+            "1m 30s",
+            "--admin-claim",
+            "is_staff=true",
+            "--route",
+            "orders=dashboard,user:buyer_id",
+            "--retention",
+            "2h",
+            "--pool-size",
+            "3",
+            "--allowed-origin",
+            "https://app.example",
+            "--admin-query",
+            "SELECT $1 = 'x\"y'",
+            "--handshake-timeout",
+            "250ms",
+            "--client-rate",
+            "7",
+        ])
+        .resolve()
+        .expect("resolves");
+        let printed = config.to_string();
+        assert!(!printed.contains("pw"), "a password is printed:\n{printed}");
+        let as_file: String = (printed.lines())
+            .filter(|l| !l.starts_with("database = ") && !l.starts_with("listen_database = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let options: ServeOptions = toml::from_str(&as_file).expect("printed config parses");
+        let again = ServeArgs {
+            db: DatabaseArgs {
+                database_url: Some("postgres://u:pw@h/d".into()),
+                config: None,
+            },
+            options,
+            print_config: false,
+        }
+        .resolve()
+        .expect("printed config resolves");
+        assert_eq!(again.to_string(), printed);
+        assert_eq!(again.auth.leeway, Duration::from_secs(90));
+        assert_eq!(again.limits.handshake_timeout, Duration::from_millis(250));
+        assert_eq!(again.admin_query.as_deref(), Some("SELECT $1 = 'x\"y'"));
+    }
+
+    #[test]
+    fn malformed_durations_and_unknown_keys_name_the_file_line() {
+        for (text, line, mentions) in [
+            (
+                "listen = \"127.0.0.1:1\"\nretention = \"2 fortnights\"\n",
+                2,
+                "fortnights",
+            ),
+            ("listen_adress = \"0.0.0.0:80\"\n", 1, "listen_adress"),
+        ] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("pgrelay.toml");
+            std::fs::write(&path, text).expect("write");
+            let err = load_file(Some(&path)).expect_err(text).to_string();
+            assert!(
+                err.starts_with(&format!("--config {}: line {line}: ", path.display())),
+                "{err}"
+            );
+            assert!(err.contains(mentions), "{err}");
+        }
+    }
+
+    /// config/pgrelay.toml documents every key, and no key that is gone.
+    #[test]
+    fn example_file_documents_every_key() {
+        let example = include_str!("../config/pgrelay.toml");
+        for key in ServeOptions::KEYS {
+            assert!(
+                example.contains(&format!("\n# {key} = ")),
+                "config/pgrelay.toml lacks `# {key} = ...`"
+            );
+        }
+        for line in example.lines() {
+            if let Some((key, _)) = line.strip_prefix("# ").and_then(|l| l.split_once(" = ")) {
+                if !key.contains(' ') {
+                    assert!(ServeOptions::KEYS.contains(&key), "unknown key {key}");
+                }
+            }
         }
     }
 }
