@@ -354,8 +354,9 @@ pub enum ConfigError {
     TwoKeys,
     #[error("--jwt-secret: empty secret")]
     EmptySecret,
-    #[error("--{flag} {value:?}: {reason}")]
+    #[error("--{} {value:?}: {reason}", flag.replace('_', "-"))]
     Value {
+        /// The flag, or its option's field name (underscores for dashes).
         flag: &'static str,
         value: String,
         reason: String,
@@ -574,48 +575,30 @@ impl ServeArgs {
                 reason: "must be at least 1m".into(),
             });
         }
+        // A count, checked and reported under its option's own name.
+        macro_rules! count {
+            ($option:ident, $default:expr) => {
+                positive(stringify!($option), o.$option, $default)?
+            };
+        }
         let queues = QueueSizes {
-            dashboard: positive(
-                "dashboard-queue",
-                o.dashboard_queue,
-                DEFAULT_QUEUES.dashboard,
-            )?,
-            user: positive("user-queue", o.user_queue, DEFAULT_QUEUES.user)?,
+            dashboard: count!(dashboard_queue, DEFAULT_QUEUES.dashboard),
+            user: count!(user_queue, DEFAULT_QUEUES.user),
         };
-        let pool_size = positive("pool-size", o.pool_size, DEFAULT_POOL_SIZE)?;
+        let pool_size = count!(pool_size, DEFAULT_POOL_SIZE);
         let defaults = Limits::default();
         let limits = Limits {
-            max_connections: positive(
-                "max-connections",
-                o.max_connections,
-                defaults.max_connections,
-            )?,
-            max_per_user: positive(
-                "max-sockets-per-user",
-                o.max_sockets_per_user,
-                defaults.max_per_user,
-            )?,
+            max_connections: count!(max_connections, defaults.max_connections),
+            max_per_user: count!(max_sockets_per_user, defaults.max_per_user),
             handshake_timeout: o.handshake_timeout.unwrap_or(defaults.handshake_timeout),
-            max_client_message: positive(
-                "max-client-message",
-                o.max_client_message,
-                defaults.max_client_message,
-            )?,
+            max_client_message: count!(max_client_message, defaults.max_client_message),
             client_messages_per_second: positive(
-                "client-rate",
+                "client_rate",
                 o.client_rate.map(|r| r as usize),
                 defaults.client_messages_per_second as usize,
             )? as u32,
-            max_pending_handshakes: positive(
-                "max-pending-handshakes",
-                o.max_pending_handshakes,
-                defaults.max_pending_handshakes,
-            )?,
-            max_pending_per_ip: positive(
-                "max-pending-per-ip",
-                o.max_pending_per_ip,
-                defaults.max_pending_per_ip,
-            )?,
+            max_pending_handshakes: count!(max_pending_handshakes, defaults.max_pending_handshakes),
+            max_pending_per_ip: count!(max_pending_per_ip, defaults.max_pending_per_ip),
             max_header_bytes: header_bytes(o.max_header_bytes)?,
         };
         let admin_query = o.admin_query.filter(|q| !q.trim().is_empty());
