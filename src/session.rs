@@ -35,7 +35,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::Identity;
-use crate::db::REPLAY_WINDOW;
+use crate::db::{Cursor, LogReader, Source, REPLAY_WINDOW};
 use crate::hub::Subscription;
 use crate::metrics::{CloseLabels, Stream};
 use crate::parse::Event;
@@ -426,30 +426,31 @@ async fn replay(
             targets.users.iter().any(|u| u == user)
         }
     };
-    let mut after = resume.last_id;
-    while after < upto {
-        // One bounded window a page: a window with no match costs one
-        // cheap page and the replay moves on past it.
-        let window_end = upto.min(after.saturating_add(REPLAY_WINDOW));
-        let page = if dashboard {
-            shared
-                .db
-                .events_between(after, window_end, &channels, REPLAY_PAGE)
-                .await
-        } else {
-            // Filtered in SQL (only this user's rows leave the database),
-            // and again by the router below.
-            shared
-                .db
-                .user_events_between(after, window_end, &user_filter, REPLAY_PAGE)
-                .await
+    let source = if dashboard {
+        Source::Pool {
+            db: &shared.db,
+            channels: &channels,
         }
-        .map_err(unavailable)?;
-        // A full page may have more in its window: go on after its last row.
-        after = match page.last_id {
-            Some(last) if page.rows as i64 == REPLAY_PAGE => last,
-            _ => window_end,
-        };
+    } else {
+        // Filtered in SQL (only this user's rows leave the database), and
+        // again by the router below.
+        Source::User {
+            db: &shared.db,
+            filter: &user_filter,
+        }
+    };
+    // One bounded window a page: a window with no match costs one cheap
+    // page and the replay moves on past it.
+    let mut log = LogReader::new(
+        source,
+        Cursor {
+            after: resume.last_id,
+            upto,
+            window: REPLAY_WINDOW,
+            page: REPLAY_PAGE,
+        },
+    );
+    while let Some(page) = log.next_page().await.map_err(unavailable)? {
         shared.metrics.replay_rows.inc_by(page.rows as u64);
         let frames: Vec<Message> = page
             .events
