@@ -100,8 +100,8 @@ impl Status {
 pub enum StartError {
     #[error("{0}")]
     Key(#[from] KeyError),
-    #[error("cannot reach the database: {0}")]
-    Database(String),
+    #[error("cannot reach the database: {}", database_line(.0))]
+    Database(#[source] DbError),
     #[error("pgrelay is not installed in this database: run `pgrelay install` first")]
     NotInstalled,
     #[error("cannot listen on {addr}: {source}")]
@@ -110,6 +110,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// [`StartError::Database`]'s one line: the server's own message, or the
+/// failure with its causes, for a connection the pool could not make.
+fn database_line(e: &DbError) -> String {
+    match e {
+        DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => db::db_message(e),
+        other => other.to_string(),
+    }
 }
 
 /// A running relay: the listener, the server and retention, sharing one
@@ -141,14 +150,10 @@ impl Relay {
             .unwrap_or_else(|| config.database.clone());
         db::harden(&mut listen_database);
         let verifier = Verifier::new(&config.auth)?;
-        let db = Db::new(config.database.clone(), config.pool_size)
-            .map_err(|e| StartError::Database(e.to_string()))?;
+        let db = Db::new(config.database.clone(), config.pool_size).map_err(StartError::Database)?;
         let info = db.log_info().await.map_err(|e| match e {
             DbError::NotInstalled => StartError::NotInstalled,
-            DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => {
-                StartError::Database(db::db_message(&e))
-            }
-            other => StartError::Database(other.to_string()),
+            other => StartError::Database(other),
         })?;
         let listener =
             TcpListener::bind(config.listen)
