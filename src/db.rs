@@ -1,7 +1,13 @@
 //! The deadpool pool and every query pgrelay makes through it: replay pages,
 //! the log's epoch and retention cursor, pruning, the admin query, the
-//! listener's probe NOTIFY; and the read of new events, which the listener
-//! also runs on its own connection.
+//! listener's probe NOTIFY, the demo's actions.
+//!
+//! [`LogReader`] is the one reader of the log: pages of events above a
+//! [`Cursor`], up to a bound, with one stop rule. Where its reads go is the
+//! caller's choice of [`Source`]: the listener's catch-up and wake-up reads
+//! on its own LISTEN connection (pages of 1,000, unbounded), replays through
+//! the pool under the statement timeout (pages of 500 over windows of
+//! [`REPLAY_WINDOW`] ids, a user's stream filtered in SQL).
 //!
 //! The LISTEN connection is not here (see `listen`): a pooled connection
 //! cannot carry LISTEN. Every query takes typed parameters; nothing is built by

@@ -281,10 +281,7 @@ fn sql_error(what: &'static str) -> impl Fn(tokio_postgres::Error) -> InstallErr
 pub async fn install(config: &InstallConfig) -> Result<Installed, InstallError> {
     let mut database = config.database.clone();
     crate::db::harden(&mut database);
-    let (mut client, connection) = database
-        .connect()
-        .await
-        .map_err(InstallError::Connect)?;
+    let (mut client, connection) = database.connect().await.map_err(InstallError::Connect)?;
     let driver = tokio::spawn(connection);
     let result = async {
         let mut tx = client

@@ -16,7 +16,8 @@
 //! Beside the flow: `server` (HTTP, upgrade, auth at the door), `auth` (JWT,
 //! pure), `config` (flags, env, TOML -> typed config), `pgconn` (a database
 //! target: settings + sslmode/sslrootcert, the one `connect`), `db` (the read
-//! pool; every query under a server-side statement timeout), `replays` (caps
+//! pool, its reads of the log under a server-side statement timeout, and
+//! `LogReader`, the one paging read of the log for the listener and replays), `replays` (caps
 //! on replays running at once), `admission` (origin, socket and pre-auth
 //! caps, admin query), `install` (embedded SQL, `--watch` specs), `retention`
 //! (pruning), `metrics`, `coalesce` (one write per batch of frames), `tail`,
@@ -150,7 +151,8 @@ impl Relay {
             .unwrap_or_else(|| config.database.clone());
         db::harden(&mut listen_database);
         let verifier = Verifier::new(&config.auth)?;
-        let db = Db::new(config.database.clone(), config.pool_size).map_err(StartError::Database)?;
+        let db =
+            Db::new(config.database.clone(), config.pool_size).map_err(StartError::Database)?;
         let info = db.log_info().await.map_err(|e| match e {
             DbError::NotInstalled => StartError::NotInstalled,
             other => StartError::Database(other),

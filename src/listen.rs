@@ -38,9 +38,15 @@
 //! into a bounded queue (overflow policy: when it is full a notification is
 //! dropped, which loses nothing: a queued one already causes the read, and
 //! notifications back up in PostgreSQL's own 8 GB queue, visible as
-//! `pg_notification_queue_usage`). Reads of new events go on this connection,
-//! so a storm of replays cannot starve the listener of pool connections; the
-//! driver task never waits on them. Nothing here waits on a socket.
+//! `pg_notification_queue_usage`).
+//!
+//! Where reads go: the catch-up and wake-up reads of new events, and the
+//! heartbeat, go on this connection (through `db::LogReader`, the reader
+//! replays share), so a storm of replays cannot starve the listener of pool
+//! connections; the driver task never waits on them. The log's epoch at
+//! connect and the probe NOTIFY go through the pool. When the log went back
+//! or changed epoch, the hub drops every queue and each socket closes with
+//! 1012 (its resume gets `reset`). Nothing here waits on a socket.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

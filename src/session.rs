@@ -7,11 +7,14 @@
 //! live meet at the hub's `last_id` taken when subscribing, and a cursor from
 //! a replica further ahead is honoured too). Queued frames are written in one
 //! batch and flushed once. A write that stalls longer than [`WRITE_TIMEOUT`]
-//! drops the socket. The only database access is the replay, through the pool.
+//! drops the socket. Database access goes through the pool only: the replay
+//! (`db::LogReader`, under the statement timeout, a user's stream filtered in
+//! SQL) and, on a dashboard socket's refresh, the admin query.
 //!
-//! Close codes: 1001 shutdown, 1003 binary frame, 1008 unexpected message,
-//! 1009 oversized frame, 1011 replay failed (retry), 1012 event log reset,
-//! 4001 token expired or refresh refused, 4008 too slow (resume with
+//! Close codes: 1001 shutdown, 1003 binary frame, 1008 unexpected message or
+//! too many, 1009 oversized frame, 1011 replay failed (retry), 1012 event log
+//! reset (reconnect with `last_id`), 1013 too many replays at once (retry
+//! later), 4001 token expired or refresh refused, 4008 too slow (resume with
 //! `last_id`). Every close the session starts is a close handshake bounded by
 //! [`CLOSE_TIMEOUT`] (see `close`): the peer's frames are read until its
 //! close frame before TCP is closed, or the kernel would reset the connection
