@@ -476,7 +476,7 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
             .headers_mut()
             .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer"));
     }
-    tracing::debug!(path, user = %identity.user, admin = identity.admin, resume = ?resume.as_ref().map(|r| r.last_id), "upgrading");
+    tracing::debug!(path, admin = identity.admin, resume = ?resume.as_ref().map(|r| r.last_id), "upgrading");
     let shared = Arc::clone(shared);
     // The connection's span (client address and user) goes on with the
     // socket: hyper's connection task ends at the upgrade.
