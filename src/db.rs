@@ -1,7 +1,13 @@
 //! The deadpool pool and every query pgrelay makes through it: replay pages,
 //! the log's epoch and retention cursor, pruning, the admin query, the
-//! listener's probe NOTIFY; and the read of new events, which the listener
-//! also runs on its own connection.
+//! listener's probe NOTIFY, the demo's actions.
+//!
+//! [`LogReader`] is the one reader of the log: pages of events above a
+//! [`Cursor`], up to a bound, with one stop rule. Where its reads go is the
+//! caller's choice of [`Source`]: the listener's catch-up and wake-up reads
+//! on its own LISTEN connection (pages of 1,000, unbounded), replays through
+//! the pool under the statement timeout (pages of 500 over windows of
+//! [`REPLAY_WINDOW`] ids, a user's stream filtered in SQL).
 //!
 //! The LISTEN connection is not here (see `listen`): a pooled connection
 //! cannot carry LISTEN. Every query takes typed parameters; nothing is built by
@@ -89,7 +95,8 @@ pub struct LogInfo {
     pub max_id: i64,
 }
 
-/// A small pool for reads: replay, new events, the epoch, pruning.
+/// A small pool for reads: replay pages, the epoch, pruning, the admin query,
+/// the probe NOTIFY (new events are read on the listener's own connection).
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
@@ -184,10 +191,10 @@ impl Db {
         .await
     }
 
-    /// One replay page: up to `limit` events on `channels` with
-    /// `after < id <= upto`, in id order. The caller bounds `upto - after`
+    /// One page through the pool: up to `limit` events on `channels` with
+    /// `after < id <= upto`, in id order. [`LogReader`] bounds `upto - after`
     /// (see [`REPLAY_WINDOW`]); the server bounds the time.
-    pub async fn events_between(
+    async fn events_between(
         &self,
         after: i64,
         upto: i64,
@@ -207,7 +214,7 @@ impl Db {
     /// One page of a user's replay (see [`USER_EVENTS_BETWEEN`]): up to
     /// `limit` events with `after < id <= upto` whose routed field names
     /// `filter`'s user, in id order.
-    pub async fn user_events_between(
+    async fn user_events_between(
         &self,
         after: i64,
         upto: i64,
@@ -296,10 +303,111 @@ pub struct Page {
     pub rows: usize,
 }
 
-/// Runs [`EVENTS_BETWEEN`] on `client`: shared by the pool's replays and the
-/// listener's own connection. A row that is not a valid event (written by
-/// hand into the log) is logged and skipped.
-pub async fn read_events(
+/// Where a read of the log stands: the events above `after`, up to `upto`,
+/// at most `page` rows a page, each page within `window` ids of its start
+/// (`i64::MAX` for either: no bound).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cursor {
+    pub after: i64,
+    pub upto: i64,
+    pub window: i64,
+    pub page: i64,
+}
+
+impl Cursor {
+    /// The next page's id range, `after < id <= end`, or `None` once the read
+    /// has reached `upto`.
+    fn next(&self) -> Option<(i64, i64)> {
+        (self.after < self.upto).then(|| {
+            let end = self.upto.min(self.after.saturating_add(self.window));
+            (self.after, end)
+        })
+    }
+
+    /// The one stop rule, after a page read over `(after, end]`: a full page
+    /// may have more in its range, so the next starts after its last row
+    /// (readable or not); a short one covered its range, so the next starts
+    /// at `end` (a window with no match costs one cheap page).
+    fn advance(&mut self, end: i64, page: &Page) {
+        self.after = match page.last_id {
+            Some(last) if page.rows as i64 == self.page => last,
+            _ => end,
+        };
+    }
+}
+
+/// What a [`LogReader`] reads its pages from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// A connection of the caller's own (the listener's, so a storm of
+    /// replays cannot starve it of pool connections): the events on
+    /// `channels`, each page bounded in time here.
+    Connection {
+        client: &'a tokio_postgres::Client,
+        channels: &'a [String],
+    },
+    /// The pool, each page in a transaction under the statement timeout: the
+    /// events on `channels`.
+    Pool { db: &'a Db, channels: &'a [String] },
+    /// The pool, likewise: one user's events, filtered in SQL (see
+    /// [`USER_EVENTS_BETWEEN`]), so only their rows leave the database.
+    User { db: &'a Db, filter: &'a UserFilter },
+}
+
+/// The one reader of the log, shared by the listener (catch-up and wake-up
+/// reads) and replays: pages of events above a [`Cursor`], in id order,
+/// until the cursor reaches its bound.
+pub struct LogReader<'a> {
+    source: Source<'a>,
+    cursor: Cursor,
+    /// The id of the last row read, readable or not (the start before any).
+    last: i64,
+}
+
+impl<'a> LogReader<'a> {
+    pub fn new(source: Source<'a>, cursor: Cursor) -> LogReader<'a> {
+        LogReader {
+            source,
+            last: cursor.after,
+            cursor,
+        }
+    }
+
+    /// The next page, or `None` when the read is done. A page may hold no
+    /// readable event and still not be the last.
+    pub async fn next_page(&mut self) -> Result<Option<Page>, DbError> {
+        let Some((after, end)) = self.cursor.next() else {
+            return Ok(None);
+        };
+        let limit = self.cursor.page;
+        let page = match self.source {
+            Source::Connection { client, channels } => {
+                let read = read_events(client, after, end, channels, limit);
+                tokio::time::timeout(QUERY_TIMEOUT, read)
+                    .await
+                    .map_err(|_| DbError::Timeout("reading new events"))??
+            }
+            Source::Pool { db, channels } => db.events_between(after, end, channels, limit).await?,
+            Source::User { db, filter } => {
+                db.user_events_between(after, end, filter, limit).await?
+            }
+        };
+        self.cursor.advance(end, &page);
+        self.last = page.last_id.unwrap_or(self.last);
+        Ok(Some(page))
+    }
+
+    /// The id of the last row read so far, readable or not (the cursor's
+    /// start before any): where the next read of new events starts.
+    pub fn last_id(&self) -> i64 {
+        self.last
+    }
+}
+
+/// Runs [`EVENTS_BETWEEN`] on `client` (a pooled transaction or the
+/// listener's connection). A row that is not a valid event (written by hand
+/// into the log) is logged and skipped.
+async fn read_events(
     client: &impl tokio_postgres::GenericClient,
     after: i64,
     upto: i64,
@@ -482,5 +590,67 @@ impl Db {
                 .ok_or(DbError::Demo("create a business first"))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read over `cursor` whose pages come back with these `(rows,
+    /// last_id)`: the ranges asked for, in order, and where it ends.
+    fn check(mut cursor: Cursor, pages: &[(usize, Option<i64>)], expected: &[(i64, i64)]) {
+        let mut asked = Vec::new();
+        let mut pages = pages.iter();
+        while let Some((after, end)) = cursor.next() {
+            asked.push((after, end));
+            let &(rows, last_id) = pages.next().expect("a page for every range asked");
+            let page = Page {
+                rows,
+                last_id,
+                ..Page::default()
+            };
+            cursor.advance(end, &page);
+        }
+        assert_eq!(asked, expected);
+        assert!(pages.next().is_none(), "pages left unread");
+    }
+
+    #[test]
+    fn one_stop_rule_for_every_read_of_the_log() {
+        let replay = |after, upto| Cursor {
+            after,
+            upto,
+            window: 100,
+            page: 2,
+        };
+        // Nothing to read: no query.
+        check(replay(10, 10), &[], &[]);
+        // A short page ends its window; full pages go on after their last row.
+        check(replay(0, 50), &[(1, Some(7))], &[(0, 50)]);
+        check(
+            replay(0, 50),
+            &[(2, Some(7)), (2, Some(9)), (0, None)],
+            &[(0, 50), (7, 50), (9, 50)],
+        );
+        // Windows: an empty one costs a page and the read moves past it.
+        check(
+            replay(0, 250),
+            &[(0, None), (2, Some(130)), (1, Some(140)), (0, None)],
+            &[(0, 100), (100, 200), (130, 230), (230, 250)],
+        );
+        // The listener's read: no bound, no window; a short page ends it.
+        let new = |after| Cursor {
+            after,
+            upto: i64::MAX,
+            window: i64::MAX,
+            page: 2,
+        };
+        check(new(5), &[(0, None)], &[(5, i64::MAX)]);
+        check(
+            new(5),
+            &[(2, Some(8)), (1, Some(9))],
+            &[(5, i64::MAX), (8, i64::MAX)],
+        );
     }
 }

@@ -25,7 +25,9 @@ pub enum DemoError {
     #[error("{0}")]
     Install(#[from] InstallError),
     #[error("seeding demo data: {0}")]
-    Seed(String),
+    Url(#[source] crate::pgconn::TargetError),
+    #[error("seeding demo data: {}", db_message(.0))]
+    Seed(#[source] tokio_postgres::Error),
     #[error("{0}")]
     Start(#[from] StartError),
     #[error("{0}")]
@@ -48,9 +50,7 @@ pub async fn run(listen: &str, signal: impl Future<Output = ()>) -> Result<(), D
     eprintln!("starting a throwaway PostgreSQL...");
     let cluster = Cluster::start().await?;
     let url = cluster.url("postgres");
-    let database: Target = url
-        .parse()
-        .map_err(|e: crate::pgconn::TargetError| DemoError::Seed(e.to_string()))?;
+    let database: Target = url.parse().map_err(DemoError::Url)?;
     install(&InstallConfig {
         demo: true,
         ..InstallConfig::new(database.clone())
@@ -103,15 +103,9 @@ pub async fn run(listen: &str, signal: impl Future<Output = ()>) -> Result<(), D
 }
 
 async fn seed(database: &Target) -> Result<(), DemoError> {
-    let (client, connection) = database
-        .connect()
-        .await
-        .map_err(|e| DemoError::Seed(db_message(&e)))?;
+    let (client, connection) = database.connect().await.map_err(DemoError::Seed)?;
     let driver = tokio::spawn(connection);
-    let result = client
-        .batch_execute(SEED)
-        .await
-        .map_err(|e| DemoError::Seed(db_message(&e)));
+    let result = client.batch_execute(SEED).await.map_err(DemoError::Seed);
     drop(client);
     let _ = driver.await;
     result

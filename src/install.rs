@@ -38,18 +38,30 @@ pub const DEFAULT_MAX_EVENT_BYTES: u32 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("cannot connect to the database: {0}")]
-    Connect(String),
+    #[error("cannot connect to the database: {}", db_message(.0))]
+    Connect(#[source] tokio_postgres::Error),
     #[error("--watch {table}: table does not exist")]
     NoTable { table: String },
-    #[error("--watch {table}: {message}")]
-    Watch { table: String, message: String },
+    #[error("--watch {table}: {}", db_message(.source))]
+    Watch {
+        table: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("--owner {role}: {reason}")]
     Owner { role: String, reason: &'static str },
-    #[error("permission denied while installing {what}: {message}")]
-    Privilege { what: &'static str, message: String },
-    #[error("installing {what} failed: {message}")]
-    Sql { what: &'static str, message: String },
+    #[error("permission denied while installing {what}: {}", db_message(.source))]
+    Privilege {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("installing {what} failed: {}", db_message(.source))]
+    Sql {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
 }
 
 /// What was installed, for the command's output.
@@ -261,24 +273,15 @@ impl fmt::Display for WatchSpec {
 
 fn sql_error(what: &'static str) -> impl Fn(tokio_postgres::Error) -> InstallError {
     move |e| match e.code() {
-        Some(&SqlState::INSUFFICIENT_PRIVILEGE) => InstallError::Privilege {
-            what,
-            message: db_message(&e),
-        },
-        _ => InstallError::Sql {
-            what,
-            message: db_message(&e),
-        },
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE) => InstallError::Privilege { what, source: e },
+        _ => InstallError::Sql { what, source: e },
     }
 }
 
 pub async fn install(config: &InstallConfig) -> Result<Installed, InstallError> {
     let mut database = config.database.clone();
     crate::db::harden(&mut database);
-    let (mut client, connection) = database
-        .connect()
-        .await
-        .map_err(|e| InstallError::Connect(db_message(&e)))?;
+    let (mut client, connection) = database.connect().await.map_err(InstallError::Connect)?;
     let driver = tokio::spawn(connection);
     let result = async {
         let mut tx = client
@@ -502,11 +505,11 @@ async fn watch(tx: &tokio_postgres::Transaction<'_>, spec: &WatchSpec) -> Result
     .map_err(|e| match e.code() {
         Some(&SqlState::INSUFFICIENT_PRIVILEGE) => InstallError::Privilege {
             what: "a watch trigger",
-            message: db_message(&e),
+            source: e,
         },
         _ => InstallError::Watch {
             table: spec.table.clone(),
-            message: db_message(&e),
+            source: e,
         },
     })?;
     Ok(())

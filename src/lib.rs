@@ -16,7 +16,8 @@
 //! Beside the flow: `server` (HTTP, upgrade, auth at the door), `auth` (JWT,
 //! pure), `config` (flags, env, TOML -> typed config), `pgconn` (a database
 //! target: settings + sslmode/sslrootcert, the one `connect`), `db` (the read
-//! pool; every query under a server-side statement timeout), `replays` (caps
+//! pool, its reads of the log under a server-side statement timeout, and
+//! `LogReader`, the one paging read of the log for the listener and replays), `replays` (caps
 //! on replays running at once), `admission` (origin, socket and pre-auth
 //! caps, admin query), `install` (embedded SQL, `--watch` specs), `retention`
 //! (pruning), `metrics`, `coalesce` (one write per batch of frames), `tail`,
@@ -100,8 +101,8 @@ impl Status {
 pub enum StartError {
     #[error("{0}")]
     Key(#[from] KeyError),
-    #[error("cannot reach the database: {0}")]
-    Database(String),
+    #[error("cannot reach the database: {}", database_line(.0))]
+    Database(#[source] DbError),
     #[error("pgrelay is not installed in this database: run `pgrelay install` first")]
     NotInstalled,
     #[error("cannot listen on {addr}: {source}")]
@@ -110,6 +111,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// [`StartError::Database`]'s one line: the server's own message, or the
+/// failure with its causes, for a connection the pool could not make.
+fn database_line(e: &DbError) -> String {
+    match e {
+        DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => db::db_message(e),
+        other => other.to_string(),
+    }
 }
 
 /// A running relay: the listener, the server and retention, sharing one
@@ -141,14 +151,11 @@ impl Relay {
             .unwrap_or_else(|| config.database.clone());
         db::harden(&mut listen_database);
         let verifier = Verifier::new(&config.auth)?;
-        let db = Db::new(config.database.clone(), config.pool_size)
-            .map_err(|e| StartError::Database(e.to_string()))?;
+        let db =
+            Db::new(config.database.clone(), config.pool_size).map_err(StartError::Database)?;
         let info = db.log_info().await.map_err(|e| match e {
             DbError::NotInstalled => StartError::NotInstalled,
-            DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => {
-                StartError::Database(db::db_message(&e))
-            }
-            other => StartError::Database(other.to_string()),
+            other => StartError::Database(other),
         })?;
         let listener =
             TcpListener::bind(config.listen)

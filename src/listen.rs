@@ -38,9 +38,15 @@
 //! into a bounded queue (overflow policy: when it is full a notification is
 //! dropped, which loses nothing: a queued one already causes the read, and
 //! notifications back up in PostgreSQL's own 8 GB queue, visible as
-//! `pg_notification_queue_usage`). Reads of new events go on this connection,
-//! so a storm of replays cannot starve the listener of pool connections; the
-//! driver task never waits on them. Nothing here waits on a socket.
+//! `pg_notification_queue_usage`).
+//!
+//! Where reads go: the catch-up and wake-up reads of new events, and the
+//! heartbeat, go on this connection (through `db::LogReader`, the reader
+//! replays share), so a storm of replays cannot starve the listener of pool
+//! connections; the driver task never waits on them. The log's epoch at
+//! connect and the probe NOTIFY go through the pool. When the log went back
+//! or changed epoch, the hub drops every queue and each socket closes with
+//! 1012 (its resume gets `reset`). Nothing here waits on a socket.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -56,7 +62,7 @@ use tokio_postgres::{AsyncMessage, Notification};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::db::{read_events, Db, DbError};
+use crate::db::{Cursor, Db, DbError, LogReader, Source};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::parse::{parse_wakeup, Event};
@@ -66,15 +72,6 @@ use crate::Status;
 
 /// Notifications read from the socket but not yet handled.
 const NOTIFY_QUEUE: usize = 16_384;
-/// The LISTEN connection's read of new events.
-struct Reader<'a> {
-    client: &'a tokio_postgres::Client,
-    /// The routed channels, listed once per connection, not per wake-up.
-    channels: &'a [String],
-}
-
-/// A read of new events that takes longer means the connection is gone.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events handed to the hub between two yields to the sessions.
 const YIELD_EVERY: usize = 16;
 /// Events per read from the log.
@@ -191,8 +188,12 @@ pub enum ListenError {
     Lost(#[source] tokio_postgres::Error),
     #[error("connection closed by the server")]
     Closed,
+    #[error("heartbeat: no answer within {}s", HEARTBEAT_TIMEOUT.as_secs())]
+    HeartbeatTimeout,
     #[error("heartbeat: {0}")]
-    Heartbeat(String),
+    Heartbeat(#[source] tokio_postgres::Error),
+    #[error("heartbeat: the event log's epoch changed")]
+    EpochChanged,
     #[error("{0}")]
     Db(#[from] DbError),
 }
@@ -291,8 +292,9 @@ impl Listener {
         probe.pending = None;
 
         // Reads go on this connection, not the pool: a storm of replays
-        // cannot starve the listener of connections.
-        let reader = Reader {
+        // cannot starve the listener of connections. The routed channels are
+        // listed once per connection, not per wake-up.
+        let source = Source::Connection {
             client: &client,
             channels: &channels,
         };
@@ -317,7 +319,7 @@ impl Listener {
         // relay started, which every `hello` reports). Later: from the last
         // id handed on.
         let start = *cursor.get_or_insert(self.hub.last_id());
-        let caught_up = self.fetch(&reader, start, true).await?;
+        let caught_up = self.fetch(source, start, true).await?;
         *cursor = Some(caught_up);
         *backoff = BACKOFF_MIN;
         tracing::info!(channels = %self.routes, last_id = caught_up, "listening");
@@ -358,7 +360,7 @@ impl Listener {
                     if !woken {
                         continue;
                     }
-                    let last = self.fetch(&reader, cursor.unwrap_or(0), false).await?;
+                    let last = self.fetch(source, cursor.unwrap_or(0), false).await?;
                     *cursor = Some(last);
                     for (channel, id) in notified.into_iter().filter(|(_, id)| *id > last) {
                         let reason = format_args!("no event {id} in pgrelay.events");
@@ -374,20 +376,20 @@ impl Listener {
                         ),
                     )
                     .await
-                    .map_err(|_| ListenError::Heartbeat("no answer within 5s".into()))?
-                    .map_err(|e| ListenError::Heartbeat(e.to_string()))?;
-                    let usage: f64 = row.try_get(0).map_err(|e| ListenError::Heartbeat(e.to_string()))?;
+                    .map_err(|_| ListenError::HeartbeatTimeout)?
+                    .map_err(ListenError::Heartbeat)?;
+                    let usage: f64 = row.try_get(0).map_err(ListenError::Heartbeat)?;
                     self.metrics.notification_queue_usage.set(usage);
                     // A reinstall in place keeps this connection up: notice the
                     // new epoch and go through the reconnect path, which resets.
-                    let epoch: Option<String> = row.try_get(1).map_err(|e| ListenError::Heartbeat(e.to_string()))?;
+                    let epoch: Option<String> = row.try_get(1).map_err(ListenError::Heartbeat)?;
                     if epoch.as_deref() != Some(self.status.epoch().as_str()) {
-                        return Err(ListenError::Heartbeat("the event log's epoch changed".into()));
+                        return Err(ListenError::EpochChanged);
                     }
                     // The safety net: read the log even without a wake-up, so
                     // delivery never stops silently when notifications do not
                     // arrive. Costs one indexed read per heartbeat.
-                    *cursor = Some(self.fetch(&reader, cursor.unwrap_or(0), false).await?);
+                    *cursor = Some(self.fetch(source, cursor.unwrap_or(0), false).await?);
                     // One probe in flight at a time: its deadline decides.
                     if probe.pending.is_none() {
                         self.send_probe(probe).await;
@@ -458,24 +460,28 @@ impl Listener {
     }
 
     /// Reads from `pgrelay.events` and hands on, in order, every routed event
-    /// above `after`; returns the last id handed on. `catching_up` counts the
-    /// rows as replayed (after a reconnect) rather than as live reads.
+    /// above `after`; returns the last id read (past malformed rows too,
+    /// which the read skips and logs). `catching_up` counts the rows as
+    /// replayed (after a reconnect) rather than as live reads.
     async fn fetch(
         &self,
-        reader: &Reader<'_>,
+        source: Source<'_>,
         after: i64,
         catching_up: bool,
     ) -> Result<i64, ListenError> {
-        let mut cursor = after;
-        loop {
-            let read = read_events(reader.client, cursor, i64::MAX, reader.channels, FETCH_PAGE);
-            let page = tokio::time::timeout(FETCH_TIMEOUT, read)
-                .await
-                .map_err(|_| ListenError::Db(DbError::Timeout("reading new events")))??;
+        let mut log = LogReader::new(
+            source,
+            Cursor {
+                after,
+                upto: i64::MAX,
+                window: i64::MAX,
+                page: FETCH_PAGE,
+            },
+        );
+        while let Some(page) = log.next_page().await? {
             if catching_up {
                 self.metrics.replay_rows.inc_by(page.rows as u64);
             }
-            let full = page.rows as i64 == FETCH_PAGE;
             for (n, event) in page.events.iter().enumerate() {
                 self.deliver(event);
                 // A burst (one bulk transaction) would otherwise fill a
@@ -484,12 +490,8 @@ impl Listener {
                     tokio::task::yield_now().await;
                 }
             }
-            // Past malformed rows too (skipped, and logged, by the read).
-            cursor = page.last_id.unwrap_or(cursor);
-            if !full {
-                return Ok(cursor);
-            }
         }
+        Ok(log.last_id())
     }
 
     /// Checks a notification's payload, logging one that is not an event id.

@@ -8,7 +8,11 @@
 //! [`to_text_004`] rewrites its output line by line, because the two differ
 //! only in a few lines' spelling (see there).
 //!
-//! Every stage counts its own work here; nothing here touches the network.
+//! Every stage counts its own work here; nothing here touches the network or
+//! the database (`pg_notification_queue_usage` is read by the listener's
+//! heartbeat on its own connection, replay rows by `db::LogReader`'s callers).
+//! Closes are counted by code, the codes `session` documents: 1001, 1003,
+//! 1008, 1009, 1011, 1012 (event log reset), 1013 (replays busy), 4001, 4008.
 //! Counters on the per-socket path are added per written batch, not per
 //! frame, to keep atomics off the hot loop.
 

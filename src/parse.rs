@@ -4,7 +4,9 @@
 //! Pure: no I/O, so plain unit tests and the fuzz target cover it. The capture
 //! trigger's NOTIFY payload is the event's id and nothing else (LISTEN needs no
 //! privilege, so a payload is readable by every role): events themselves are
-//! read from `pgrelay.events`. The frame text a client receives is produced
+//! read from `pgrelay.events` by `db::LogReader`, on the listener's own
+//! connection for new events and through the pool for replays; parsing here
+//! does no read. The frame text a client receives is produced
 //! only by [`Event::frame`], once per event.
 
 use serde::{Deserialize, Serialize};

@@ -19,14 +19,15 @@
 //! pending connection's cost is bounded in bytes and in time.
 //!
 //! Logs carry the path, never the query string (it may hold `?token=`), and
-//! never a token. Accept errors are logged and retried after a pause; they
+//! never a token. Each connection has an info-level `conn` span with the
+//! client address, and the user once the token is checked; the socket's task
+//! runs in the same span, so every warning names whose socket it was. Accept errors are logged and retried after a pause; they
 //! never stop the server. Upgraded sockets
 //! escape hyper's graceful shutdown, so their tasks are tracked here and close
 //! themselves on the shared cancellation token.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -166,7 +167,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let span = tracing::debug_span!("conn", client.addr = %addr);
+        // At info, so every warning inside names the client, and (recorded
+        // once the token is checked) the user; routine ends stay at debug.
+        let span = tracing::info_span!("conn", client.addr = %addr, user = tracing::field::Empty);
         let shutdown = shared.shutdown.clone();
         let limits = shared.limits.clone();
         let for_service = Arc::clone(&shared);
@@ -178,7 +181,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 let _place = place;
                 let service = service_fn(move |req| {
                     let shared = Arc::clone(&for_service);
-                    async move { Ok::<_, Infallible>(handle(req, &shared, addr).await) }
+                    async move { Ok::<_, Infallible>(handle(req, &shared).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -249,11 +252,7 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
     response
 }
 
-async fn handle(
-    mut req: Request<Incoming>,
-    shared: &Arc<Shared>,
-    addr: SocketAddr,
-) -> Response<Body> {
+async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let stream = match path.as_str() {
         "/ws/dashboard/" | "/ws/dashboard" => Stream::Dashboard,
@@ -360,7 +359,11 @@ async fn handle(
         );
     };
     let mut identity = match shared.verifier().verify(&presented.token) {
-        Ok(identity) => identity,
+        Ok(identity) => {
+            // On the connection's span: the socket's task runs in it too.
+            tracing::Span::current().record("user", tracing::field::display(&identity.user));
+            identity
+        }
         Err(e) => {
             let reason = match e {
                 crate::auth::AuthError::Expired => "expired_token",
@@ -473,9 +476,11 @@ async fn handle(
             .headers_mut()
             .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer"));
     }
-    tracing::debug!(path, user = %identity.user, admin = identity.admin, resume = ?resume.as_ref().map(|r| r.last_id), "upgrading");
+    tracing::debug!(path, admin = identity.admin, resume = ?resume.as_ref().map(|r| r.last_id), "upgrading");
     let shared = Arc::clone(shared);
-    let span = tracing::debug_span!("socket", client.addr = %addr, user = %identity.user);
+    // The connection's span (client address and user) goes on with the
+    // socket: hyper's connection task ends at the upgrade.
+    let span = tracing::Span::current();
     shared.tracker.clone().spawn(
         async move {
             let _slot = slot;

@@ -7,11 +7,14 @@
 //! live meet at the hub's `last_id` taken when subscribing, and a cursor from
 //! a replica further ahead is honoured too). Queued frames are written in one
 //! batch and flushed once. A write that stalls longer than [`WRITE_TIMEOUT`]
-//! drops the socket. The only database access is the replay, through the pool.
+//! drops the socket. Database access goes through the pool only: the replay
+//! (`db::LogReader`, under the statement timeout, a user's stream filtered in
+//! SQL) and, on a dashboard socket's refresh, the admin query.
 //!
-//! Close codes: 1001 shutdown, 1003 binary frame, 1008 unexpected message,
-//! 1009 oversized frame, 1011 replay failed (retry), 1012 event log reset,
-//! 4001 token expired or refresh refused, 4008 too slow (resume with
+//! Close codes: 1001 shutdown, 1003 binary frame, 1008 unexpected message or
+//! too many, 1009 oversized frame, 1011 replay failed (retry), 1012 event log
+//! reset (reconnect with `last_id`), 1013 too many replays at once (retry
+//! later), 4001 token expired or refresh refused, 4008 too slow (resume with
 //! `last_id`). Every close the session starts is a close handshake bounded by
 //! [`CLOSE_TIMEOUT`] (see `close`): the peer's frames are read until its
 //! close frame before TCP is closed, or the kernel would reset the connection
@@ -35,7 +38,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::Identity;
-use crate::db::REPLAY_WINDOW;
+use crate::db::{Cursor, LogReader, Source, REPLAY_WINDOW};
 use crate::hub::Subscription;
 use crate::metrics::{CloseLabels, Stream};
 use crate::parse::Event;
@@ -426,30 +429,31 @@ async fn replay(
             targets.users.iter().any(|u| u == user)
         }
     };
-    let mut after = resume.last_id;
-    while after < upto {
-        // One bounded window a page: a window with no match costs one
-        // cheap page and the replay moves on past it.
-        let window_end = upto.min(after.saturating_add(REPLAY_WINDOW));
-        let page = if dashboard {
-            shared
-                .db
-                .events_between(after, window_end, &channels, REPLAY_PAGE)
-                .await
-        } else {
-            // Filtered in SQL (only this user's rows leave the database),
-            // and again by the router below.
-            shared
-                .db
-                .user_events_between(after, window_end, &user_filter, REPLAY_PAGE)
-                .await
+    let source = if dashboard {
+        Source::Pool {
+            db: &shared.db,
+            channels: &channels,
         }
-        .map_err(unavailable)?;
-        // A full page may have more in its window: go on after its last row.
-        after = match page.last_id {
-            Some(last) if page.rows as i64 == REPLAY_PAGE => last,
-            _ => window_end,
-        };
+    } else {
+        // Filtered in SQL (only this user's rows leave the database), and
+        // again by the router below.
+        Source::User {
+            db: &shared.db,
+            filter: &user_filter,
+        }
+    };
+    // One bounded window a page: a window with no match costs one cheap
+    // page and the replay moves on past it.
+    let mut log = LogReader::new(
+        source,
+        Cursor {
+            after: resume.last_id,
+            upto,
+            window: REPLAY_WINDOW,
+            page: REPLAY_PAGE,
+        },
+    );
+    while let Some(page) = log.next_page().await.map_err(unavailable)? {
         shared.metrics.replay_rows.inc_by(page.rows as u64);
         let frames: Vec<Message> = page
             .events

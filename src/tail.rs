@@ -60,8 +60,11 @@ pub enum TailError {
     BadToken,
     #[error("refused: HTTP {status}: {body}")]
     Refused { status: u16, body: String },
-    #[error("{0}")]
-    Connect(String),
+    #[error(
+        "wss:// needs TLS support, which this build of pgrelay lacks: \
+         connect to the ws:// address behind the TLS proxy"
+    )]
+    NoTls,
     #[error("writing to stdout: {0}")]
     Output(#[source] io::Error),
 }
@@ -194,13 +197,7 @@ impl Tail {
                 }
                 return Ok(Ended::Backoff(format!("HTTP {status}: {body}")));
             }
-            Ok(Err(WsError::Url(UrlError::TlsFeatureNotEnabled))) => {
-                return Err(TailError::Connect(
-                    "wss:// needs TLS support, which this build of pgrelay lacks: \
-                     connect to the ws:// address behind the TLS proxy"
-                        .into(),
-                ))
-            }
+            Ok(Err(WsError::Url(UrlError::TlsFeatureNotEnabled))) => return Err(TailError::NoTls),
             Ok(Err(WsError::Url(e))) => return Err(url_error(&self.args.url, &e.to_string())),
             Ok(Err(e)) => return Ok(Ended::Backoff(format!("cannot connect: {e}"))),
         };
