@@ -35,15 +35,6 @@ async fn capture_triggers(db: &TestDb, table: &str) -> i64 {
         .get(0)
 }
 
-async fn epoch(db: &TestDb) -> String {
-    db.client()
-        .await
-        .query_one("SELECT epoch FROM pgrelay.meta", &[])
-        .await
-        .expect("epoch")
-        .get(0)
-}
-
 /// The same URL with another user (and password).
 fn url_as(db: &TestDb, user: &str, password: &str) -> String {
     let mut url = url::Url::parse(&db.url).expect("test url");

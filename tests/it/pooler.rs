@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
 use crate::harness::*;
-use crate::resume::{assert_same_ids, epoch, ids_after, read_ids, resume};
 
 /// The log line's words that name the cause (src/listen.rs).
 const POOLER_CAUSE: &str = "LISTEN is probably going through a transaction-mode pooler";
