@@ -141,6 +141,19 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// The one value `sql` selects, on its own connection.
+    pub async fn value<T>(&self, sql: &str) -> T
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
     /// Inserts a business and returns its id.
     pub async fn business(&self, owner: i64, name: &str) -> i64 {
         insert_business(&self.client().await, owner, name).await
@@ -820,12 +833,7 @@ pub fn setting(printed: &str, key: &str) -> String {
 
 /// The log's epoch, as a client would have stored it.
 pub async fn epoch(db: &TestDb) -> String {
-    db.client()
-        .await
-        .query_one("SELECT epoch FROM pgrelay.meta", &[])
-        .await
-        .expect("read pgrelay.meta")
-        .get(0)
+    db.value("SELECT epoch FROM pgrelay.meta").await
 }
 
 /// Every event id above `after`, in id order.
@@ -845,12 +853,8 @@ pub async fn ids_after(db: &TestDb, after: i64) -> Vec<i64> {
 
 /// The newest event id, 0 for an empty log.
 pub async fn max_id(db: &TestDb) -> i64 {
-    db.client()
+    db.value("SELECT coalesce(max(id), 0) FROM pgrelay.events")
         .await
-        .query_one("SELECT coalesce(max(id), 0) FROM pgrelay.events", &[])
-        .await
-        .expect("read pgrelay.events")
-        .get(0)
 }
 
 /// An event frame's id.

@@ -901,12 +901,7 @@ async fn forged_notify_for_an_event_not_in_the_log_is_not_delivered() {
 // ---- demo-only endpoints ----------------------------------------------------
 
 async fn businesses(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one("SELECT count(*) FROM businesses", &[])
-        .await
-        .expect("count")
-        .get(0)
+    db.value("SELECT count(*) FROM businesses").await
 }
 
 #[tokio::test]
