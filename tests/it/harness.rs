@@ -4,7 +4,13 @@
 //! PostgreSQL: `PGRELAY_TEST_DATABASE_URL` (a superuser URL; each test creates
 //! its own database there) if set, else one throwaway cluster per test binary,
 //! started from the local binaries and stopped by a watchdog when the binary
-//! exits. A missing PostgreSQL fails the tests, saying what to install.
+//! exits. A missing PostgreSQL fails the tests, saying what to install. Each
+//! `TestDb` drops its database when it goes out of scope (bounded, best
+//! effort), so a shared server does not fill up.
+//!
+//! Helpers used by more than one test file live here and only here: plain
+//! HTTP requests, `/metrics` samples, runs of the binary (`command`,
+//! `pgrelay`, `ServeProcess`), event-log reads and resumes.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
