@@ -93,16 +93,6 @@ async fn relay_with_seed_routes(db: &TestDb) -> TestRelay {
     .await
 }
 
-/// Runs one statement and returns the first column of its first row.
-async fn id_of(db: &TestDb, sql: &str) -> i64 {
-    db.client()
-        .await
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
-}
-
 /// A business row as the Django app writes it; its id.
 async fn django_business(db: &TestDb, name: &str, owner: i64) -> i64 {
     db.client()
@@ -175,13 +165,13 @@ async fn django_tables_get_the_seed_rules_from_flags_alone_live_and_on_replay() 
     let theirs = django_reservation(&db, elsewhere, 5, 2).await;
     // A user signs up and changes their password: the dashboard hears of
     // it, never of the password.
-    let user = id_of(
-        &db,
-        "INSERT INTO users (password, is_superuser, email, role) \
+    let user = db
+        .value::<i64>(
+            "INSERT INTO users (password, is_superuser, email, role) \
          VALUES ('pbkdf2_sha256$870000$new$secrethash', false, 'new@example.com', 'customer') \
          RETURNING id",
-    )
-    .await;
+        )
+        .await;
     db.exec(&format!(
         "UPDATE users SET password = 'pbkdf2_sha256$870000$new$otherhash', \
          last_login = now() WHERE id = {user}"
@@ -271,7 +261,7 @@ async fn reinstalling_with_other_options_replaces_the_capture_in_place() {
     let db = django_db("capture_reinstall").await;
     let functions = "SELECT count(*) FROM pg_proc \
                      WHERE pronamespace = 'pgrelay'::regnamespace AND proname LIKE 'capture%'";
-    assert_eq!(id_of(&db, functions).await, 3);
+    assert_eq!(db.value::<i64>(functions).await, 3);
     // Users are no longer watched: the next install tidies their function.
     db.exec("DROP TRIGGER pgrelay_capture ON users").await;
     // Businesses now INSERT only, with two columns.
@@ -281,14 +271,14 @@ async fn reinstalling_with_other_options_replaces_the_capture_in_place() {
     )
     .await;
     assert!(output.status.success(), "{output:?}");
-    let triggers = id_of(
-        &db,
-        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'businesses'::regclass \
+    let triggers = db
+        .value::<i64>(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'businesses'::regclass \
          AND tgname LIKE 'pgrelay%'",
-    )
-    .await;
+        )
+        .await;
     assert_eq!(triggers, 1);
-    assert_eq!(id_of(&db, functions).await, 2);
+    assert_eq!(db.value::<i64>(functions).await, 2);
 
     let relay = relay_with_seed_routes(&db).await;
     let mut dashboard = relay.dashboard().await;
@@ -341,11 +331,9 @@ async fn watch_options_are_checked_against_the_catalog_in_one_line() {
         assert!(lines[0].contains(expected), "{spec}: {stderr}");
     }
     // Nothing was left half-installed by any of them.
-    let schema = id_of(
-        &db,
-        "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgrelay'",
-    )
-    .await;
+    let schema = db
+        .value::<i64>("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgrelay'")
+        .await;
     assert_eq!(schema, 0);
 }
 
@@ -511,32 +499,32 @@ async fn table_owner_with_a_json_cast_runs_nothing_with_capture_rights() {
     assert_eq!(event["data"]["feeling"], "happy", "{event}");
     assert_eq!(event["data"]["feelings"], "{sad,happy}", "{event}");
     assert!(!superuser, "the table owner became a superuser");
-    let probes = id_of(&db, "SELECT count(*) FROM public.pwned").await;
+    let probes = db.value::<i64>("SELECT count(*) FROM public.pwned").await;
     assert_eq!(
         probes, 1,
         "the cast should have run once, for mallory's own probe"
     );
-    let ran = id_of(
-        &db,
-        &format!("SELECT count(*) FROM public.pwned WHERE who <> '{role}' OR superuser"),
-    )
-    .await;
+    let ran = db
+        .value::<i64>(&format!(
+            "SELECT count(*) FROM public.pwned WHERE who <> '{role}' OR superuser"
+        ))
+        .await;
     assert_eq!(ran, 0, "the cast ran during capture");
     // And no SECURITY DEFINER code in pgrelay belongs to a superuser.
-    let superuser_definers = id_of(
-        &db,
-        "SELECT count(*) FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner \
+    let superuser_definers = db
+        .value::<i64>(
+            "SELECT count(*) FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner \
          WHERE p.pronamespace = 'pgrelay'::regnamespace AND p.prosecdef AND r.rolsuper",
-    )
-    .await;
+        )
+        .await;
     assert_eq!(superuser_definers, 0);
-    let owner_is_narrow = id_of(
-        &db,
-        "SELECT count(*) FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner \
+    let owner_is_narrow = db
+        .value::<i64>(
+            "SELECT count(*) FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner \
          WHERE n.nspname = 'pgrelay' AND NOT r.rolsuper AND NOT r.rolcanlogin \
          AND NOT r.rolcreaterole AND NOT r.rolcreatedb AND NOT r.rolbypassrls",
-    )
-    .await;
+        )
+        .await;
     assert_eq!(owner_is_narrow, 1, "the schema's owner has wide rights");
 }
 
@@ -743,11 +731,9 @@ async fn twenty_mib_row_arrives_as_a_stub_live_and_on_replay_and_sockets_keep_go
         .get(0);
     let next = db.business(2, "After Huge").await;
     // Logged as a stub: the log does not keep a second copy of the row.
-    let logged = id_of(
-        &db,
-        "SELECT max(octet_length(payload::text))::bigint FROM pgrelay.events",
-    )
-    .await;
+    let logged = db
+        .value::<i64>("SELECT max(octet_length(payload::text))::bigint FROM pgrelay.events")
+        .await;
     assert!(logged < 1024, "the log holds {logged} bytes for one event");
 
     // The stub keeps what routing reads (every short field), not the

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use pgrelay::cluster::Cluster;
-use pgrelay::config::{InstallConfig, ServeConfig};
-use pgrelay::Relay;
+use pgrelay::config::InstallConfig;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,9 +30,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
 use crate::harness::*;
-use crate::resume::{
-    assert_same_ids, assert_strictly_increasing, epoch, id_of, ids_after, read_ids, resume,
-};
 
 // --- helpers ---------------------------------------------------------------
 
@@ -51,20 +47,6 @@ async fn reconnects(relay: &TestRelay) -> f64 {
     metric(relay.relay.addr(), "pgrelay_listener_reconnects_total")
         .await
         .expect("pgrelay_listener_reconnects_total in /metrics")
-}
-
-/// Starts a relay with this configuration and ping interval.
-async fn start_relay(config: ServeConfig, ping: Duration) -> TestRelay {
-    let relay = Relay::start_with(config, ping)
-        .await
-        .unwrap_or_else(|e| panic!("relay start: {e}"));
-    let relay = TestRelay { relay };
-    relay.wait_ready().await;
-    relay
-}
-
-fn serve_config(database: pgrelay::pgconn::Target) -> ServeConfig {
-    ServeConfig::new(database, "127.0.0.1:0".parse().expect("addr"), SECRET)
 }
 
 const LISTEN_BACKEND: &str = "SELECT pid FROM pg_stat_activity \
@@ -179,7 +161,9 @@ async fn rows_committed_while_the_listener_is_locked_out_are_caught_up_in_order(
 
     let refused_before = reconnects(&relay).await;
     // A database cannot lock itself: ALTER it from another one.
-    let other = TestDb::empty("fault_locked_out_admin").await.client().await;
+    // Kept to the end of the test: its database is dropped with it.
+    let admin_db = TestDb::empty("fault_locked_out_admin").await;
+    let other = admin_db.client().await;
     let allow = |yes: bool| format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {yes}", db.name);
     other
         .batch_execute(&allow(false))
@@ -243,7 +227,7 @@ async fn postgres_restart_keeps_sockets_open_and_relays_rows_committed_after_it(
         .await
         .expect("insert users");
 
-    let relay = start_relay(serve_config(database), Duration::from_secs(30)).await;
+    let relay = TestRelay::start_on(database, Duration::from_secs(30), |_| {}).await;
     let mut dashboard = relay.dashboard().await;
     let mut owner = relay.notifications("2").await;
     let before = insert_business(&connect(&url).await, 2, "before the restart").await;
@@ -421,7 +405,7 @@ async fn network_cut(test: &str, heal: fn(&Proxy)) {
     let (upstream, rewrite) = through_proxy(&db).await;
     let proxy = Proxy::start(upstream).await;
     let via_proxy: pgrelay::pgconn::Target = rewrite(proxy.addr).parse().expect("proxy url");
-    let relay = start_relay(serve_config(via_proxy), Duration::from_secs(30)).await;
+    let relay = TestRelay::start_on(via_proxy, Duration::from_secs(30), |_| {}).await;
     let mut ws = relay.ws("/ws/dashboard/", &token("1", true)).await;
     let start = ws.hello().await["last_id"].as_i64().expect("last_id");
     let client = db.client().await;
@@ -674,10 +658,6 @@ fn token_until(sub: &str, admin: bool, exp: u64) -> String {
     sign(&claims)
 }
 
-fn refresh(token: &str) -> String {
-    json!({ "type": "refresh", "token": token }).to_string()
-}
-
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -721,10 +701,10 @@ async fn refresh_before_expiry_keeps_the_socket_open_past_the_old_exp() {
         .await;
     dashboard.hello().await;
     owner
-        .send_text(&refresh(&token_until("2", false, now() + 3600)))
+        .send_text(&refresh_message(&token_until("2", false, now() + 3600)))
         .await;
     dashboard
-        .send_text(&refresh(&token_until("1", true, now() + 3600)))
+        .send_text(&refresh_message(&token_until("1", true, now() + 3600)))
         .await;
 
     wait_for("the old tokens to expire", || async {
@@ -745,7 +725,7 @@ async fn refresh_with_another_users_token_closes_4001() {
     let db = TestDb::demo("fault_refresh_other").await;
     let relay = TestRelay::start(&db).await;
     let mut ws = relay.notifications("2").await;
-    ws.send_text(&refresh(&token("3", false))).await;
+    ws.send_text(&refresh_message(&token("3", false))).await;
     let (code, reason) = ws.close_code().await;
     assert_eq!(code, 4001, "{reason}");
 }
@@ -773,7 +753,7 @@ async fn refresh_with_an_invalid_or_weaker_token_closes_4001() {
     for (path, user, admin, renewal) in cases {
         let mut ws = relay.ws(path, &token(user, admin)).await;
         ws.hello().await;
-        ws.send_text(&refresh(&renewal)).await;
+        ws.send_text(&refresh_message(&renewal)).await;
         let (code, reason) = ws.close_code().await;
         assert_eq!(code, 4001, "{path} refresh with {renewal}: {reason}");
     }
@@ -826,7 +806,7 @@ async fn text_frame_over_16_kib_closes_1009() {
 #[tokio::test]
 async fn peer_that_never_answers_pings_is_dropped() {
     let db = TestDb::demo("fault_silent_peer").await;
-    let relay = start_relay(serve_config(db.config()), Duration::from_millis(300)).await;
+    let relay = TestRelay::start_on(db.config(), Duration::from_millis(300), |_| {}).await;
     const DASHBOARD_SOCKETS: &str = r#"pgrelay_connections{stream="dashboard"}"#;
 
     // A live client: reading makes its library answer every ping.

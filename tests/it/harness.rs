@@ -4,7 +4,13 @@
 //! PostgreSQL: `PGRELAY_TEST_DATABASE_URL` (a superuser URL; each test creates
 //! its own database there) if set, else one throwaway cluster per test binary,
 //! started from the local binaries and stopped by a watchdog when the binary
-//! exits. A missing PostgreSQL fails the tests, saying what to install.
+//! exits. A missing PostgreSQL fails the tests, saying what to install. Each
+//! `TestDb` drops its database when it goes out of scope (bounded, best
+//! effort), so a shared server does not fill up.
+//!
+//! Helpers used by more than one test file live here and only here: plain
+//! HTTP requests, `/metrics` samples, runs of the binary (`command`,
+//! `pgrelay`, `ServeProcess`), event-log reads and resumes.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -79,7 +85,8 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
-/// A database of one's own.
+/// A database of one's own, dropped (bounded, best effort) when the test is
+/// done, pass or fail.
 pub struct TestDb {
     pub name: String,
     pub url: String,
@@ -140,6 +147,19 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// The one value `sql` selects, on its own connection.
+    pub async fn value<T>(&self, sql: &str) -> T
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
     /// Inserts a business and returns its id.
     pub async fn business(&self, owner: i64, name: &str) -> i64 {
         insert_business(&self.client().await, owner, name).await
@@ -160,6 +180,55 @@ impl TestDb {
     }
 }
 
+/// How long dropping a test database may take before the test moves on.
+const DROP_LIMIT: Duration = Duration::from_secs(10);
+
+impl Drop for TestDb {
+    /// `DROP DATABASE ... WITH (FORCE)` (PostgreSQL 13+: ends what is still
+    /// connected) on a fresh connection, in a thread with its own runtime
+    /// since drop cannot await; waits at most [`DROP_LIMIT`]. A failure is
+    /// reported on stderr and never fails the test.
+    fn drop(&mut self) {
+        let Some(server) = SERVER.get() else { return };
+        let admin_url = server.admin_url.clone();
+        let name = self.name.clone();
+        let (done, finished) = std::sync::mpsc::channel();
+        let dropping = std::thread::Builder::new()
+            .name(format!("drop {name}"))
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())
+                    .and_then(|runtime| {
+                        runtime.block_on(async {
+                            let drop = async {
+                                let (client, connection) =
+                                    tokio_postgres::connect(&admin_url, NoTls).await?;
+                                tokio::spawn(connection);
+                                client
+                                    .batch_execute(&format!(
+                                        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                                    ))
+                                    .await
+                            };
+                            match tokio::time::timeout(DROP_LIMIT, drop).await {
+                                Ok(result) => result.map_err(|e| e.to_string()),
+                                Err(_) => Err(format!("timed out after {DROP_LIMIT:?}")),
+                            }
+                        })
+                    });
+                if let Err(e) = result {
+                    eprintln!("warning: test database {name} not dropped: {e}");
+                }
+                let _ = done.send(());
+            });
+        if dropping.is_ok() {
+            let _ = finished.recv_timeout(DROP_LIMIT + Duration::from_secs(1));
+        }
+    }
+}
+
 /// A relay on 127.0.0.1:0 against a test database.
 pub struct TestRelay {
     pub relay: Relay,
@@ -171,10 +240,19 @@ impl TestRelay {
     }
 
     pub async fn start_with(db: &TestDb, tweak: impl FnOnce(&mut ServeConfig)) -> TestRelay {
-        let mut config =
-            ServeConfig::new(db.config(), "127.0.0.1:0".parse().expect("addr"), SECRET);
+        TestRelay::start_on(db.config(), Duration::from_secs(30), tweak).await
+    }
+
+    /// A relay against any `database` (a proxy, a pooler, TLS) with this
+    /// ping interval, ready.
+    pub async fn start_on(
+        database: pgrelay::pgconn::Target,
+        ping: Duration,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> TestRelay {
+        let mut config = ServeConfig::new(database, "127.0.0.1:0".parse().expect("addr"), SECRET);
         tweak(&mut config);
-        let relay = Relay::start_with(config, Duration::from_secs(30))
+        let relay = Relay::start_with(config, ping)
             .await
             .unwrap_or_else(|e| panic!("relay start: {e}"));
         let relay = TestRelay { relay };
@@ -369,50 +447,131 @@ impl Ws {
     }
 }
 
-/// A plain HTTP/1.1 `GET path` to `addr` (no upgrade, no token): status and
-/// body. For `/healthz`, `/readyz` and refusals of non-WebSocket requests.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    try_http_get(addr, path)
-        .await
-        .unwrap_or_else(|| panic!("GET {path}: no HTTP response from {addr}"))
+/// An HTTP answer read to the end: status, head (status line and headers)
+/// and body.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
 }
 
-/// `GET path`: status and body, or `None` when nothing accepts the
-/// connection or the answer is not HTTP. Bounded by [`WAIT`].
-pub async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+impl HttpAnswer {
+    /// The value of header `name` (any case), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// A bodiless HTTP/1.1 `method path` to `addr` with `headers` and
+/// `Connection: close` (no upgrade, no token unless given), or `None` when
+/// nothing accepts the connection or the answer is not HTTP. Bounded by
+/// [`WAIT`]. Every plain request of the tests goes through here.
+pub async fn try_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<HttpAnswer> {
+    use std::fmt::Write as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+        for (name, value) in headers {
+            let _ = write!(request, "{name}: {value}\r\n");
+        }
+        if method != "GET" {
+            request.push_str("Content-Length: 0\r\n");
+        }
+        request.push_str("Connection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.ok()?;
         let response = String::from_utf8_lossy(&response).into_owned();
         let (head, body) = response.split_once("\r\n\r\n")?;
         let status = head.split(' ').nth(1)?.parse().ok()?;
-        Some((status, body.to_owned()))
+        Some(HttpAnswer {
+            status,
+            head: head.to_owned(),
+            body: body.to_owned(),
+        })
     };
     tokio::time::timeout(WAIT, exchange)
         .await
-        .unwrap_or_else(|_| panic!("GET {path} timed out"))
+        .unwrap_or_else(|_| panic!("{method} {path} timed out"))
 }
 
-/// The value of one sample in `/metrics` at `addr`, e.g.
+/// [`try_http`] that must be answered.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpAnswer {
+    try_http(addr, method, path, headers)
+        .await
+        .unwrap_or_else(|| panic!("{method} {path}: no HTTP response from {addr}"))
+}
+
+/// A plain `GET path` to `addr`: status and body. For `/healthz`, `/readyz`
+/// and refusals of non-WebSocket requests.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let answer = http(addr, "GET", path, &[]).await;
+    (answer.status, answer.body)
+}
+
+/// `GET path`: status and body, or `None` when nothing accepts the
+/// connection or the answer is not HTTP.
+pub async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    try_http(addr, "GET", path, &[])
+        .await
+        .map(|a| (a.status, a.body))
+}
+
+/// The `/metrics` text at `addr` (answered 200).
+pub async fn metrics(addr: std::net::SocketAddr) -> String {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    body
+}
+
+/// The value of one series in a `/metrics` text, e.g.
 /// `pgrelay_listener_reconnects_total` or `pgrelay_connections{stream="dashboard"}`;
 /// `None` if absent. Compared without regard to case, so a label value
-/// rendered `Dashboard` matches.
-pub async fn metric(addr: std::net::SocketAddr, sample: &str) -> Option<f64> {
-    let (status, body) = http_get(addr, "/metrics").await;
-    assert_eq!(status, 200, "{body}");
-    let sample = sample.to_lowercase();
-    body.lines().find_map(|line| {
+/// rendered `Dashboard` matches; a trailing timestamp is ignored.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    let series = series.to_lowercase();
+    metrics.lines().find_map(|line| {
         line.to_lowercase()
-            .strip_prefix(&sample)?
+            .strip_prefix(&series)?
             .strip_prefix(' ')?
-            .trim()
+            .split_whitespace()
+            .next()?
             .parse()
             .ok()
     })
+}
+
+/// Whether `name` has at least one sample line (not just `# HELP`/`# TYPE`).
+pub fn has_samples(metrics: &str, name: &str) -> bool {
+    metrics.lines().any(|line| {
+        line.strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+    })
+}
+
+/// [`sample`] of the `/metrics` at `addr`.
+pub async fn metric(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+    sample(&metrics(addr).await, series)
+}
+
+/// `{"type": "refresh", "token": token}`, the client's refresh message.
+pub fn refresh_message(token: &str) -> String {
+    serde_json::json!({ "type": "refresh", "token": token }).to_string()
 }
 
 /// The real `pgrelay serve` binary as a child process on a free port, with
@@ -427,28 +586,64 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Spawns `pgrelay serve ARGS --jwt-secret SECRET --listen ADDR`.
     pub fn spawn(args: &[&str]) -> ServeProcess {
+        ServeProcess::spawn_with(&[args, &["--jwt-secret", SECRET]].concat(), &[])
+    }
+
+    /// Spawns `pgrelay serve ARGS --listen ADDR` with only the `envs` given
+    /// among the variables [`command`] clears (so bring the key yourself).
+    pub fn spawn_with(args: &[&str], envs: &[(&str, &str)]) -> ServeProcess {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("pick a free port");
         let log = tempfile::NamedTempFile::new().expect("log file");
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+        let mut command = command(&["serve"]);
         command
-            .arg("serve")
             .args(args)
-            .args(["--jwt-secret", SECRET, "--listen", &addr.to_string()])
+            .args(["--listen", &addr.to_string()])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log.reopen().expect("log file"))
             // A file, not a terminal: plain text that tests can search.
             .env("NO_COLOR", "1")
-            .kill_on_drop(true);
-        for (name, _) in std::env::vars() {
-            if name.starts_with("PGRELAY_") || name == "DATABASE_URL" {
-                command.env_remove(name);
-            }
-        }
+            .envs(envs.iter().copied());
         let child = command.spawn().expect("spawn pgrelay serve");
         ServeProcess { child, addr, log }
+    }
+
+    /// A spawned process, ready (see [`ServeProcess::wait_ready`]).
+    pub async fn ready(args: &[&str], envs: &[(&str, &str)]) -> ServeProcess {
+        let mut serve = ServeProcess::spawn_with(args, envs);
+        serve.wait_ready().await;
+        serve
+    }
+
+    pub fn ws_url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{path_and_query}", self.addr)
+    }
+
+    /// Sends `signal` (`-TERM`, `-HUP`, ...) with kill(1).
+    pub async fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("pid").to_string();
+        let status = tokio::time::timeout(
+            WAIT,
+            tokio::process::Command::new("kill")
+                .args([signal, &pid])
+                .status(),
+        )
+        .await
+        .expect("kill timed out")
+        .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}: {status}");
+    }
+
+    /// SIGTERM, then the exit status (bounded) and the whole log.
+    pub async fn stop(mut self) -> (std::process::ExitStatus, String) {
+        self.signal("-TERM").await;
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("pgrelay did not exit after SIGTERM: {}", self.log()))
+            .expect("wait");
+        (status, self.log())
     }
 
     /// Waits until `/readyz` answers 200.
@@ -545,10 +740,9 @@ pub async fn insert_business(client: &Client, owner: i64, name: &str) -> i64 {
 /// Longest any single run of the binary may take.
 const RUN_LIMIT: Duration = Duration::from_secs(10);
 
-/// Runs `pgrelay args...` with only the `envs` given among PGRELAY_*,
-/// DATABASE_URL, PGSSL* and RUST_LOG, so the developer's environment cannot
-/// leak in.
-pub async fn pgrelay(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+/// `pgrelay args...` with none of PGRELAY_*, DATABASE_URL, PGSSL* and
+/// RUST_LOG from the developer's environment; killed on drop.
+pub fn command(args: &[&str]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
     command.args(args).kill_on_drop(true);
     for (name, _) in std::env::vars_os() {
@@ -561,6 +755,13 @@ pub async fn pgrelay(args: &[&str], envs: &[(&str, &str)]) -> std::process::Outp
             command.env_remove(name.as_ref());
         }
     }
+    command
+}
+
+/// Runs `pgrelay args...` with only the `envs` given among the variables
+/// [`command`] clears, so the developer's environment cannot leak in.
+pub async fn pgrelay(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut command = command(args);
     command.envs(envs.iter().copied());
     tokio::time::timeout(RUN_LIMIT, command.output())
         .await
@@ -593,4 +794,130 @@ pub async fn listen(
         .await
         .expect("LISTEN");
     (client, rx)
+}
+
+// ---- runs of the binary: output -----------------------------------------
+
+/// A finished run's stdout, lossily.
+pub fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A finished run's stderr, lossily.
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Exit code 2 and exactly one stderr line `pgrelay: error: ...` mentioning
+/// `mentions`, without panic text. Returns the line.
+pub fn assert_usage_error(output: &std::process::Output, mentions: &str) -> String {
+    let err = stderr(output);
+    assert_eq!(output.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic text in stderr: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "want one stderr line, got: {err}");
+    assert!(lines[0].starts_with("pgrelay: error: "), "{err}");
+    assert!(
+        lines[0].contains(mentions),
+        "the error should mention {mentions:?}: {err}"
+    );
+    lines[0].to_owned()
+}
+
+/// `key = value` lines of `--print-config`.
+pub fn setting(printed: &str, key: &str) -> String {
+    printed
+        .lines()
+        .find_map(|line| {
+            let (k, v) = line.split_once(" = ")?;
+            (k.trim() == key).then(|| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {key} in printed config:\n{printed}"))
+}
+
+// ---- the event log and resumes --------------------------------------------
+
+/// The log's epoch, as a client would have stored it.
+pub async fn epoch(db: &TestDb) -> String {
+    db.value("SELECT epoch FROM pgrelay.meta").await
+}
+
+/// Every event id above `after`, in id order.
+pub async fn ids_after(db: &TestDb, after: i64) -> Vec<i64> {
+    db.client()
+        .await
+        .query(
+            "SELECT id FROM pgrelay.events WHERE id > $1 ORDER BY id",
+            &[&after],
+        )
+        .await
+        .expect("read pgrelay.events")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// The newest event id, 0 for an empty log.
+pub async fn max_id(db: &TestDb) -> i64 {
+    db.value("SELECT coalesce(max(id), 0) FROM pgrelay.events")
+        .await
+}
+
+/// An event frame's id.
+pub fn id_of(event: &Value) -> i64 {
+    event["id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("event without id: {event}"))
+}
+
+/// Reads exactly `n` event frames and returns their ids.
+pub async fn read_ids(ws: &mut Ws, n: usize) -> Vec<i64> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(id_of(&ws.event().await));
+    }
+    ids
+}
+
+/// `got == expected`, reported by the first difference rather than by
+/// printing thousands of ids.
+#[track_caller]
+pub fn assert_same_ids(got: &[i64], expected: &[i64], what: &str) {
+    if got == expected {
+        return;
+    }
+    let at = got
+        .iter()
+        .zip(expected)
+        .position(|(g, e)| g != e)
+        .unwrap_or(got.len().min(expected.len()));
+    panic!(
+        "{what}: got {} ids, expected {}; first difference at index {at}: got {:?}, expected {:?}",
+        got.len(),
+        expected.len(),
+        got.get(at..(at + 5).min(got.len())),
+        expected.get(at..(at + 5).min(expected.len())),
+    );
+}
+
+/// Ids in order, none twice.
+#[track_caller]
+pub fn assert_strictly_increasing(ids: &[i64]) {
+    for pair in ids.windows(2) {
+        assert!(
+            pair[0] < pair[1],
+            "ids out of order or duplicated: {} then {}",
+            pair[0],
+            pair[1]
+        );
+    }
+}
+
+/// Resumes `path` (a stream path) from `last_id` with the right epoch.
+pub async fn resume(relay: &TestRelay, path: &str, token: &str, last_id: i64, epoch: &str) -> Ws {
+    let mut ws = relay
+        .ws(&format!("{path}?last_id={last_id}&epoch={epoch}"), token)
+        .await;
+    ws.hello().await;
+    ws
 }

@@ -35,15 +35,6 @@ async fn capture_triggers(db: &TestDb, table: &str) -> i64 {
         .get(0)
 }
 
-async fn epoch(db: &TestDb) -> String {
-    db.client()
-        .await
-        .query_one("SELECT epoch FROM pgrelay.meta", &[])
-        .await
-        .expect("epoch")
-        .get(0)
-}
-
 /// The same URL with another user (and password).
 fn url_as(db: &TestDb, user: &str, password: &str) -> String {
     let mut url = url::Url::parse(&db.url).expect("test url");
@@ -110,13 +101,7 @@ async fn install_twice_keeps_one_trigger_and_events_flow_exactly_once() {
             ("businesses", &marker.into()),
         ]
     );
-    let logged: i64 = db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM pgrelay.events", &[])
-        .await
-        .expect("count events")
-        .get(0);
+    let logged: i64 = db.value("SELECT count(*) FROM pgrelay.events").await;
     assert_eq!(logged, 4, "one pgrelay.events row per insert");
 }
 
@@ -197,13 +182,7 @@ async fn watching_a_missing_table_names_it_in_one_line() {
     assert_eq!(err.to_string(), "--watch public.nope: table does not exist");
 
     // Nothing half-installed: the transaction rolled back.
-    let schema: Option<String> = db
-        .client()
-        .await
-        .query_one("SELECT to_regnamespace('pgrelay')::text", &[])
-        .await
-        .expect("look up schema")
-        .get(0);
+    let schema: Option<String> = db.value("SELECT to_regnamespace('pgrelay')::text").await;
     assert_eq!(schema, None, "a failed install left the pgrelay schema");
 }
 

@@ -227,28 +227,11 @@ async fn oversized_request_heads_get_431_at_once_and_big_cookies_pass() {
 
 /// `GET /metrics` with `accept`: (content type, body).
 async fn get_metrics(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
-    let request =
-        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
-        .await
-        .expect("GET /metrics answered")
-        .expect("read");
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-type")
-                .then(|| v.trim().to_owned())
-        })
-        .expect("a content type");
-    (content_type, body.to_owned())
+    let accept: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
+    let answer = http(addr, "GET", "/metrics", &accept).await;
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    let content_type = answer.header("content-type").expect("a content type");
+    (content_type.to_owned(), answer.body)
 }
 
 #[tokio::test]

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
 use crate::harness::*;
-use crate::resume::{assert_same_ids, epoch, ids_after, read_ids, resume};
 
 /// The log line's words that name the cause (src/listen.rs).
 const POOLER_CAUSE: &str = "LISTEN is probably going through a transaction-mode pooler";
@@ -212,13 +211,7 @@ async fn reads_through_a_transaction_pooler_with_listen_direct_are_ready_and_pro
     assert_eq!(metric(addr, "pgrelay_listen_probe_ok").await, Some(1.0));
 
     let mut dashboard = relay.dashboard().await;
-    let before = db
-        .client()
-        .await
-        .query_one("SELECT coalesce(max(id), 0) FROM pgrelay.events", &[])
-        .await
-        .expect("read pgrelay.events")
-        .get(0);
+    let before = max_id(&db).await;
     let writer = db.client().await;
     let mut businesses = Vec::new();
     for n in 0..20 {

@@ -200,13 +200,7 @@ async fn event_frame_has_exactly_the_documented_fields_in_utc_and_increasing_ids
 async fn hello_names_stream_user_newest_id_and_epoch() {
     let db = TestDb::demo("hello_fields").await;
     let relay = TestRelay::start(&db).await;
-    let epoch: String = db
-        .client()
-        .await
-        .query_one("SELECT epoch FROM pgrelay.meta", &[])
-        .await
-        .expect("epoch")
-        .get(0);
+    let epoch = epoch(&db).await;
 
     // Make the newest id something other than zero, and wait until the relay
     // has handed it on.
@@ -244,13 +238,7 @@ async fn hello_last_id_counts_events_committed_before_the_relay_started() {
     let db = TestDb::demo("hello_before_start").await;
     let business = db.business(2, "Before").await;
     db.reservation(business, 3).await;
-    let newest: i64 = db
-        .client()
-        .await
-        .query_one("SELECT max(id) FROM pgrelay.events", &[])
-        .await
-        .expect("newest id")
-        .get(0);
+    let newest: i64 = db.value("SELECT max(id) FROM pgrelay.events").await;
     assert!(newest >= 2, "the log has the two events");
 
     let relay = TestRelay::start(&db).await;
@@ -318,19 +306,9 @@ async fn every_event_above_hello_last_id_arrives_while_writes_race_connects() {
     let _ = stop.send(());
     writes.await.expect("writer task");
 
-    let reader = db.client().await;
     for (mut ws, last_id) in sockets {
         // Everything committed after hello, read from the log itself.
-        let want: Vec<i64> = reader
-            .query(
-                "SELECT id FROM pgrelay.events WHERE id > $1 ORDER BY id",
-                &[&last_id],
-            )
-            .await
-            .expect("events after hello")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let want = ids_after(&db, last_id).await;
         assert!(
             !want.is_empty(),
             "hello.last_id {last_id} is the last write"

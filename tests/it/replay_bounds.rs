@@ -6,7 +6,6 @@
 use serde_json::Value;
 
 use crate::harness::*;
-use crate::resume::{read_ids, resume};
 
 /// Appends events to the log by hand (as capture would, minus the trigger)
 /// and wakes the listener: `payloads` as JSON text, on business_events.

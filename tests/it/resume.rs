@@ -8,35 +8,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use serde_json::Value;
 use tokio_postgres::Client;
 
 use crate::harness::*;
-
-/// The log's epoch, as a client would have stored it.
-pub(crate) async fn epoch(db: &TestDb) -> String {
-    db.client()
-        .await
-        .query_one("SELECT epoch FROM pgrelay.meta", &[])
-        .await
-        .expect("read pgrelay.meta")
-        .get(0)
-}
-
-/// Every event id above `after`, in id order.
-pub(crate) async fn ids_after(db: &TestDb, after: i64) -> Vec<i64> {
-    db.client()
-        .await
-        .query(
-            "SELECT id FROM pgrelay.events WHERE id > $1 ORDER BY id",
-            &[&after],
-        )
-        .await
-        .expect("read pgrelay.events")
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
-}
 
 /// The ids of the events user `user` may see, above `after`, in id order
 /// (the default routes: owner of a business; business owner or customer of
@@ -59,15 +33,6 @@ async fn ids_for_user_after(db: &TestDb, user: &str, after: i64) -> Vec<i64> {
         .collect()
 }
 
-pub(crate) async fn max_id(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one("SELECT coalesce(max(id), 0) FROM pgrelay.events", &[])
-        .await
-        .expect("read pgrelay.events")
-        .get(0)
-}
-
 async fn insert_reservation(client: &Client, business: i64, customer: i64) {
     client
         .execute(
@@ -77,68 +42,6 @@ async fn insert_reservation(client: &Client, business: i64, customer: i64) {
         )
         .await
         .expect("insert reservation");
-}
-
-pub(crate) fn id_of(event: &Value) -> i64 {
-    event["id"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("event without id: {event}"))
-}
-
-/// Reads exactly `n` event frames and returns their ids.
-pub(crate) async fn read_ids(ws: &mut Ws, n: usize) -> Vec<i64> {
-    let mut ids = Vec::with_capacity(n);
-    for _ in 0..n {
-        ids.push(id_of(&ws.event().await));
-    }
-    ids
-}
-
-/// `got == expected`, reported by the first difference rather than by
-/// printing thousands of ids.
-#[track_caller]
-pub(crate) fn assert_same_ids(got: &[i64], expected: &[i64], what: &str) {
-    if got == expected {
-        return;
-    }
-    let at = got
-        .iter()
-        .zip(expected)
-        .position(|(g, e)| g != e)
-        .unwrap_or(got.len().min(expected.len()));
-    panic!(
-        "{what}: got {} ids, expected {}; first difference at index {at}: got {:?}, expected {:?}",
-        got.len(),
-        expected.len(),
-        got.get(at..(at + 5).min(got.len())),
-        expected.get(at..(at + 5).min(expected.len())),
-    );
-}
-
-pub(crate) fn assert_strictly_increasing(ids: &[i64]) {
-    for pair in ids.windows(2) {
-        assert!(
-            pair[0] < pair[1],
-            "ids out of order or duplicated: {} then {}",
-            pair[0],
-            pair[1]
-        );
-    }
-}
-
-/// Resumes `path` (a stream path) from `last_id` with the right epoch.
-pub(crate) async fn resume(
-    relay: &TestRelay,
-    path: &str,
-    token: &str,
-    last_id: i64,
-    epoch: &str,
-) -> Ws {
-    let mut ws = relay
-        .ws(&format!("{path}?last_id={last_id}&epoch={epoch}"), token)
-        .await;
-    ws.hello().await;
-    ws
 }
 
 /// The seam: rows are committed from another task, one transaction each,
@@ -682,7 +585,9 @@ async fn resume_on_a_replica_behind_the_cursor_sends_only_what_follows_it() {
 
     // The database refuses new connections (set from another database) and
     // the second replica's LISTEN backend is terminated: it stays behind.
-    let admin = TestDb::empty("resume_behind_admin").await.client().await;
+    // Kept to the end of the test: its database is dropped with it.
+    let admin_db = TestDb::empty("resume_behind_admin").await;
+    let admin = admin_db.client().await;
     let allow = |yes: bool| format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {yes}", db.name);
     admin
         .batch_execute(&allow(false))

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -86,33 +85,6 @@ async fn assert_still_open(ws: &mut Ws) {
     }
 }
 
-/// The `/metrics` text.
-async fn metrics(addr: SocketAddr) -> String {
-    let (status, body) = http_get(addr, "/metrics").await;
-    assert_eq!(status, 200, "GET /metrics: {body}");
-    body
-}
-
-/// The value of one series (`name` or `name{labels}`), if rendered.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    })
-}
-
-/// Whether `name` has at least one sample line (not just `# HELP`/`# TYPE`).
-fn has_samples(metrics: &str, name: &str) -> bool {
-    metrics.lines().any(|line| {
-        line.strip_prefix(name)
-            .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-    })
-}
-
 /// base64url without padding, as JWT segments are.
 fn b64url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -183,10 +155,6 @@ async fn rsa_key_pair(dir: &Path) -> (Vec<u8>, std::path::PathBuf) {
     )
     .await;
     (std::fs::read(&private).expect("read private key"), public)
-}
-
-fn refresh_message(token: &str) -> String {
-    json!({"type": "refresh", "token": token}).to_string()
 }
 
 // ---- origin ----------------------------------------------------------------
@@ -932,35 +900,8 @@ async fn forged_notify_for_an_event_not_in_the_log_is_not_delivered() {
 
 // ---- demo-only endpoints ----------------------------------------------------
 
-/// A bodiless `method path` request: the status.
-async fn request_status(addr: SocketAddr, method: &str, path: &str) -> u16 {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.expect("send");
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.expect("read");
-        String::from_utf8_lossy(&response).into_owned()
-    };
-    let response = tokio::time::timeout(WAIT, exchange)
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path} timed out"));
-    response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{method} {path}: no status in {response:?}"))
-}
-
 async fn businesses(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one("SELECT count(*) FROM businesses", &[])
-        .await
-        .expect("count")
-        .get(0)
+    db.value("SELECT count(*) FROM businesses").await
 }
 
 #[tokio::test]
@@ -971,7 +912,9 @@ async fn demo_write_endpoints_exist_only_in_the_demo() {
 
     // `serve`: no unauthenticated way to write to the database.
     for action in ["create-business", "make-reservation", "update-business"] {
-        let status = request_status(served.relay.addr(), "POST", &format!("/demo/{action}")).await;
+        let status = http(served.relay.addr(), "POST", &format!("/demo/{action}"), &[])
+            .await
+            .status;
         assert!(
             (400..500).contains(&status),
             "POST /demo/{action} on serve answered {status}"
@@ -981,7 +924,9 @@ async fn demo_write_endpoints_exist_only_in_the_demo() {
 
     // The same request in the demo does write (so the path above is right).
     assert_eq!(
-        request_status(demo.relay.addr(), "POST", "/demo/create-business").await,
+        http(demo.relay.addr(), "POST", "/demo/create-business", &[])
+            .await
+            .status,
         200
     );
     assert_eq!(businesses(&db).await, 1);
@@ -1034,121 +979,11 @@ async fn metrics_endpoint_exposes_every_documented_series() {
 
 // ---- logs ------------------------------------------------------------------
 
-/// Status of `GET path`, or `None` while nothing accepts on `addr`.
-async fn try_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    String::from_utf8_lossy(&response)
-        .split(' ')
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// The real `pgrelay serve` binary on 127.0.0.1:0, its log (stderr, debug,
-/// plain text) in a file, no `PGRELAY_*`/`DATABASE_URL` from the test's
-/// environment.
-struct Served {
-    child: tokio::process::Child,
-    log: tempfile::NamedTempFile,
-    addr: SocketAddr,
-}
-
-impl Served {
-    async fn start(db: &TestDb, key_args: &[&str]) -> Served {
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
-        command
-            .args([
-                "serve",
-                "--database-url",
-                &db.url,
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(key_args)
-            // Everything at debug, dependencies included; plain text.
-            .env("RUST_LOG", "debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log.reopen().expect("log file handle"))
-            .kill_on_drop(true);
-        for (name, _) in std::env::vars() {
-            if name.starts_with("PGRELAY_") || name == "DATABASE_URL" {
-                command.env_remove(name);
-            }
-        }
-        let mut child = command.spawn().expect("spawn pgrelay serve");
-        let read_log = || std::fs::read_to_string(log.path()).expect("read log");
-
-        // The bound address is in the "serving" line (port 0: no race for a port).
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut addr: Option<SocketAddr> = None;
-        loop {
-            if let Some(status) = child.try_wait().expect("child status") {
-                panic!("pgrelay exited early ({status}):\n{}", read_log());
-            }
-            addr = addr.or_else(|| {
-                read_log()
-                    .lines()
-                    .filter(|l| l.contains("serving"))
-                    .find_map(|l| {
-                        l.split("addr=")
-                            .nth(1)?
-                            .split_whitespace()
-                            .next()?
-                            .parse()
-                            .ok()
-                    })
-            });
-            if let Some(addr) = addr {
-                if try_status(addr, "/readyz").await == Some(200) {
-                    break;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "pgrelay never became ready:\n{}",
-                read_log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Served {
-            child,
-            log,
-            addr: addr.expect("address"),
-        }
-    }
-
-    fn ws_url(&self, path_and_query: &str) -> String {
-        format!("ws://{}{path_and_query}", self.addr)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).expect("read log")
-    }
-
-    async fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("pid").to_string();
-        run("kill", &[signal, &pid]).await;
-    }
-
-    /// SIGTERM, then the exit status (bounded) and the whole log.
-    async fn stop(mut self) -> (std::process::ExitStatus, String) {
-        self.signal("-TERM").await;
-        let status = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("pgrelay did not exit after SIGTERM")
-            .expect("wait");
-        (status, self.log())
-    }
+/// The real `pgrelay serve` on the test database with `key_args`, logging
+/// everything (dependencies included) at `level`, ready.
+async fn served(db: &TestDb, level: &str, key_args: &[&str]) -> ServeProcess {
+    let args = [&["--database-url", db.url.as_str()], key_args].concat();
+    ServeProcess::ready(&args, &[("RUST_LOG", level)]).await
 }
 
 #[tokio::test]
@@ -1159,7 +994,12 @@ async fn sighup_reloads_the_secret_file_and_keeps_open_sockets() {
     let file = dir.path().join("jwt-secret");
     std::fs::write(&file, A).expect("write secret");
     let db = TestDb::demo("sec_sighup").await;
-    let served = Served::start(&db, &["--jwt-secret-file", file.to_str().expect("utf-8")]).await;
+    let served = served(
+        &db,
+        "debug",
+        &["--jwt-secret-file", file.to_str().expect("utf-8")],
+    )
+    .await;
     let url = served.ws_url("/ws/notifications/");
     let mut before = Ws::connect(&url, Some(&mint(A, "2")))
         .await
@@ -1191,13 +1031,30 @@ async fn sighup_reloads_the_secret_file_and_keeps_open_sockets() {
     );
 }
 
+/// Tokens refused for each reason and admitted, in the query string, never
+/// reach the log (debug, dependencies included): not whole, not their
+/// signature, not the secret. So is a refused refresh's token.
 #[tokio::test]
 async fn tokens_never_reach_the_log() {
-    let db = TestDb::demo("sec_log_tokens").await;
-    let served = Served::start(&db, &["--jwt-secret", SECRET]).await;
-    let addr = served.addr;
+    tokens_stay_out_of_the_log("sec_log_tokens", "debug", true).await;
+}
 
-    let ws = |query: &str| format!("ws://{addr}{query}");
+/// The same at trace level, for the handshakes. Not the refresh: at trace,
+/// tungstenite logs every frame it receives, the refresh token with it.
+#[tokio::test]
+async fn tokens_never_reach_the_log_even_at_trace_level() {
+    tokens_stay_out_of_the_log("sec_log_tokens_trace", "trace", false).await;
+}
+
+/// Runs `pgrelay serve` at `level`, refuses a forged, an expired and a
+/// non-admin token, admits a valid one (which gets an event), then, when
+/// `refresh`, refreshes it with a forged token (closed 4001); checks the log
+/// names what happened and carries none of them.
+async fn tokens_stay_out_of_the_log(test: &str, level: &str, refresh: bool) {
+    let db = TestDb::demo(test).await;
+    let served = served(&db, level, &["--jwt-secret", SECRET]).await;
+    let ws = |query: &str| served.ws_url(query);
+
     // Refused: a well-formed token signed with another key, in the query.
     let forged = encode(
         &Header::default(),
@@ -1210,6 +1067,13 @@ async fn tokens_never_reach_the_log() {
         .err()
         .expect("forged token refused");
     assert_eq!(refused.status, 401, "{refused:?}");
+    // Refused: an expired token.
+    let expired = sign(&json!({"sub": "2", "exp": now() - 600}));
+    let refused = Ws::connect(&ws(&format!("/ws/notifications/?token={expired}")), None)
+        .await
+        .err()
+        .expect("expired token refused");
+    assert_eq!(refused.status, 401, "{refused:?}");
     // Refused: a valid token without the right.
     let not_admin = token("3", false);
     let refused = Ws::connect(&ws(&format!("/ws/dashboard/?token={not_admin}")), None)
@@ -1217,34 +1081,47 @@ async fn tokens_never_reach_the_log() {
         .err()
         .expect("non-admin refused");
     assert_eq!(refused.status, 403, "{refused:?}");
-    // Admitted, then a refresh with a bad token (logged as refused).
+    // Admitted, an event delivered, then maybe a refresh with a bad token
+    // (logged as refused).
     let valid = token("2", false);
     let mut socket = Ws::connect(&ws(&format!("/ws/notifications/?token={valid}")), None)
         .await
         .expect("valid token admitted");
     socket.hello().await;
+    let id = db.business(2, "Logged").await;
+    assert_eq!(socket.event().await["data"]["id"], id);
     let bad_refresh = encode(
         &Header::default(),
         &json!({"sub": "2", "exp": now() + 7200}),
         &EncodingKey::from_secret(b"also-not-the-secret"),
     )
     .expect("sign");
-    socket.send_text(&refresh_message(&bad_refresh)).await;
-    assert_eq!(socket.close_code().await.0, 4001);
+    if refresh {
+        socket.send_text(&refresh_message(&bad_refresh)).await;
+        assert_eq!(socket.close_code().await.0, 4001);
+    }
 
     let (status, log) = served.stop().await;
     assert!(status.success(), "exit {status}:\n{log}");
     // The log says what happened (so this test can fail)...
+    assert!(
+        log.lines().count() > 10,
+        "{level} logging was on, yet the log is nearly empty:\n{log}"
+    );
     for expected in ["refused", "upgrading", "refresh refused"] {
-        assert!(log.contains(expected), "no {expected:?} in the log:\n{log}");
+        if expected != "refresh refused" || refresh {
+            assert!(log.contains(expected), "no {expected:?} in the log:\n{log}");
+        }
     }
     // ...and never with whom: no token, not even its signature.
-    for secret in [&forged, &not_admin, &valid, &bad_refresh] {
+    for secret in [&forged, &expired, &not_admin, &valid, &bad_refresh] {
         let signature = secret.rsplit('.').next().expect("signature");
-        assert!(
-            !log.contains(secret.as_str()) && !log.contains(signature),
-            "a token reached the log:\n{log}"
-        );
+        for (n, line) in log.lines().enumerate() {
+            assert!(
+                !line.contains(secret.as_str()) && !line.contains(signature),
+                "log line {n} carries a token: {line}"
+            );
+        }
     }
     assert!(!log.contains(SECRET), "the secret reached the log:\n{log}");
 }

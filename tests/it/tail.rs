@@ -12,15 +12,7 @@ use tokio::process::{Child, ChildStdout, Command};
 use crate::harness::*;
 
 fn tail_command(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pgrelay"));
-    command.arg("tail").args(args).kill_on_drop(true);
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name.starts_with("PGRELAY_") || name == "DATABASE_URL" || name == "RUST_LOG" {
-            command.env_remove(name.as_ref());
-        }
-    }
-    command
+    command(&[&["tail"], args].concat())
 }
 
 /// The next event line on tail's stdout, within the harness bound.

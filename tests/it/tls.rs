@@ -11,13 +11,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pgrelay::cluster::{Cluster, Extras};
-use pgrelay::config::{InstallConfig, ServeConfig};
+use pgrelay::config::InstallConfig;
 use pgrelay::pgconn::Target;
-use pgrelay::Relay;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tokio::sync::OnceCell;
 
-use crate::cli::{assert_usage_error, setting, stderr, stdout};
 use crate::harness::*;
 
 struct TlsServer {
@@ -118,13 +116,7 @@ fn target(conn: &str) -> Target {
 }
 
 async fn start_relay(database: Target) -> TestRelay {
-    let config = ServeConfig::new(database, "127.0.0.1:0".parse().expect("addr"), SECRET);
-    let relay = Relay::start_with(config, Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|e| panic!("relay start: {e}"));
-    let relay = TestRelay { relay };
-    relay.wait_ready().await;
-    relay
+    TestRelay::start_on(database, Duration::from_secs(30), |_| {}).await
 }
 
 #[tokio::test]
