@@ -43,15 +43,7 @@ fn main() -> ExitCode {
             return fail(2, first.trim_start_matches("error: "));
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("pgrelay=info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours for a person at a terminal, not escape codes in a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     // Every socket is a file descriptor: the usual soft limit of 1024 would
     // refuse the thousand-and-first client.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
@@ -62,6 +54,26 @@ fn main() -> ExitCode {
         Err(e) => return fail(1, &format!("cannot start the async runtime: {e}")),
     };
     runtime.block_on(run(cli))
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default `pgrelay=info`).
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("pgrelay=info"));
+    let log = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // Colours for a person at a terminal, not escape codes in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // At trace, tungstenite logs every frame it receives, a client's
+        // refresh token with it: its trace lines never reach the log,
+        // whatever RUST_LOG says.
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            *meta.level() != tracing::Level::TRACE || !meta.target().contains("tungstenite")
+        }));
+    tracing_subscriber::registry().with(filter).with(log).init();
 }
 
 fn fail(code: u8, message: &str) -> ExitCode {

@@ -590,11 +590,13 @@ async fn unprivileged_roles_cannot_freeze_commits_or_stop_retention() {
         let id = tokio::time::timeout(WAIT, insert_business(&app, 2, "Not Frozen"))
             .await
             .expect("the INSERT hung at commit");
+        // Retention runs too (nothing is an hour old: the row above must
+        // stay for the listener to read).
         let pruned: i32 = tokio::time::timeout(
             WAIT,
             db.client()
                 .await
-                .query_one("SELECT pgrelay.prune('0 seconds', 1000)", &[]),
+                .query_one("SELECT pgrelay.prune('1 hour', 1000)", &[]),
         )
         .await
         .expect("pruning hung")
