@@ -7,13 +7,16 @@
 //!   -> capture trigger (triggers/)  pgrelay.events row + pg_notify, ids in commit order
 //!   -> listen    one dedicated LISTEN connection; reconnects, catches up from pgrelay.events,
 //!                probes that it hears other connections' NOTIFYs, re-reads the log every heartbeat
-//!   -> parse     NOTIFY payload -> the event id it wakes us for (pure); Event -> frame
+//!   -> parse     NOTIFY payload -> the event id it wakes us for (pure)
 //!   -> route     Event -> audiences: dashboard, user:<id> (pure)
 //!   -> hub       audience -> subscribers; each event serialised once, bounded rings
 //!   -> session   one task per WebSocket: hello, replay, live, refresh, close codes
 //! ```
 //!
-//! Beside the flow: `server` (HTTP, upgrade, auth at the door), `auth` (JWT,
+//! Beside the flow: `wire` (the WebSocket contract: endpoints, resume
+//! parameters, `hello`/`event`/`reset` frames, client messages, close codes;
+//! pure), `shared` (what the server and every session share), `server` (HTTP,
+//! upgrade, auth at the door), `auth` (JWT,
 //! pure), `config` (flags, env, TOML -> typed config), `pgconn` (a database
 //! target: settings + sslmode/sslrootcert, the one `connect`), `db` (the read
 //! pool, its reads of the log under a server-side statement timeout, and
@@ -46,7 +49,9 @@ pub mod retention;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod tail;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,7 +70,7 @@ use crate::hub::Hub;
 use crate::listen::Listener;
 use crate::metrics::Metrics;
 use crate::replays::ReplayLimits;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// How long shutdown waits for sockets to close before giving up on them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);

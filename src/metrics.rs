@@ -11,8 +11,7 @@
 //! Every stage counts its own work here; nothing here touches the network or
 //! the database (`pg_notification_queue_usage` is read by the listener's
 //! heartbeat on its own connection, replay rows by `db::LogReader`'s callers).
-//! Closes are counted by code, the codes `session` documents: 1001, 1003,
-//! 1008, 1009, 1011, 1012 (event log reset), 1013 (replays busy), 4001, 4008.
+//! Closes are counted by code (label `code`, the number): `wire::Close`'s codes.
 //! Counters on the per-socket path are added per written batch, not per
 //! frame, to keep atomics off the hot loop.
 
@@ -24,24 +23,10 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-/// A WebSocket endpoint: what a socket receives.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub enum Stream {
-    Dashboard,
-    Notifications,
-}
+use crate::wire::Endpoint;
 
-impl Stream {
-    /// The name clients see in `hello` and metrics carry as a label.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Stream::Dashboard => "dashboard",
-            Stream::Notifications => "notifications",
-        }
-    }
-}
-
-impl EncodeLabelValue for Stream {
+/// The endpoint label: [`Endpoint::name`], as clients see it in `hello`.
+impl EncodeLabelValue for Endpoint {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         std::fmt::Write::write_str(encoder, self.name())
     }
@@ -49,7 +34,7 @@ impl EncodeLabelValue for Stream {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
-    pub stream: Stream,
+    pub stream: Endpoint,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -188,7 +173,7 @@ impl Metrics {
         self.refusals.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    pub fn connections(&self, stream: Stream) -> Gauge {
+    pub fn connections(&self, stream: Endpoint) -> Gauge {
         self.connections
             .get_or_create(&StreamLabels { stream })
             .clone()
@@ -344,7 +329,7 @@ mod tests {
         metrics.refused("invalid_token");
         metrics.deliveries.inc_by(3);
         metrics.event_lag.observe(0.002);
-        metrics.connections(Stream::Dashboard).inc();
+        metrics.connections(Endpoint::Dashboard).inc();
         let openmetrics = metrics.render(Format::OpenMetrics);
         assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
         assert!(openmetrics.contains("# TYPE pgrelay_deliveries counter\n"));

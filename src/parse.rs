@@ -1,5 +1,5 @@
-//! NOTIFY payload -> the event id it wakes us for, and [`Event`] -> the
-//! client's `event` frame.
+//! NOTIFY payload -> the event id it wakes us for; [`Event`], one row of the
+//! log (its `event` frame is built in `wire`).
 //!
 //! Pure: no I/O, so plain unit tests and the fuzz target cover it. The capture
 //! trigger's NOTIFY payload is the event's id and nothing else (LISTEN needs no
@@ -7,9 +7,9 @@
 //! read from `pgrelay.events` by `db::LogReader`, on the listener's own
 //! connection for new events and through the pool for replays; parsing here
 //! does no read. The frame text a client receives is produced
-//! only by [`Event::frame`], once per event.
+//! only by `Event::frame` (in `wire`, with the rest of the contract), once per event.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// One captured row change, as stored in `pgrelay.events`.
@@ -82,36 +82,6 @@ pub fn truncated(data: &str) -> Box<RawValue> {
         .unwrap_or_else(|_| unreachable!("a map of JSON values serialises"))
 }
 
-#[derive(Serialize)]
-struct EventFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    id: i64,
-    channel: &'a str,
-    table: &'a str,
-    op: &'a str,
-    at: &'a str,
-    data: &'a RawValue,
-}
-
-impl Event {
-    /// The `event` frame sent to clients, serialised once and shared by every
-    /// socket that receives it.
-    pub fn frame(&self) -> String {
-        let frame = EventFrame {
-            kind: "event",
-            id: self.id,
-            channel: &self.channel,
-            table: &self.table,
-            op: &self.op,
-            at: &self.at,
-            data: &self.data,
-        };
-        // Serialising borrowed strings and already-valid raw JSON cannot fail.
-        serde_json::to_string(&frame).unwrap_or_default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,22 +120,6 @@ mod tests {
             r#"{"id":"a-b","tags":[1,2],"truncated":true}"#
         );
         assert_eq!(stub("not json"), r#"{"truncated":true}"#);
-    }
-
-    #[test]
-    fn frames() {
-        let event = Event {
-            id: 7,
-            channel: "business_events".into(),
-            table: "businesses".into(),
-            op: "INSERT".into(),
-            at: "2026-11-25T18:40:00.123456Z".into(),
-            data: RawValue::from_string(r#"{"id": 3, "owner_id": 42}"#.into()).expect("json"),
-        };
-        assert_eq!(
-            event.frame(),
-            r#"{"type":"event","id":7,"channel":"business_events","table":"businesses","op":"INSERT","at":"2026-11-25T18:40:00.123456Z","data":{"id": 3, "owner_id": 42}}"#
-        );
     }
 }
 

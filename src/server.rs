@@ -1,5 +1,7 @@
 //! HTTP: the accept loop, hyper connections with upgrades, `/ws/*` (auth at
-//! the door), `/healthz`, `/readyz`, `/metrics`.
+//! the door), `/healthz`, `/readyz`, `/metrics`. The endpoints and resume
+//! parameters are `wire`'s, the state every connection reads is
+//! `shared::Shared`; an upgraded socket is handed to `session::run`.
 //!
 //! Every refusal happens before the 101, as a plain HTTP response whose body
 //! says why in one line: 404 unknown path, 405 wrong method, 400 not a
@@ -28,7 +30,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -43,87 +45,36 @@ use hyper_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use hyper_tungstenite::WebSocketStream;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::admission::{client_key, origin_allowed, AdminLookup, Limits, NoSlot, Pending, Slots};
-use crate::auth::{presented_token, AuthConfig, Identity, KeyError, Verifier};
+use crate::admission::{client_key, origin_allowed, Limits, NoSlot, Pending};
+use crate::auth::presented_token;
 use crate::coalesce::Coalesce;
-use crate::db::{Db, DbError, DemoAction};
-use crate::hub::Hub;
-use crate::metrics::{Format, Metrics, Stream};
-use crate::replays::ReplayLimits;
-use crate::route::Routes;
-use crate::session::{self, Resume};
-use crate::Status;
-
-/// What every connection and socket shares.
-pub struct Shared {
-    /// Swapped whole on SIGHUP (key rotation); sockets keep running.
-    pub verifier: RwLock<Arc<Verifier>>,
-    pub auth: AuthConfig,
-    pub slots: Slots,
-    pub limits: Limits,
-    pub allowed_origins: Vec<String>,
-    pub admin_lookup: Option<AdminLookup>,
-    pub hub: Arc<Hub>,
-    pub db: Db,
-    /// Caps on replays running at once (they share the read pool).
-    pub replays: ReplayLimits,
-    pub routes: Routes,
-    pub metrics: Arc<Metrics>,
-    pub status: Arc<Status>,
-    pub shutdown: CancellationToken,
-    pub tracker: TaskTracker,
-    pub ping_interval: Duration,
-    pub leeway: Duration,
-    /// `pgrelay demo` only: the buttons' endpoints under `/demo/`.
-    pub demo_api: bool,
-}
+use crate::db::DemoAction;
+use crate::metrics::Format;
+use crate::session;
+use crate::shared::Shared;
+use crate::wire::{Endpoint, Resume};
 
 /// The dashboard page and the JS client, embedded: no build step, no
 /// external URL.
 const INDEX_HTML: &str = include_str!("web/index.html");
 const CLIENT_JS: &str = include_str!("web/pgrelay-client.js");
 
-impl Shared {
-    /// The current token verifier.
-    pub fn verifier(&self) -> Arc<Verifier> {
-        Arc::clone(&self.verifier.read().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Re-reads the key files (rotation). On error the old keys stay.
-    pub fn reload_keys(&self) -> Result<(), KeyError> {
-        let fresh = Arc::new(Verifier::new(&self.auth)?);
-        *self.verifier.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        Ok(())
-    }
-
-    /// Whether this identity may open the dashboard: an admin claim, else
-    /// `--admin-query` when configured. An error means "cannot tell", never yes.
-    pub async fn is_admin(&self, identity: &Identity) -> Result<bool, DbError> {
-        match &self.admin_lookup {
-            _ if identity.admin => Ok(true),
-            Some(lookup) => lookup.is_admin(&identity.user).await,
-            None => Ok(false),
-        }
-    }
-
-    fn websocket_config(&self) -> WebSocketConfig {
-        // tungstenite's defaults (a 128 KiB read buffer allocated up front, a
-        // 128 KiB write buffer that never shrinks) would cost 10,000 sockets
-        // over a GiB. Clients only send tiny `refresh` frames: 1 KiB reads (a
-        // larger frame still grows the buffer). Writes go straight through to
-        // `Coalesce`, which gathers a batch until the flush, sends it with one
-        // syscall and frees its buffer, so an idle socket holds none.
-        WebSocketConfig::default()
-            .read_buffer_size(1024)
-            .write_buffer_size(0)
-            .max_write_buffer_size(16 * 1024 * 1024)
-            .max_message_size(Some(self.limits.max_client_message))
-            .max_frame_size(Some(self.limits.max_client_message))
-    }
+/// The socket's buffers and read limits.
+fn websocket_config(limits: &Limits) -> WebSocketConfig {
+    // tungstenite's defaults (a 128 KiB read buffer allocated up front, a
+    // 128 KiB write buffer that never shrinks) would cost 10,000 sockets
+    // over a GiB. Clients only send tiny `refresh` frames: 1 KiB reads (a
+    // larger frame still grows the buffer). Writes go straight through to
+    // `Coalesce`, which gathers a batch until the flush, sends it with one
+    // syscall and frees its buffer, so an idle socket holds none.
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(16 * 1024 * 1024)
+        .max_message_size(Some(limits.max_client_message))
+        .max_frame_size(Some(limits.max_client_message))
 }
 
 type Body = Full<Bytes>;
@@ -254,9 +205,9 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
 
 async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
     let path = req.uri().path().to_owned();
-    let stream = match path.as_str() {
-        "/ws/dashboard/" | "/ws/dashboard" => Stream::Dashboard,
-        "/ws/notifications/" | "/ws/notifications" => Stream::Notifications,
+    let endpoint = match path.as_str() {
+        "/ws/dashboard/" | "/ws/dashboard" => Endpoint::Dashboard,
+        "/ws/notifications/" | "/ws/notifications" => Endpoint::Notifications,
         "/healthz" if req.method() == Method::GET => return text(StatusCode::OK, "ok"),
         "/" if req.method() == Method::GET => return asset(INDEX_HTML, "text/html; charset=utf-8"),
         "/pgrelay-client.js" if req.method() == Method::GET => {
@@ -378,7 +329,7 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
             );
         }
     };
-    if stream == Stream::Dashboard {
+    if endpoint == Endpoint::Dashboard {
         match shared.is_admin(&identity).await {
             Ok(admin) => identity.admin = admin,
             Err(e) => {
@@ -393,7 +344,7 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
             }
         }
     }
-    if stream == Stream::Dashboard && !identity.admin {
+    if endpoint == Endpoint::Dashboard && !identity.admin {
         return refuse(
             shared,
             StatusCode::FORBIDDEN,
@@ -402,7 +353,7 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
             &path,
         );
     }
-    let resume = match parse_resume(&query) {
+    let resume = match Resume::from_query(&query) {
         Ok(resume) => resume,
         Err(why) => return refuse(shared, StatusCode::BAD_REQUEST, "bad_resume", why, &path),
     };
@@ -463,7 +414,7 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
         headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let config = shared.websocket_config();
+    let config = websocket_config(&shared.limits);
     let websocket = async move {
         let upgraded = on_upgrade.await?;
         let io = Coalesce::new(TokioIo::new(upgraded));
@@ -485,7 +436,7 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
         async move {
             let _slot = slot;
             match Box::pin(websocket).await {
-                Ok(ws) => session::run(ws, shared, stream, identity, resume).await,
+                Ok(ws) => session::run(ws, shared, endpoint, identity, resume).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         }
@@ -565,53 +516,4 @@ pub fn query_params(query: Option<&str>) -> HashMap<String, String> {
     url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .into_owned()
         .collect()
-}
-
-/// `last_id` (a non-negative integer) and optional `epoch`. Public for the fuzz target.
-pub fn parse_resume(query: &HashMap<String, String>) -> Result<Option<Resume>, &'static str> {
-    let Some(last_id) = query.get("last_id") else {
-        return if query.contains_key("epoch") {
-            Err("epoch given without last_id")
-        } else {
-            Ok(None)
-        };
-    };
-    let last_id: i64 = last_id
-        .parse()
-        .ok()
-        .filter(|id| *id >= 0)
-        .ok_or("last_id must be a non-negative integer")?;
-    Ok(Some(Resume {
-        last_id,
-        epoch: query.get("epoch").filter(|e| !e.is_empty()).cloned(),
-    }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resume_parameters() {
-        let q = |s: &str| query_params(Some(s));
-        assert_eq!(parse_resume(&q("")), Ok(None));
-        assert_eq!(parse_resume(&q("token=x")), Ok(None));
-        assert_eq!(
-            parse_resume(&q("last_id=5&epoch=ab")),
-            Ok(Some(Resume {
-                last_id: 5,
-                epoch: Some("ab".into())
-            }))
-        );
-        assert_eq!(
-            parse_resume(&q("last_id=0")),
-            Ok(Some(Resume {
-                last_id: 0,
-                epoch: None
-            }))
-        );
-        assert!(parse_resume(&q("last_id=-1")).is_err());
-        assert!(parse_resume(&q("last_id=x")).is_err());
-        assert!(parse_resume(&q("epoch=x")).is_err());
-    }
 }

@@ -11,11 +11,8 @@
 //! (`db::LogReader`, under the statement timeout, a user's stream filtered in
 //! SQL) and, on a dashboard socket's refresh, the admin query.
 //!
-//! Close codes: 1001 shutdown, 1003 binary frame, 1008 unexpected message or
-//! too many, 1009 oversized frame, 1011 replay failed (retry), 1012 event log
-//! reset (reconnect with `last_id`), 1013 too many replays at once (retry
-//! later), 4001 token expired or refresh refused, 4008 too slow (resume with
-//! `last_id`). Every close the session starts is a close handshake bounded by
+//! Close codes, frames and client messages are `wire`'s ([`Close`] says what
+//! each code means); the session decides when each is sent. Every close the session starts is a close handshake bounded by
 //! [`CLOSE_TIMEOUT`] (see `close`): the peer's frames are read until its
 //! close frame before TCP is closed, or the kernel would reset the connection
 //! and the peer would never see the code.
@@ -33,17 +30,17 @@ use hyper_tungstenite::tungstenite::{Message, Utf8Bytes};
 pub type HyperWebsocketStream = hyper_tungstenite::WebSocketStream<
     crate::coalesce::Coalesce<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
 >;
-use serde::Deserialize;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::Identity;
 use crate::db::{Cursor, LogReader, Source, REPLAY_WINDOW};
 use crate::hub::Subscription;
-use crate::metrics::{CloseLabels, Stream};
+use crate::metrics::CloseLabels;
 use crate::parse::Event;
 use crate::replays::Busy;
-use crate::server::Shared;
+use crate::shared::Shared;
+use crate::wire::{self, reason, ClientMessage, Close, Endpoint, Reset, Resume};
 
 /// A stalled peer is dropped after this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,46 +54,41 @@ const MAX_BATCH: usize = 256;
 /// Events per replay page: bounds the memory a large backlog can take.
 const REPLAY_PAGE: i64 = 500;
 
-/// `?last_id=N&epoch=E` from the request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Resume {
-    pub last_id: i64,
-    pub epoch: Option<String>,
-}
-
 /// How a session ends.
 enum End {
     /// Send a close frame with this code and reason.
-    Close(u16, &'static str),
+    Close(Close, &'static str),
     /// The peer is gone or stalled: nothing to say.
     Gone,
 }
 
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-enum ClientMessage {
-    Refresh { token: String },
+impl From<Close> for End {
+    /// The close with its default reason.
+    fn from(close: Close) -> End {
+        End::Close(close, close.reason())
+    }
 }
 
 /// Runs one socket to its end.
 pub async fn run(
     mut ws: HyperWebsocketStream,
     shared: Arc<Shared>,
-    stream: Stream,
+    endpoint: Endpoint,
     identity: Identity,
     resume: Option<Resume>,
 ) {
-    let gauge = shared.metrics.connections(stream.clone());
+    let gauge = shared.metrics.connections(endpoint.clone());
     gauge.inc();
-    let end = session(&mut ws, &shared, &stream, identity, resume).await;
-    if let End::Close(code, reason) = end {
+    let end = session(&mut ws, &shared, &endpoint, identity, resume).await;
+    if let End::Close(kind, reason) = end {
+        let code = kind.code();
         tracing::debug!(code, reason, "closing socket");
         shared
             .metrics
             .closes
             .get_or_create(&CloseLabels { code })
             .inc();
-        close(&mut ws, code, reason).await;
+        close(&mut ws, kind, reason).await;
     }
     // Counted until the connection is gone, close handshake included.
     gauge.dec();
@@ -110,9 +102,9 @@ pub async fn run(
 /// reports 1006 with no reason. The one deadline covers a peer that does not
 /// read (4008: the write of the close frame itself may stall) and one that
 /// floods instead of answering.
-async fn close(ws: &mut HyperWebsocketStream, code: u16, reason: &'static str) {
+async fn close(ws: &mut HyperWebsocketStream, kind: Close, reason: &'static str) {
     let frame = CloseFrame {
-        code: CloseCode::from(code),
+        code: CloseCode::from(kind.code()),
         reason: Utf8Bytes::from_static(reason),
     };
     let handshake = async {
@@ -147,24 +139,20 @@ async fn close(ws: &mut HyperWebsocketStream, code: u16, reason: &'static str) {
 async fn session(
     ws: &mut HyperWebsocketStream,
     shared: &Shared,
-    stream: &Stream,
+    endpoint: &Endpoint,
     mut identity: Identity,
     resume: Option<Resume>,
 ) -> End {
-    let mut sub: Subscription = match stream {
-        Stream::Dashboard => shared.hub.subscribe_dashboard(),
-        Stream::Notifications => shared.hub.subscribe_user(&identity.user),
+    let mut sub: Subscription = match endpoint {
+        Endpoint::Dashboard => shared.hub.subscribe_dashboard(),
+        Endpoint::Notifications => shared.hub.subscribe_user(&identity.user),
     };
-    let hello = serde_json::json!({
-        "type": "hello",
-        "stream": stream.name(),
-        "user": identity.user,
-        "last_id": sub.last_id,
-        "epoch": shared.status.epoch(),
-    })
-    // A String, not the Value: a local Value would live (and hold its map)
-    // for the whole session.
-    .to_string();
+    let hello = wire::hello(
+        endpoint,
+        &identity.user,
+        sub.last_id,
+        &shared.status.epoch(),
+    );
     if let Err(end) = write(ws, [Message::text(hello)]).await {
         return end;
     }
@@ -175,14 +163,14 @@ async fn session(
         let replayed = Box::pin(replay(
             ws,
             shared,
-            stream,
+            endpoint,
             &identity.user,
             &resume,
             sub.last_id,
         ));
         // A long replay must not hold up shutdown.
         let replayed = tokio::select! {
-            _ = shared.shutdown.cancelled() => Err(End::Close(1001, "server shutting down")),
+            _ = shared.shutdown.cancelled() => Err(Close::Shutdown.into()),
             replayed = replayed => replayed,
         };
         match replayed {
@@ -199,13 +187,13 @@ async fn session(
     loop {
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => return End::Close(1001, "server shutting down"),
-            _ = tokio::time::sleep_until(deadline) => return End::Close(4001, "token expired"),
+            _ = shared.shutdown.cancelled() => return Close::Shutdown.into(),
+            _ = tokio::time::sleep_until(deadline) => return Close::TokenExpired.into(),
             // The peer's frames first: a busy stream must not starve pongs
             // and refreshes. A peer flooding frames only slows itself.
             message = ws.next() => match message {
                 Some(Ok(ref m)) if !m.is_close() && !rate.allow() => {
-                    return End::Close(1008, "too many messages");
+                    return End::Close(Close::Unexpected, reason::TOO_MANY_MESSAGES);
                 }
                 None | Some(Ok(Message::Close(_))) => {
                     // tungstenite queued the close reply: send it.
@@ -213,14 +201,14 @@ async fn session(
                     return End::Gone;
                 }
                 Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                    return End::Close(1009, "message too big");
+                    return Close::TooBig.into();
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "socket read failed");
                     return End::Gone;
                 }
                 Some(Ok(Message::Text(text))) => {
-                    match Box::pin(refresh(shared, stream, &identity, &text)).await {
+                    match Box::pin(refresh(shared, endpoint, &identity, &text)).await {
                         Ok(renewed) => {
                             identity = renewed;
                             deadline = expiry(&identity, shared);
@@ -228,7 +216,7 @@ async fn session(
                         Err(end) => return end,
                     }
                 }
-                Some(Ok(Message::Binary(_))) => return End::Close(1003, "binary frames are not accepted"),
+                Some(Ok(Message::Binary(_))) => return Close::Binary.into(),
                 Some(Ok(Message::Pong(_))) => awaiting_pong = false,
                 Some(Ok(Message::Ping(_))) => {
                     // tungstenite queued the pong: send it.
@@ -243,7 +231,7 @@ async fn session(
                     Ok(delivery) => delivery,
                     Err(RecvError::Lagged(_)) => return slow(shared),
                     // The hub dropped every queue: the event log was reset.
-                    Err(RecvError::Closed) => return End::Close(1012, "event log reset: reconnect with last_id"),
+                    Err(RecvError::Closed) => return Close::LogWentBack.into(),
                 };
                 // Coalesce: everything already queued goes out in one flush.
                 let mut batch = Vec::new();
@@ -316,7 +304,7 @@ impl RateLimit {
 
 fn slow(shared: &Shared) -> End {
     shared.metrics.slow_closes.inc();
-    End::Close(4008, "too slow: reconnect with last_id")
+    Close::TooSlow.into()
 }
 
 /// When the socket must close: the token's `exp`, plus the configured leeway.
@@ -340,32 +328,29 @@ const MAX_TOKEN_LIFE: u64 = 10 * 365 * 24 * 3600;
 /// closes it.
 async fn refresh(
     shared: &Shared,
-    stream: &Stream,
+    endpoint: &Endpoint,
     current: &Identity,
     text: &str,
 ) -> Result<Identity, End> {
     let ClientMessage::Refresh { token } = serde_json::from_str(text)
-        .map_err(|_| End::Close(1008, "unexpected message: only refresh is accepted"))?;
+        .map_err(|_| End::Close(Close::Unexpected, reason::UNEXPECTED_MESSAGE))?;
     let mut renewed = shared.verifier().verify(&token).map_err(|e| {
         tracing::debug!(error = %e, "refresh refused");
-        End::Close(4001, "refresh refused: invalid token")
+        End::Close(Close::TokenExpired, reason::REFRESH_INVALID)
     })?;
     if renewed.user != current.user {
-        return Err(End::Close(
-            4001,
-            "refresh refused: token is for another user",
-        ));
+        return Err(End::Close(Close::TokenExpired, reason::REFRESH_OTHER_USER));
     }
-    if *stream == Stream::Dashboard {
+    if *endpoint == Endpoint::Dashboard {
         // The same door as at connect: a revoked admin is shut out here.
         match shared.is_admin(&renewed).await {
             Ok(true) => renewed.admin = true,
-            Ok(false) => return Err(End::Close(4001, "refresh refused: not a super admin")),
+            Ok(false) => return Err(End::Close(Close::TokenExpired, reason::REFRESH_NOT_ADMIN)),
             Err(e) => {
                 tracing::warn!(error = %e, "admin query failed during refresh");
                 return Err(End::Close(
-                    4001,
-                    "refresh refused: cannot check admin rights",
+                    Close::TokenExpired,
+                    reason::REFRESH_ADMIN_UNKNOWN,
                 ));
             }
         }
@@ -380,7 +365,7 @@ async fn refresh(
 async fn replay(
     ws: &mut HyperWebsocketStream,
     shared: &Shared,
-    stream: &Stream,
+    endpoint: &Endpoint,
     user: &str,
     resume: &Resume,
     upto: i64,
@@ -396,21 +381,21 @@ async fn replay(
         shared.metrics.replays_refused.inc();
         tracing::debug!(reason = %busy, "replay refused: retry later");
         match busy {
-            Busy::User => End::Close(1013, "too many replays at once for this user: retry later"),
-            Busy::Total => End::Close(1013, "server busy replaying: retry later"),
+            Busy::User => End::Close(Close::ReplayBusy, reason::USER_REPLAYS_BUSY),
+            Busy::Total => End::Close(Close::ReplayBusy, reason::REPLAYS_BUSY),
         }
     })?;
     let unavailable = |e: crate::db::DbError| {
         tracing::warn!(error = %e, "replay failed");
-        End::Close(1011, "replay unavailable: retry later")
+        End::from(Close::ReplayFailed)
     };
     let info = shared.db.log_info().await.map_err(unavailable)?;
     let reset = if resume.epoch.as_ref().is_some_and(|e| *e != info.epoch) {
-        Some("epoch_mismatch")
+        Some(Reset::EpochMismatch)
     } else if resume.last_id < info.pruned_through {
-        Some("cursor_expired")
+        Some(Reset::CursorExpired)
     } else if resume.last_id > info.max_id {
-        Some("cursor_unknown")
+        Some(Reset::CursorUnknown)
     } else {
         None
     };
@@ -418,7 +403,7 @@ async fn replay(
         send_reset(ws, reason).await?;
         return Ok(upto);
     }
-    let dashboard = *stream == Stream::Dashboard;
+    let dashboard = *endpoint == Endpoint::Dashboard;
     let channels = shared.routes.dashboard_channels();
     let user_filter = shared.routes.user_filter(user);
     let visible = |event: &Event| {
@@ -476,14 +461,13 @@ async fn replay(
         .map_err(unavailable)?
         .pruned_through;
     if pruned > resume.last_id && pruned > info.pruned_through {
-        send_reset(ws, "cursor_expired").await?;
+        send_reset(ws, Reset::CursorExpired).await?;
     }
     Ok(resume.last_id.max(upto))
 }
 
-async fn send_reset(ws: &mut HyperWebsocketStream, reason: &str) -> Result<(), End> {
-    let frame = serde_json::json!({"type": "reset", "reason": reason}).to_string();
-    write(ws, [Message::text(frame)]).await
+async fn send_reset(ws: &mut HyperWebsocketStream, why: Reset) -> Result<(), End> {
+    write(ws, [Message::text(wire::reset(why))]).await
 }
 
 /// Feeds the frames and flushes once, within [`WRITE_TIMEOUT`].

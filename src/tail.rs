@@ -8,7 +8,7 @@
 //! across reconnects. A refusal that retrying cannot fix (HTTP 400, 401, 403,
 //! 404) ends it with an error; so do a bad `--url` and a missing token.
 //! `--token-file` is re-read at every reconnect, which is how a long-running
-//! tail picks up a renewed token after a 4001 close.
+//! tail picks up a renewed token after a `Close::TokenExpired` (4001) close.
 //!
 //! Not here: TLS (`wss://` works only if tokio-tungstenite is built with a TLS
 //! feature), and sending `refresh` frames.
@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::Message;
 use url::Url;
 
 use crate::config::TailArgs;
+use crate::wire::Close;
 
 /// First reconnect delay cap; doubles per failed attempt up to [`MAX_DELAY`].
 const MIN_DELAY: Duration = Duration::from_millis(500);
@@ -102,7 +103,7 @@ struct Tail {
 enum Ended {
     /// Reconnect after a backoff delay.
     Backoff(String),
-    /// Reconnect at once (4001 with a fresh token, 4008).
+    /// Reconnect at once (`Close::TokenExpired` with a fresh token, `Close::TooSlow`).
     Now(String),
     /// Ctrl-C, or stdout is gone (`| head`): stop quietly.
     Stop,
@@ -248,10 +249,11 @@ fn closed(frame: Option<CloseFrame>) -> Ended {
         return Ended::Backoff("closed without a code".into());
     };
     let why = format!("closed {}: {}", u16::from(frame.code), frame.reason);
-    match frame.code {
+    match Close::from_code(frame.code.into()) {
         // Token expired or refresh refused: the token file may hold a new one
         // (a static token that expired gets a 401 next, which ends the tail).
-        CloseCode::Library(4001) | CloseCode::Library(4008) => Ended::Now(why),
+        // Too slow: resuming at once loses nothing.
+        Some(Close::TokenExpired | Close::TooSlow) => Ended::Now(why),
         _ => Ended::Backoff(why),
     }
 }
@@ -720,16 +722,16 @@ mod tests {
 
     #[test]
     fn close_codes() {
-        let close = |code: u16| {
+        let close = |code: Close| {
             closed(Some(CloseFrame {
-                code: CloseCode::from(code),
+                code: CloseCode::from(code.code()),
                 reason: "r".into(),
             }))
         };
-        assert!(matches!(close(4001), Ended::Now(_)));
-        assert!(matches!(close(4008), Ended::Now(_)));
-        assert!(matches!(close(1001), Ended::Backoff(_)));
-        assert!(matches!(close(1011), Ended::Backoff(_)));
+        assert!(matches!(close(Close::TokenExpired), Ended::Now(_)));
+        assert!(matches!(close(Close::TooSlow), Ended::Now(_)));
+        assert!(matches!(close(Close::Shutdown), Ended::Backoff(_)));
+        assert!(matches!(close(Close::ReplayFailed), Ended::Backoff(_)));
         assert!(matches!(closed(None), Ended::Backoff(_)));
     }
 

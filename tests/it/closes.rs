@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{client_async, WebSocketStream};
 
 use crate::harness::*;
+use pgrelay::wire::Close;
 
 /// A TCP stream that remembers the first reset or broken pipe it meets. A
 /// relay that closes with the client's frames unread, or before the client
@@ -299,7 +300,7 @@ async fn token_expiry_while_the_client_keeps_sending_gets_4001_with_its_reason()
     let expiring = sign(&json!({"sub": "2", "exp": now() + 2}));
     let careless = Careless::start(&relay, NOTIFICATIONS, &expiring, Vec::new(), pong()).await;
     let (code, reason) = careless.close_frame().await;
-    assert_eq!(code, 4001, "{reason}");
+    assert_eq!(code, Close::TokenExpired.code(), "{reason}");
     assert!(reason.contains("token expired"), "{reason:?}");
 }
 

@@ -30,6 +30,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
 use crate::harness::*;
+use pgrelay::wire::Close;
 
 // --- helpers ---------------------------------------------------------------
 
@@ -542,7 +543,11 @@ async fn slow_socket_is_closed_4008_and_resumes_without_loss_while_others_get_ev
     );
 
     let (got, code) = events_then_close(&mut slow).await;
-    assert_eq!(code, 4008, "the slow socket is closed as too slow");
+    assert_eq!(
+        code,
+        Close::TooSlow.code(),
+        "the slow socket is closed as too slow"
+    );
     assert!(got.len() < expected.len(), "it was closed before the end");
     assert_same_ids(
         &got,
@@ -625,7 +630,8 @@ async fn dashboard_socket_that_stops_reading_is_closed_4008_and_the_reading_one_
         expected.len()
     );
     assert_eq!(
-        code, 4008,
+        code,
+        Close::TooSlow.code(),
         "the socket that stopped reading is closed as too slow"
     );
     assert!(got.len() < expected.len(), "it was closed before the end");
@@ -680,7 +686,7 @@ async fn expired_token_closes_the_socket_with_4001_not_before_exp() {
     assert_eq!(ws.event().await["data"]["id"], id);
 
     let (code, reason) = ws.close_code().await;
-    assert_eq!(code, 4001, "{reason}");
+    assert_eq!(code, Close::TokenExpired.code(), "{reason}");
     assert!(unix_now() >= exp as f64, "closed before exp");
 }
 
@@ -727,7 +733,7 @@ async fn refresh_with_another_users_token_closes_4001() {
     let mut ws = relay.notifications("2").await;
     ws.send_text(&refresh_message(&token("3", false))).await;
     let (code, reason) = ws.close_code().await;
-    assert_eq!(code, 4001, "{reason}");
+    assert_eq!(code, Close::TokenExpired.code(), "{reason}");
 }
 
 /// Anything but a valid token for the same user (and, on the dashboard, still
@@ -755,7 +761,11 @@ async fn refresh_with_an_invalid_or_weaker_token_closes_4001() {
         ws.hello().await;
         ws.send_text(&refresh_message(&renewal)).await;
         let (code, reason) = ws.close_code().await;
-        assert_eq!(code, 4001, "{path} refresh with {renewal}: {reason}");
+        assert_eq!(
+            code,
+            Close::TokenExpired.code(),
+            "{path} refresh with {renewal}: {reason}"
+        );
     }
 }
 
@@ -928,7 +938,11 @@ async fn reinstalled_log_restarts_sockets_and_a_resume_gets_reset_not_silence() 
     assert_ne!(epoch(&db).await, old_epoch, "a reinstall is a new epoch");
 
     let (code, _) = dashboard.close_code().await;
-    assert_eq!(code, 1012, "the open socket is told to reconnect");
+    assert_eq!(
+        code,
+        Close::LogWentBack.code(),
+        "the open socket is told to reconnect"
+    );
     relay.wait_ready().await;
 
     let mut resumed = relay

@@ -6,6 +6,7 @@
 use serde_json::Value;
 
 use crate::harness::*;
+use pgrelay::wire::Close;
 
 /// Appends events to the log by hand (as capture would, minus the trigger)
 /// and wakes the listener: `payloads` as JSON text, on business_events.
@@ -225,7 +226,7 @@ async fn stuck_replays_are_stopped_by_the_server_and_capped_per_user() {
     let mut third = relay.ws(&path, &owner).await;
     third.hello().await;
     let (code, reason) = third.close_code().await;
-    assert_eq!(code, 1013, "{reason}");
+    assert_eq!(code, Close::ReplayBusy.code(), "{reason}");
     assert!(reason.contains("retry"), "{reason}");
 
     // The server's statement timeout ends the waits; the sockets hear 1011.

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::*;
+use pgrelay::wire::Close;
 
 // ---- helpers ---------------------------------------------------------------
 
@@ -699,7 +700,7 @@ async fn reloaded_secret_file_rotates_keys_and_keeps_open_sockets() {
 
     // Refreshes use the new keys as well: an old-key token is refused.
     before.send_text(&refresh_message(&mint(A, "2"))).await;
-    assert_eq!(before.close_code().await.0, 4001);
+    assert_eq!(before.close_code().await.0, Close::TokenExpired.code());
     after.send_text(&refresh_message(&mint(B, "2"))).await;
     assert_still_open(&mut after).await;
 }
@@ -1097,7 +1098,7 @@ async fn tokens_stay_out_of_the_log(test: &str, level: &str) {
     )
     .expect("sign");
     socket.send_text(&refresh_message(&bad_refresh)).await;
-    assert_eq!(socket.close_code().await.0, 4001);
+    assert_eq!(socket.close_code().await.0, Close::TokenExpired.code());
 
     let (status, log) = served.stop().await;
     assert!(status.success(), "exit {status}:\n{log}");

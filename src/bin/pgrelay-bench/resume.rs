@@ -37,6 +37,7 @@ use super::{
     AtomicU64, AtomicUsize, CloseCode, CloseFrame, Duration, Instant, Message, Relaxed, SinkExt,
     StreamExt,
 };
+use pgrelay::wire::Close;
 use std::sync::Arc;
 
 /// Sparse users are numbered from here (busy users are 1..=--busy-users,
@@ -767,7 +768,7 @@ async fn sparse(args: &Args, server: &mut Server) -> Result<bool, String> {
     let burst_ok = completed == results.len()
         && wrong == 0
         && duplicates == 0
-        && !closes.contains_key(&1011)
+        && !closes.contains_key(&Close::ReplayFailed.code())
         && active == 0;
     passed &= burst_ok;
 
@@ -1027,7 +1028,7 @@ async fn storm_client(
                 out.base.error.get_or_insert(e);
             }
         }
-        if out.base.closes.last() == Some(&1013) {
+        if out.base.closes.last() == Some(&Close::ReplayBusy.code()) {
             storm.refused_1013.fetch_add(1, Relaxed);
         }
         // A client with nothing to catch up counted as caught on its

@@ -6,7 +6,8 @@
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
 use libfuzzer_sys::fuzz_target;
 use pgrelay::auth::{presented_token, AuthConfig, KeySource, Verifier};
-use pgrelay::server::{parse_resume, query_params};
+use pgrelay::server::query_params;
+use pgrelay::wire::Resume;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let authorization = parts.next().unwrap_or_default();
     let protocol = parts.next().unwrap_or_default();
     let query = query_params(Some(query));
-    let _ = parse_resume(&query);
+    let _ = Resume::from_query(&query);
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(authorization) {
         headers.insert(AUTHORIZATION, v);

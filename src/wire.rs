@@ -1,0 +1,350 @@
+//! The WebSocket contract, in one place: the endpoints ([`Endpoint`]), the
+//! resume parameters ([`Resume`]), the server's frames (`hello`, `event`,
+//! `reset`), the client's messages ([`ClientMessage`]) and the close codes
+//! with their reasons ([`Close`]). DESIGN.md's "WebSocket endpoints" is the
+//! prose of what is defined here.
+//!
+//! Pure: no I/O. The server, the session, `tail`, the bench and the tests
+//! name codes and frames from here instead of repeating numbers and JSON.
+//! Frame bytes are part of the contract: `hello` and `reset` keep their keys
+//! in sorted order (what `serde_json::json!` produced before they moved
+//! here), `event` its fixed order starting with `type`.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::parse::Event;
+
+/// A WebSocket endpoint: what a socket receives.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/ws/dashboard/`: every routed event with audience `dashboard`.
+    Dashboard,
+    /// `/ws/notifications/`: the events addressed to the socket's user.
+    Notifications,
+}
+
+impl Endpoint {
+    /// The name clients see in `hello` and metrics carry as a label.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Endpoint::Dashboard => "dashboard",
+            Endpoint::Notifications => "notifications",
+        }
+    }
+}
+
+/// `?last_id=N&epoch=E` from the request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resume {
+    pub last_id: i64,
+    pub epoch: Option<String>,
+}
+
+impl Resume {
+    /// `last_id` (a non-negative integer) and optional `epoch` from a parsed
+    /// query string; `Err` is the 400's one-line body. Public for the fuzz target.
+    pub fn from_query(query: &HashMap<String, String>) -> Result<Option<Resume>, &'static str> {
+        let Some(last_id) = query.get("last_id") else {
+            return if query.contains_key("epoch") {
+                Err("epoch given without last_id")
+            } else {
+                Ok(None)
+            };
+        };
+        let last_id: i64 = last_id
+            .parse()
+            .ok()
+            .filter(|id| *id >= 0)
+            .ok_or("last_id must be a non-negative integer")?;
+        Ok(Some(Resume {
+            last_id,
+            epoch: query.get("epoch").filter(|e| !e.is_empty()).cloned(),
+        }))
+    }
+}
+
+/// The close codes pgrelay sends. Each variant's [`Close::reason`] is its
+/// reason text where the code has one; codes with several causes take one of
+/// the [`reason`] texts instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Close {
+    /// The server is shutting down.
+    Shutdown = 1001,
+    /// The client sent a binary frame.
+    Binary = 1003,
+    /// A message that is not a `refresh`, or too many messages.
+    Unexpected = 1008,
+    /// A client frame over `--max-client-message`.
+    TooBig = 1009,
+    /// The replay's reads failed: retry.
+    ReplayFailed = 1011,
+    /// The event log was reset under the socket: reconnect with `last_id`.
+    LogWentBack = 1012,
+    /// Too many replays at once: retry later.
+    ReplayBusy = 1013,
+    /// The token expired, or a refresh was refused.
+    TokenExpired = 4001,
+    /// The socket fell too far behind: resume with `last_id`.
+    TooSlow = 4008,
+}
+
+impl Close {
+    const ALL: [Close; 9] = [
+        Close::Shutdown,
+        Close::Binary,
+        Close::Unexpected,
+        Close::TooBig,
+        Close::ReplayFailed,
+        Close::LogWentBack,
+        Close::ReplayBusy,
+        Close::TokenExpired,
+        Close::TooSlow,
+    ];
+
+    /// The number on the wire.
+    pub const fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// The pgrelay close this number names, if any.
+    pub fn from_code(code: u16) -> Option<Close> {
+        Close::ALL.into_iter().find(|c| c.code() == code)
+    }
+
+    /// The reason sent with this code by default (the only one, for the
+    /// codes with one cause).
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Close::Shutdown => "server shutting down",
+            Close::Binary => "binary frames are not accepted",
+            Close::Unexpected => reason::UNEXPECTED_MESSAGE,
+            Close::TooBig => "message too big",
+            Close::ReplayFailed => "replay unavailable: retry later",
+            Close::LogWentBack => "event log reset: reconnect with last_id",
+            Close::ReplayBusy => reason::REPLAYS_BUSY,
+            Close::TokenExpired => "token expired",
+            Close::TooSlow => "too slow: reconnect with last_id",
+        }
+    }
+}
+
+/// Reason texts for the codes with more than one cause.
+pub mod reason {
+    /// 1008: anything but a `refresh`.
+    pub const UNEXPECTED_MESSAGE: &str = "unexpected message: only refresh is accepted";
+    /// 1008: over `--client-messages-per-second`.
+    pub const TOO_MANY_MESSAGES: &str = "too many messages";
+    /// 1013: the server-wide cap on replays.
+    pub const REPLAYS_BUSY: &str = "server busy replaying: retry later";
+    /// 1013: the per-user cap on replays.
+    pub const USER_REPLAYS_BUSY: &str = "too many replays at once for this user: retry later";
+    /// 4001: the refresh token does not verify.
+    pub const REFRESH_INVALID: &str = "refresh refused: invalid token";
+    /// 4001: the refresh token is for someone else.
+    pub const REFRESH_OTHER_USER: &str = "refresh refused: token is for another user";
+    /// 4001: on the dashboard, the renewed token's user is no longer an admin.
+    pub const REFRESH_NOT_ADMIN: &str = "refresh refused: not a super admin";
+    /// 4001: on the dashboard, the admin query failed.
+    pub const REFRESH_ADMIN_UNKNOWN: &str = "refresh refused: cannot check admin rights";
+}
+
+/// What a client may send: `{"type":"refresh","token":"JWT"}`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ClientMessage {
+    Refresh { token: String },
+}
+
+/// Field order is the wire order: sorted, as `json!` wrote it.
+#[derive(Serialize)]
+struct HelloFrame<'a> {
+    epoch: &'a str,
+    last_id: i64,
+    stream: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    user: &'a str,
+}
+
+/// The `hello` frame: the endpoint, the user, the newest event id at
+/// connect time and the log's epoch.
+pub fn hello(endpoint: &Endpoint, user: &str, last_id: i64, epoch: &str) -> String {
+    to_text(&HelloFrame {
+        epoch,
+        last_id,
+        stream: endpoint.name(),
+        kind: "hello",
+        user,
+    })
+}
+
+/// Why a resume could not be honoured; the client starts over from `hello`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reset {
+    /// The log's epoch differs (restored database, reinstalled log).
+    EpochMismatch,
+    /// `last_id` is older than the retained window.
+    CursorExpired,
+    /// `last_id` is newer than anything in the log.
+    CursorUnknown,
+}
+
+impl Reset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reset::EpochMismatch => "epoch_mismatch",
+            Reset::CursorExpired => "cursor_expired",
+            Reset::CursorUnknown => "cursor_unknown",
+        }
+    }
+}
+
+/// Field order is the wire order: sorted, as `json!` wrote it.
+#[derive(Serialize)]
+struct ResetFrame {
+    reason: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+/// The `reset` frame.
+pub fn reset(why: Reset) -> String {
+    to_text(&ResetFrame {
+        reason: why.name(),
+        kind: "reset",
+    })
+}
+
+#[derive(Serialize)]
+struct EventFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: i64,
+    channel: &'a str,
+    table: &'a str,
+    op: &'a str,
+    at: &'a str,
+    data: &'a RawValue,
+}
+
+impl Event {
+    /// The `event` frame sent to clients, serialised once and shared by every
+    /// socket that receives it.
+    pub fn frame(&self) -> String {
+        to_text(&EventFrame {
+            kind: "event",
+            id: self.id,
+            channel: &self.channel,
+            table: &self.table,
+            op: &self.op,
+            at: &self.at,
+            data: &self.data,
+        })
+    }
+}
+
+/// Serialising borrowed strings, numbers and already-valid raw JSON cannot fail.
+fn to_text(frame: &impl Serialize) -> String {
+    serde_json::to_string(frame).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_parameters() {
+        let q = |s: &str| crate::server::query_params(Some(s));
+        assert_eq!(Resume::from_query(&q("")), Ok(None));
+        assert_eq!(Resume::from_query(&q("token=x")), Ok(None));
+        assert_eq!(
+            Resume::from_query(&q("last_id=5&epoch=ab")),
+            Ok(Some(Resume {
+                last_id: 5,
+                epoch: Some("ab".into())
+            }))
+        );
+        assert_eq!(
+            Resume::from_query(&q("last_id=0")),
+            Ok(Some(Resume {
+                last_id: 0,
+                epoch: None
+            }))
+        );
+        assert!(Resume::from_query(&q("last_id=-1")).is_err());
+        assert!(Resume::from_query(&q("last_id=x")).is_err());
+        assert!(Resume::from_query(&q("epoch=x")).is_err());
+    }
+
+    #[test]
+    fn close_codes_round_trip() {
+        for close in Close::ALL {
+            assert_eq!(Close::from_code(close.code()), Some(close));
+        }
+        assert_eq!(Close::TokenExpired.code(), 4001);
+        assert_eq!(Close::TooSlow.code(), 4008);
+        assert_eq!(Close::from_code(1000), None);
+    }
+
+    /// The bytes `json!` wrote before these frames had types.
+    #[test]
+    fn hello_and_reset_bytes_are_unchanged() {
+        assert_eq!(
+            hello(&Endpoint::Dashboard, "42", 1234, "9f2c"),
+            serde_json::json!({
+                "type": "hello",
+                "stream": "dashboard",
+                "user": "42",
+                "last_id": 1234,
+                "epoch": "9f2c",
+            })
+            .to_string()
+        );
+        assert_eq!(
+            hello(&Endpoint::Notifications, "7", 0, ""),
+            r#"{"epoch":"","last_id":0,"stream":"notifications","type":"hello","user":"7"}"#
+        );
+        for why in [
+            Reset::EpochMismatch,
+            Reset::CursorExpired,
+            Reset::CursorUnknown,
+        ] {
+            assert_eq!(
+                reset(why),
+                serde_json::json!({"type": "reset", "reason": why.name()}).to_string()
+            );
+        }
+        assert_eq!(
+            reset(Reset::CursorExpired),
+            r#"{"reason":"cursor_expired","type":"reset"}"#
+        );
+    }
+
+    #[test]
+    fn event_frames() {
+        let event = Event {
+            id: 7,
+            channel: "business_events".into(),
+            table: "businesses".into(),
+            op: "INSERT".into(),
+            at: "2026-11-25T18:40:00.123456Z".into(),
+            data: RawValue::from_string(r#"{"id": 3, "owner_id": 42}"#.into()).expect("json"),
+        };
+        assert_eq!(
+            event.frame(),
+            r#"{"type":"event","id":7,"channel":"business_events","table":"businesses","op":"INSERT","at":"2026-11-25T18:40:00.123456Z","data":{"id": 3, "owner_id": 42}}"#
+        );
+    }
+
+    #[test]
+    fn refresh_messages() {
+        let ClientMessage::Refresh { token } =
+            serde_json::from_str(r#"{"type":"refresh","token":"t"}"#).expect("refresh");
+        assert_eq!(token, "t");
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"ping"}"#).is_err());
+    }
+}
