@@ -7,7 +7,9 @@
 //! read from `pgrelay.events` by `db::LogReader`, on the listener's own
 //! connection for new events and through the pool for replays; parsing here
 //! does no read. The frame text a client receives is produced
-//! only by [`Event::frame`], once per event.
+//! only by [`Event::frame`]: once per event for live delivery, outside the
+//! hub's lock, the bytes shared by every socket; a replay builds the frames of
+//! the rows it read for its own socket.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -95,8 +97,8 @@ struct EventFrame<'a> {
 }
 
 impl Event {
-    /// The `event` frame sent to clients, serialised once and shared by every
-    /// socket that receives it.
+    /// The `event` frame sent to clients. Live delivery calls this once per
+    /// event and shares the bytes with every socket that receives it.
     pub fn frame(&self) -> String {
         let frame = EventFrame {
             kind: "event",
