@@ -1,5 +1,7 @@
-//! Audience -> live subscribers. Each event is serialised once into a shared
-//! [`Delivery`] and handed to every socket that may see it without copying.
+//! Audience -> live subscribers. Each event is serialised once, before the
+//! hub's lock is taken, into a shared [`Delivery`] and handed to every socket
+//! that may see it without copying. The lock covers `last_id` and the pushes
+//! into the rings, nothing else.
 //!
 //! Queues: one `tokio::sync::broadcast` ring for the dashboard and one per
 //! connected user, created on the user's first socket and removed with their
@@ -106,14 +108,18 @@ impl Hub {
         state.users.clear();
     }
 
-    /// Hands one event to its audiences. Never waits.
+    /// Hands one event to its audiences. Never waits. The frame is built
+    /// before the lock is taken: under it, only `last_id` moves and the
+    /// shared bytes are pushed into the rings, so a subscribe or unsubscribe
+    /// never waits for a serialisation.
     pub fn publish(&self, event: &Event, targets: &Targets) {
+        let delivery =
+            (targets.dashboard || !targets.users.is_empty()).then(|| Delivery::new(event));
         let mut state = self.state();
         state.last_id = state.last_id.max(event.id);
-        if !targets.dashboard && targets.users.is_empty() {
+        let Some(delivery) = delivery else {
             return;
-        }
-        let delivery = Delivery::new(event);
+        };
         if targets.dashboard {
             // `send` fails only when nobody listens: nothing to do then.
             let _ = state.dashboard.send(delivery.clone());
@@ -213,6 +219,11 @@ mod tests {
         assert!(dash.rx.try_recv().is_err());
         assert_eq!(hub.last_id(), 1);
         assert_eq!(hub.subscribe_dashboard().last_id, 1);
+        // An event for nobody is not serialised, and still moves `last_id`.
+        hub.publish(&event(2), &Targets::default());
+        assert_eq!(hub.last_id(), 2);
+        assert!(alice.rx.try_recv().is_err());
+        assert!(dash.rx.try_recv().is_err());
     }
 
     #[test]

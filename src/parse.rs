@@ -7,7 +7,9 @@
 //! read from `pgrelay.events` by `db::LogReader`, on the listener's own
 //! connection for new events and through the pool for replays; parsing here
 //! does no read. The frame text a client receives is produced
-//! only by `Event::frame` (in `wire`, with the rest of the contract), once per event.
+//! only by `Event::frame` (in `wire`, with the rest of the contract): once per
+//! event for live delivery, outside the hub's lock, the bytes shared by every
+//! socket; a replay builds the frames of the rows it read for its own socket.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;

@@ -6,10 +6,13 @@
 //! and `"42"` are the same user. The same [`Routes::route`] decides live
 //! delivery and replay, so a resumed socket sees exactly what a live one would.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::parse::Event;
@@ -201,16 +204,15 @@ impl Routes {
             return Targets::default();
         };
         let mut targets = Targets::default();
-        // Borrowed raw values: a number is read as written, never through f64.
-        let mut row: Option<HashMap<String, &RawValue>> = None;
-        for audience in audiences {
+        // Only the routed fields are kept; the payload is read once, and only
+        // when some audience needs a field.
+        let mut row: Option<Vec<Option<&RawValue>>> = None;
+        for (i, audience) in audiences.iter().enumerate() {
             match audience {
                 Audience::Dashboard => targets.dashboard = true,
-                Audience::User(field) => {
-                    let row = row.get_or_insert_with(|| {
-                        serde_json::from_str(event.data.get()).unwrap_or_default()
-                    });
-                    if let Some(user) = row.get(field).and_then(|v| user_id(v)) {
+                Audience::User(_) => {
+                    let row = row.get_or_insert_with(|| routed_fields(&event.data, audiences));
+                    if let Some(user) = row[i].and_then(user_id) {
                         if !targets.users.contains(&user) {
                             targets.users.push(user);
                         }
@@ -219,6 +221,79 @@ impl Routes {
             }
         }
         targets
+    }
+}
+
+/// The raw values of the `user:FIELD` audiences' fields in a payload, one
+/// slot per audience. Every other value is scanned past, neither decoded nor
+/// copied, and keys are compared borrowed. A repeated key keeps its last value, and
+/// a payload that is not a JSON object names nobody, as a parse into a map
+/// would. Values are borrowed raw, so a number is read as written, never
+/// through f64.
+fn routed_fields<'a>(data: &'a RawValue, audiences: &[Audience]) -> Vec<Option<&'a RawValue>> {
+    let mut de = serde_json::Deserializer::from_str(data.get());
+    match (Fields(audiences).deserialize(&mut de), de.end()) {
+        (Ok(values), Ok(())) => values,
+        _ => vec![None; audiences.len()],
+    }
+}
+
+struct Fields<'f>(&'f [Audience]);
+
+impl<'de> DeserializeSeed<'de> for Fields<'_> {
+    type Value = Vec<Option<&'de RawValue>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Fields<'_> {
+    type Value = Vec<Option<&'de RawValue>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut values = vec![None; self.0.len()];
+        while let Some(Key(key)) = map.next_key()? {
+            let wanted = |a: &Audience| matches!(a, Audience::User(f) if *f == *key);
+            if self.0.iter().any(wanted) {
+                let value: &'de RawValue = map.next_value()?;
+                for (slot, _) in values.iter_mut().zip(self.0).filter(|(_, a)| wanted(a)) {
+                    *slot = Some(value);
+                }
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(values)
+    }
+}
+
+/// An object key: borrowed from the payload, copied only when it has escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        de.deserialize_str(KeyVisitor)
     }
 }
 
@@ -346,6 +421,26 @@ mod tests {
             &["5"],
         );
         check(&["c=user:u"], "c", r#"{"u":7}"#, false, &["7"]);
+        // Only the routed fields are read, as a parse into a map would: keys
+        // unescaped, the last of a repeated key, nested keys not top-level,
+        // and nothing from a payload that is not one JSON object.
+        check(&["c=user:u"], "c", r#"{"\u0075":7}"#, false, &["7"]);
+        check(&["c=user:u"], "c", r#"{"u":7,"u":8}"#, false, &["8"]);
+        check(
+            &["c=user:u"],
+            "c",
+            r#"{"x":{"u":7},"y":[{"u":9}]}"#,
+            false,
+            &[],
+        );
+        check(&["c=user:u"], "c", r#"[{"u":7}]"#, false, &[]);
+        check(
+            &["c=user:u,user:v"],
+            "c",
+            r#"{"v":"a\"b","u":7}"#,
+            false,
+            &["7", "a\"b"],
+        );
         check(&["c=dashboard"], "c", r#"{"u":7}"#, true, &[]);
     }
 
