@@ -285,30 +285,20 @@ fn main() -> ExitCode {
         };
         let shutdown = server.stop().await;
         match outcome {
-            Ok(Done::Storm(report)) => {
-                if args.json {
-                    println!("{}", report.json(&args));
-                } else {
-                    print!("{}", report.table(&args));
-                }
-                if report.passed() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                }
-            }
+            Ok(Done::Storm(report)) => conclude(
+                &args,
+                report.json(&args),
+                report.table(&args),
+                report.passed(),
+            ),
             Ok(Done::Deliveries(mut report)) => {
                 report.pgrelay_shutdown = shutdown;
-                if args.json {
-                    println!("{}", report.json(&args));
-                } else {
-                    print!("{}", report.table(&args));
-                }
-                if report.passed() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                }
+                conclude(
+                    &args,
+                    report.json(&args),
+                    report.table(&args),
+                    report.passed(),
+                )
             }
             Err(e) => {
                 eprintln!("pgrelay-bench: error: {e}");
@@ -316,6 +306,21 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Prints a scenario's report (JSON with --json, else the table); exit 0 when
+/// it passed, 1 when it did not.
+fn conclude(args: &Args, json: String, table: String, passed: bool) -> ExitCode {
+    if args.json {
+        println!("{json}");
+    } else {
+        print!("{table}");
+    }
+    if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// What a scenario measured.
@@ -868,7 +873,7 @@ async fn client(spec: ClientSpec, ctx: Arc<Ctx>) -> ClientReport {
         let outcome = tokio::select! {
             biased;
             _ = ctx.stop.cancelled() => Outcome::Stop,
-            outcome = read_loop(&mut ws, &mut report, &ctx) => outcome,
+            outcome = read_loop(&mut ws, |text| report.on_text(text, &ctx)) => outcome,
         };
         match outcome {
             Outcome::Stop => {
@@ -915,10 +920,12 @@ async fn client(spec: ClientSpec, ctx: Arc<Ctx>) -> ClientReport {
     }
 }
 
-async fn read_loop(ws: &mut Ws, report: &mut ClientReport, ctx: &Ctx) -> Outcome {
+/// Reads frames until the socket ends, handing each text frame to `on_text`
+/// and answering pings.
+async fn read_loop(ws: &mut Ws, mut on_text: impl FnMut(&[u8])) -> Outcome {
     while let Some(message) = ws.next().await {
         match message {
-            Ok(Message::Text(text)) => report.on_text(text.as_bytes(), ctx),
+            Ok(Message::Text(text)) => on_text(text.as_bytes()),
             // tungstenite queued the pong: send it.
             Ok(Message::Ping(_)) => {
                 if let Err(e) = ws.flush().await {

@@ -165,6 +165,20 @@ impl TestDb {
         insert_business(&self.client().await, owner, name).await
     }
 
+    /// Inserts a business with a description (large rows) and returns its id.
+    pub async fn business_described(&self, owner: i64, name: &str, description: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(
+                "INSERT INTO businesses (owner_id, name, description) VALUES ($1, $2, $3) \
+                 RETURNING id",
+                &[&owner, &name, &description],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("insert a {}-byte description: {e}", description.len()))
+            .get(0)
+    }
+
     /// Inserts a reservation and returns its id.
     pub async fn reservation(&self, business: i64, customer: i64) -> i64 {
         self.client()

@@ -342,17 +342,7 @@ async fn notify_payload_is_the_event_id_alone_and_a_large_row_arrives_whole() {
     let (_listening, mut notifications) = listen(&db.url, "business_events").await;
 
     let description = "x".repeat(20_000);
-    let id: i64 = db
-        .client()
-        .await
-        .query_one(
-            "INSERT INTO businesses (owner_id, name, description) VALUES (2, 'Big', $1) \
-             RETURNING id",
-            &[&description],
-        )
-        .await
-        .expect("a large row must not make the INSERT fail")
-        .get(0);
+    let id = db.business_described(2, "Big", &description).await;
 
     // What went over NOTIFY was the event id, nothing of the row.
     let payload = tokio::time::timeout(WAIT, notifications.recv())

@@ -30,8 +30,9 @@ use tokio::sync::watch;
 
 use super::{
     all_connected, compare, connect, connect_db, delivered_total, first_connect, http_get, lock,
-    machine_busy_s, parse_int, proc_sample, random_u64, splitmix, writer, Args, ClientReport,
-    ClientSpec, Ctx, Expected, Outcome, Scenario, Schedule, Server, WriterCounts, Ws, EVENT_PREFIX,
+    machine_busy_s, parse_int, proc_sample, random_u64, read_loop, splitmix, writer, Args,
+    ClientReport, ClientSpec, Ctx, Expected, Outcome, Scenario, Schedule, Server, WriterCounts, Ws,
+    EVENT_PREFIX,
 };
 use super::{
     AtomicU64, AtomicUsize, CloseCode, CloseFrame, Duration, Instant, Message, Relaxed, SinkExt,
@@ -950,32 +951,6 @@ impl Catch {
     }
 }
 
-async fn storm_read(
-    ws: &mut Ws,
-    report: &mut ClientReport,
-    ctx: &Ctx,
-    catch: &mut Catch,
-    storm: &Storm,
-) -> Outcome {
-    while let Some(message) = ws.next().await {
-        match message {
-            Ok(Message::Text(text)) => {
-                report.on_text(text.as_bytes(), ctx);
-                catch.note(report, storm);
-            }
-            Ok(Message::Ping(_)) => {
-                if let Err(e) = ws.flush().await {
-                    return Outcome::Failed(e.to_string());
-                }
-            }
-            Ok(Message::Close(frame)) => return Outcome::Closed(frame.map(|f| u16::from(f.code))),
-            Ok(_) => {}
-            Err(e) => return Outcome::Failed(e.to_string()),
-        }
-    }
-    Outcome::Failed("connection closed without a close frame".into())
-}
-
 async fn storm_client(
     spec: ClientSpec,
     ctx: Arc<Ctx>,
@@ -1010,7 +985,10 @@ async fn storm_client(
         let outcome = tokio::select! {
             biased;
             _ = ctx.stop.cancelled() => Outcome::Stop,
-            outcome = storm_read(&mut ws, &mut out.base, &ctx, &mut catch, &storm) => outcome,
+            outcome = read_loop(&mut ws, |text| {
+                out.base.on_text(text, &ctx);
+                catch.note(&out.base, &storm);
+            }) => outcome,
         };
         match outcome {
             Outcome::Stop => {
