@@ -61,11 +61,14 @@ impl Default for Limits {
             // (they cap one cookie at 4 KiB); nginx's default buffers stop at
             // 8 KiB per header line. 16 KiB passes a browser with big cookies
             // and a subprotocol token, and costs 1024 pending connections at
-            // most 16 MiB.
+            // most 24 MiB (each may buffer the cap plus hyper's 8 KiB step).
             max_header_bytes: 16 * 1024,
         }
     }
 }
+
+/// Longest the door waits for `--admin-query`: a failure never admits.
+pub const ADMIN_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which cap refused a place.
 #[derive(Debug, PartialEq)]
@@ -199,12 +202,10 @@ impl AdminLookup {
                 return Ok(*admin);
             }
         }
-        let admin = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.db.admin_query(&self.query, user),
-        )
-        .await
-        .map_err(|_| DbError::Timeout("admin query"))??;
+        let admin =
+            tokio::time::timeout(ADMIN_QUERY_TIMEOUT, self.db.admin_query(&self.query, user))
+                .await
+                .map_err(|_| DbError::Timeout("admin query"))??;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         // Bounded: forget everything rather than grow without limit.
         if cache.len() >= 100_000 {

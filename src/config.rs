@@ -354,6 +354,8 @@ pub enum ConfigError {
     TwoKeys,
     #[error("--jwt-secret: empty secret")]
     EmptySecret,
+    #[error("--jwt-secret: \"(redacted)\" is what --print-config prints in place of the secret: give the secret itself")]
+    RedactedSecret,
     #[error("--{} {value:?}: {reason}", flag.replace('_', "-"))]
     Value {
         /// The flag, or its option's field name (underscores for dashes).
@@ -477,6 +479,30 @@ fn connection(flag: &'static str, url: &str) -> Result<Target, ConfigError> {
     Target::from_str(url).map_err(|source| ConfigError::Database { flag, source })
 }
 
+/// What `--print-config` prints in place of an HS256 secret.
+const REDACTED: &str = "(redacted)";
+
+/// A duration within `range`, else a one-line error naming the option.
+fn within(
+    option: &'static str,
+    value: Duration,
+    range: std::ops::RangeInclusive<Duration>,
+) -> Result<Duration, ConfigError> {
+    if range.contains(&value) {
+        return Ok(value);
+    }
+    let show = |d: &Duration| humantime::format_duration(*d).to_string();
+    Err(ConfigError::Value {
+        flag: option,
+        value: show(&value),
+        reason: format!(
+            "must be from {} to {}",
+            show(range.start()),
+            show(range.end())
+        ),
+    })
+}
+
 /// A count from 1 to [`MAX_COUNT`] (queues are allocated up front, and a
 /// huge one would abort the process, not fail with a message).
 fn positive(
@@ -543,6 +569,11 @@ impl ServeArgs {
             (Some(secret), None, None) if secret.is_empty() => {
                 return Err(ConfigError::EmptySecret)
             }
+            // What --print-config shows in its place: a printed config saved
+            // as a file must not start a relay whose every token fails.
+            (Some(secret), None, None) if secret == REDACTED => {
+                return Err(ConfigError::RedactedSecret)
+            }
             (Some(secret), None, None) => KeySource::Secret(secret),
             (None, Some(path), None) => KeySource::SecretFile(path),
             (None, None, Some(path)) => KeySource::PublicKeyFile(path),
@@ -563,18 +594,19 @@ impl ServeArgs {
             key,
             issuer: o.jwt_issuer,
             audience: o.jwt_audience,
-            leeway: o.jwt_leeway.unwrap_or(Duration::ZERO),
+            leeway: within(
+                "jwt_leeway",
+                o.jwt_leeway.unwrap_or(Duration::ZERO),
+                Duration::ZERO..=Duration::from_secs(3600),
+            )?,
             admin_claims,
         };
         let routes = Routes::parse(&o.route)?;
-        let retention = o.retention.unwrap_or(DEFAULT_RETENTION);
-        if retention < Duration::from_secs(60) {
-            return Err(ConfigError::Value {
-                flag: "retention",
-                value: humantime::format_duration(retention).to_string(),
-                reason: "must be at least 1m".into(),
-            });
-        }
+        let retention = within(
+            "retention",
+            o.retention.unwrap_or(DEFAULT_RETENTION),
+            Duration::from_secs(60)..=Duration::from_secs(366 * 24 * 3600),
+        )?;
         // A count, checked and reported under its option's own name.
         macro_rules! count {
             ($option:ident, $default:expr) => {
@@ -590,7 +622,11 @@ impl ServeArgs {
         let limits = Limits {
             max_connections: count!(max_connections, defaults.max_connections),
             max_per_user: count!(max_sockets_per_user, defaults.max_per_user),
-            handshake_timeout: o.handshake_timeout.unwrap_or(defaults.handshake_timeout),
+            handshake_timeout: within(
+                "handshake_timeout",
+                o.handshake_timeout.unwrap_or(defaults.handshake_timeout),
+                Duration::from_millis(100)..=Duration::from_secs(300),
+            )?,
             max_client_message: count!(max_client_message, defaults.max_client_message),
             client_messages_per_second: positive(
                 "client_rate",
@@ -614,7 +650,11 @@ impl ServeArgs {
         Ok(ServeConfig {
             allowed_origins: o.allowed_origin,
             admin_query,
-            admin_cache: o.admin_cache.unwrap_or(DEFAULT_ADMIN_CACHE),
+            admin_cache: within(
+                "admin_cache",
+                o.admin_cache.unwrap_or(DEFAULT_ADMIN_CACHE),
+                Duration::ZERO..=Duration::from_secs(3600),
+            )?,
             limits,
             demo_api: false,
             database,
@@ -637,7 +677,7 @@ impl ServeConfig {
     fn options(&self) -> ServeOptions {
         let (mut jwt_secret, mut jwt_secret_file, mut jwt_public_key) = (None, None, None);
         match &self.auth.key {
-            KeySource::Secret(_) => jwt_secret = Some("(redacted)".to_owned()),
+            KeySource::Secret(_) => jwt_secret = Some(REDACTED.to_owned()),
             KeySource::SecretFile(path) => jwt_secret_file = Some(path.clone()),
             KeySource::PublicKeyFile(path) => jwt_public_key = Some(path.clone()),
         }
@@ -833,6 +873,7 @@ mod tests {
         assert!(!printed.contains("pw"), "a password is printed:\n{printed}");
         let as_file: String = (printed.lines())
             .filter(|l| !l.starts_with("database = ") && !l.starts_with("listen_database = "))
+            .map(|l| l.replace(REDACTED, "the-secret"))
             .map(|l| format!("{l}\n"))
             .collect();
         let options: ServeOptions = toml::from_str(&as_file).expect("printed config parses");

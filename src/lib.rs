@@ -225,6 +225,7 @@ impl Relay {
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
             ping_interval,
+            lingering: Arc::new(tokio::sync::Semaphore::new(server::MAX_LINGERING)),
             leeway: config.auth.leeway,
             demo_api: config.demo_api,
         });

@@ -47,7 +47,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::admission::{client_key, origin_allowed, Limits, NoSlot, Pending};
+use crate::admission::{client_key, origin_allowed, Limits, NoSlot, Pending, ADMIN_QUERY_TIMEOUT};
 use crate::auth::presented_token;
 use crate::coalesce::Coalesce;
 use crate::db::DemoAction;
@@ -113,7 +113,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 };
                 shared.metrics.refused(reason);
                 tracing::debug!(client.addr = %addr, status = status.as_u16(), why, "refused");
-                shared.tracker.spawn(refuse_raw(stream, status, why));
+                // The answer lingers for a bounded few at a time; past that a
+                // refused connection is just closed, so a flood of refusals
+                // cannot take the file descriptors the caps protect.
+                if let Ok(linger) = Arc::clone(&shared.lingering).try_acquire_owned() {
+                    shared.tracker.spawn(async move {
+                        refuse_raw(stream, status, why).await;
+                        drop(linger);
+                    });
+                }
                 continue;
             }
         };
@@ -145,7 +153,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
                 tokio::pin!(conn);
+                // A connection keeps its pending place until it upgrades, and
+                // hyper restarts the header timer on every keep-alive request:
+                // a client pinging /healthz would hold its place for ever.
+                // Past the time an honest handshake needs (headers, then the
+                // admin query), it is closed.
+                let pending = tokio::time::sleep(
+                    limits.handshake_timeout + ADMIN_QUERY_TIMEOUT + Duration::from_secs(1),
+                );
                 tokio::select! {
+                    _ = pending => {
+                        tracing::debug!("not upgraded in time: closing");
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                    }
                     result = conn.as_mut() => {
                         if let Err(e) = result {
                             if e.is_parse_too_large() {
@@ -165,6 +186,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         );
     }
 }
+
+/// Refused connections drained at once at most (each holds a descriptor for
+/// up to [`REFUSAL_LINGER`]).
+pub const MAX_LINGERING: usize = 256;
 
 /// How long a refused connection is drained after its answer, so that the
 /// request it may still be sending does not reset the connection (a reset can

@@ -39,6 +39,9 @@ pub struct Shared {
     pub tracker: TaskTracker,
     pub ping_interval: Duration,
     pub leeway: Duration,
+    /// Refused connections whose one-line answer is still draining (see
+    /// `server`); more are closed without one.
+    pub lingering: Arc<tokio::sync::Semaphore>,
     /// `pgrelay demo` only: the buttons' endpoints under `/demo/`.
     pub demo_api: bool,
 }

@@ -274,3 +274,45 @@ async fn metrics_answer_text_004_unless_openmetrics_is_asked_for() {
         "{body}"
     );
 }
+
+/// hyper restarts its header timer on every keep-alive request, so a client
+/// asking for /healthz every few hundred milliseconds would keep its pending
+/// place for ever; past the handshake timeout plus the admin query's, it is
+/// closed, and its place freed.
+#[tokio::test]
+async fn keep_alive_requests_do_not_hold_a_pending_place_for_ever() {
+    let db = TestDb::demo("pending_keepalive").await;
+    let relay = TestRelay::start_with(&db, |c| {
+        c.limits.handshake_timeout = Duration::from_millis(500);
+        c.limits.max_pending_per_ip = 1;
+    })
+    .await;
+    let addr = relay.relay.addr();
+    let mut holder = connect_from(addr, 11).await;
+    let began = tokio::time::Instant::now();
+    let mut served = 0;
+    let closed = loop {
+        let request = b"GET /healthz HTTP/1.1\r\nHost: pgrelay\r\n\r\n";
+        if holder.write_all(request).await.is_err() {
+            break true;
+        }
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_secs(2), holder.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => served += 1,
+            Err(_) => panic!("no answer to a keep-alive /healthz"),
+        }
+        assert!(began.elapsed() < WAIT, "the connection was never closed");
+        tokio::time::sleep(Duration::from_millis(200)).await; // the client's pace, not a wait
+    };
+    assert!(closed);
+    assert!(served >= 2, "keep-alive was served {served} times");
+    // 0.5 s + 5 s + 1 s, then at most 2 s of graceful close.
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    // Its place is free again: the same address is served.
+    assert!(served_from(addr, 11).await);
+}

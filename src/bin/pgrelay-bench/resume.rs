@@ -520,11 +520,12 @@ impl Load {
 
     fn line(&self) -> String {
         format!(
-            "load1 {:.2} before; over {:.1} s the machine was {:.0}% busy (of 200%): \
+            "load1 {:.2} before; over {:.1} s the machine was {:.0}% busy (of {}%): \
              pgrelay {:.0}%, PostgreSQL {:.0}%, bench {:.0}%, others {:.0}%",
             self.load1_before,
             self.seconds,
             self.machine_pct,
+            100 * std::thread::available_parallelism().map_or(1, |n| n.get()),
             self.pgrelay_pct,
             self.postgres_pct,
             self.bench_pct,
