@@ -23,14 +23,14 @@ CREATE INDEX IF NOT EXISTS events_created_at_idx ON pgrelay.events (created_at);
 -- rows. Each capture adds its entries under the commit-order lock, so they
 -- go to the index's pending list (fastupdate: one append, not a tree insert
 -- per key), kept small (256 kB) so that the capture which flushes it, or
--- autovacuum, does little at a time. Built here while the log is small;
+-- autovacuum, does little at a time. Built here while the log is small (under 32 MiB);
 -- on a large log (an upgrade) `pgrelay install` builds it CONCURRENTLY after
 -- this transaction instead, so the application's writes are never blocked
 -- for the length of a build.
 DO $index$
 BEGIN
     IF to_regclass('pgrelay.events_payload_idx') IS NULL
-       AND (SELECT reltuples FROM pg_class WHERE oid = 'pgrelay.events'::regclass) < 100000 THEN
+       AND pg_relation_size('pgrelay.events') < 32 * 1024 * 1024 THEN
         CREATE INDEX events_payload_idx ON pgrelay.events
             USING gin (payload jsonb_path_ops) WITH (fastupdate = on, gin_pending_list_limit = 256);
     END IF;

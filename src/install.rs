@@ -364,21 +364,26 @@ async fn payload_index(client: &tokio_postgres::Client) -> Result<(), InstallErr
         .await
         .and_then(|row| row.try_get(0))
         .map_err(sql_error("the replay index"))?;
-    let build = match valid {
+    // One statement per call: a multi-statement batch runs as one implicit
+    // transaction, and CONCURRENTLY cannot run inside one.
+    let mut statements = vec!["SET lock_timeout = '30s'"];
+    match valid {
         Some(true) => return Ok(()),
-        Some(false) => "DROP INDEX CONCURRENTLY pgrelay.events_payload_idx; ",
-        None => "",
-    };
-    client
-        .batch_execute(&format!(
-            "SET lock_timeout = '30s'; {build}\
-             CREATE INDEX CONCURRENTLY events_payload_idx ON pgrelay.events \
-             USING gin (payload jsonb_path_ops) \
-             WITH (fastupdate = on, gin_pending_list_limit = 256); \
-             RESET lock_timeout;"
-        ))
-        .await
-        .map_err(sql_error("the replay index"))
+        Some(false) => statements.push("DROP INDEX CONCURRENTLY pgrelay.events_payload_idx"),
+        None => {}
+    }
+    statements.push(
+        "CREATE INDEX CONCURRENTLY events_payload_idx ON pgrelay.events \
+         USING gin (payload jsonb_path_ops) WITH (fastupdate = on, gin_pending_list_limit = 256)",
+    );
+    statements.push("RESET lock_timeout");
+    for statement in statements {
+        client
+            .batch_execute(statement)
+            .await
+            .map_err(sql_error("the replay index"))?;
+    }
+    Ok(())
 }
 
 /// Creates the owner role if it does not exist (NOLOGIN, nothing granted),

@@ -318,3 +318,38 @@ async fn mixed_case_channel_is_listened_to_exactly_as_written() {
     assert_eq!(event["data"]["buyerId"], "9");
     assert_eq!(buyer.event().await, event);
 }
+
+/// On a log too large to index inside the install transaction (an upgrade),
+/// install builds the replay index CONCURRENTLY afterwards: it ends up valid,
+/// and a second install leaves it alone.
+#[tokio::test]
+async fn a_large_log_gets_its_replay_index_built_concurrently() {
+    let db = TestDb::demo("install_big_log").await;
+    db.exec(
+        "DROP INDEX pgrelay.events_payload_idx; \
+         INSERT INTO pgrelay.events (id, channel, table_name, op, payload) \
+         SELECT nextval('pgrelay.events_id_seq'), 'business_events', 'businesses', 'INSERT', \
+                jsonb_build_object('id', g, 'owner_id', g % 100, 'pad', repeat('p', 300)) \
+         FROM generate_series(1, 120000) g;",
+    )
+    .await;
+    let size = db
+        .value::<i64>("SELECT pg_relation_size('pgrelay.events')")
+        .await;
+    assert!(
+        size > 32 << 20,
+        "the log is only {size} bytes: not the large path"
+    );
+    for _ in 0..2 {
+        install(&install_config(&db, true, &[]))
+            .await
+            .expect("install on a large log");
+        let valid = db
+            .value::<bool>(
+                "SELECT coalesce((SELECT indisvalid FROM pg_index \
+                 WHERE indexrelid = to_regclass('pgrelay.events_payload_idx')), false)",
+            )
+            .await;
+        assert!(valid, "no valid replay index after install");
+    }
+}
