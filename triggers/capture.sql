@@ -61,7 +61,18 @@ REVOKE ALL ON FUNCTION pgrelay.emit(text, text, text, jsonb) FROM PUBLIC;
 -- to_jsonb for built-in types (and domains over them: to_jsonb looks through
 -- domains), the type's output function as a JSON string for anything else
 -- (enums, composites, arrays of those, extension types), where to_jsonb
--- would use a cast to json that the type's owner may have written.
+-- would use a cast to json that the type's owner may have written. The type
+-- is checked again on every row (pg_typeof): a table's owner may change a
+-- column's type after install, and a column that is no longer the built-in
+-- type it was goes out as text too.
+-- SQL for `p_expr` as a JSON string through its type's output function
+-- (format's %s), JSON null for NULL: never a cast.
+CREATE OR REPLACE FUNCTION pgrelay.text_jsonb_sql(p_expr text)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE
+AS $$ SELECT format('CASE WHEN num_nulls(%1$s) = 0 THEN to_jsonb(format(''%%s'', %1$s)) END', p_expr) $$;
+
 CREATE OR REPLACE FUNCTION pgrelay.jsonb_sql(p_expr text, p_type oid)
 RETURNS text
 LANGUAGE sql
@@ -71,8 +82,9 @@ AS $$
     SELECT CASE
         WHEN (SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
               FROM pg_type t WHERE t.oid = p_type) < 16384
-        THEN format('to_jsonb(%s)', p_expr)
-        ELSE format('CASE WHEN num_nulls(%1$s) = 0 THEN to_jsonb(format(''%%s'', %1$s)) END', p_expr)
+        THEN format('CASE WHEN pg_typeof(%1$s) = %2$L::regtype THEN to_jsonb(%1$s) ELSE %3$s END',
+                    p_expr, p_type::regtype::text, pgrelay.text_jsonb_sql(p_expr))
+        ELSE pgrelay.text_jsonb_sql(p_expr)
     END
 $$;
 
@@ -175,7 +187,7 @@ BEGIN
             RAISE EXCEPTION 'enrichment field "%" is already a column of the payload', p_enrich_fields[i];
         END IF;
         SELECT c.confrelid::regclass AS target, a.attname AS via, a.atttypid AS via_type,
-               ka.attname AS key, ka.atttypid AS key_type
+               ka.attname AS key, ka.atttypid AS key_type, ka.attnum AS key_num
           INTO v_fk
           FROM pg_constraint c
           JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
@@ -199,8 +211,15 @@ BEGIN
             RAISE EXCEPTION 'foreign key "%" of % must be of a built-in type to be followed', p_enrich_via[i], p_table;
         END IF;
         v_fields := v_fields || p_enrich_fields[i];
-        v_pairs := v_pairs || format('%L, (SELECT %s FROM %s t WHERE t.%I = r.%I)',
-            p_enrich_fields[i], pgrelay.jsonb_sql(format('t.%I', v_target.attname), v_target.atttypid),
+        -- Both sides are checked on every row, before `=` is planned or run:
+        -- either table's owner may change the key's type after install.
+        v_pairs := v_pairs || format(
+            '%L, CASE WHEN pg_typeof(r.%I) = %L::regtype AND (SELECT a.atttypid FROM pg_attribute a '
+            'WHERE a.attrelid = %s AND a.attnum = %s) = %L::regtype '
+            'THEN (SELECT %s FROM %s t WHERE t.%I = r.%I) END',
+            p_enrich_fields[i], v_fk.via, v_fk.via_type::regtype::text,
+            v_fk.target::oid, v_fk.key_num, v_fk.key_type::regtype::text,
+            pgrelay.jsonb_sql(format('t.%I', v_target.attname), v_target.atttypid),
             v_fk.target, v_fk.key, v_fk.via);
         -- The owner role reads exactly the key and that column, nothing more.
         EXECUTE format('GRANT SELECT (%I, %I) ON %s TO %I', v_fk.key, v_target.attname, v_fk.target, v_owner);

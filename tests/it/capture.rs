@@ -460,7 +460,7 @@ async fn table_owner_with_a_json_cast_runs_nothing_with_capture_rights() {
                  CREATE CAST (mood AS json) WITH FUNCTION evil(mood); \
                  CREATE CAST (mood AS jsonb) WITH FUNCTION evilb(mood); \
                  CREATE TABLE public.things (id serial PRIMARY KEY, feeling mood, \
-                   feelings mood[]);",
+                   feelings mood[], later text);",
             )
             .await
             .expect("mallory sets up her table");
@@ -481,7 +481,21 @@ async fn table_owner_with_a_json_cast_runs_nothing_with_capture_rights() {
             .batch_execute("INSERT INTO things (feeling, feelings) VALUES ('happy', '{sad,happy}')")
             .await
             .expect("mallory writes her own table");
-        let event = dashboard.event().await;
+        let first = dashboard.event().await;
+        // After install, she turns a text column into her type: the capture
+        // function generated for `text` must not hand it to to_jsonb now.
+        // (A new session: PL/pgSQL refuses to reuse a plan whose parameter
+        // changed type in the session that planned it.)
+        mallory
+            .batch_execute("ALTER TABLE things ALTER COLUMN later TYPE mood USING later::mood")
+            .await
+            .expect("mallory changes her column's type");
+        connect(url)
+            .await
+            .batch_execute("INSERT INTO things (feeling, later) VALUES ('sad', 'happy')")
+            .await
+            .expect("mallory writes again");
+        let after_alter = dashboard.event().await;
         let superuser: bool = mallory
             .query_one(
                 "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
@@ -490,13 +504,15 @@ async fn table_owner_with_a_json_cast_runs_nothing_with_capture_rights() {
             .await
             .expect("rolsuper")
             .get(0);
-        (event, superuser)
+        (first, after_alter, superuser)
     })
     .await;
-    let (event, superuser) = result;
-    // The enum went out through its output function, not mallory's cast.
+    let (event, after_alter, superuser) = result;
+    // The enum went out through its output function, not mallory's cast,
+    // and so did the column whose type she changed after install.
     assert_eq!(event["data"]["feeling"], "happy", "{event}");
     assert_eq!(event["data"]["feelings"], "{sad,happy}", "{event}");
+    assert_eq!(after_alter["data"]["later"], "happy", "{after_alter}");
     assert!(!superuser, "the table owner became a superuser");
     let probes = db.value::<i64>("SELECT count(*) FROM public.pwned").await;
     assert_eq!(
