@@ -802,3 +802,52 @@ async fn oversized_row_written_into_the_log_by_hand_is_delivered_as_a_stub() {
     );
     assert_eq!(dashboard.event().await["data"]["id"], next);
 }
+
+/// The README's grants for `serve`'s login, and nothing else: it relays,
+/// replays and prunes, and it cannot touch the capture functions.
+#[tokio::test]
+async fn a_serve_role_with_only_these_grants_relays_and_prunes() {
+    let db = TestDb::demo("capture_serve_grants").await;
+    let role = format!("{}_serve", db.name);
+    let grants = format!(
+        "GRANT USAGE ON SCHEMA pgrelay TO \"{role}\"; \
+         GRANT SELECT, DELETE ON pgrelay.events TO \"{role}\"; \
+         GRANT SELECT, UPDATE ON pgrelay.meta TO \"{role}\"; \
+         GRANT UPDATE ON pgrelay.prune_lock TO \"{role}\";"
+    );
+    let (event, pruned, replace) = as_role(&db, &role, &grants, async |url: &str| {
+        let relay = TestRelay::start_with(&db, |config| {
+            config.database = url.parse().expect("serve url");
+        })
+        .await;
+        let mut dashboard = relay.dashboard().await;
+        let id = db.business(2, "Served").await;
+        let event = dashboard.event().await;
+        assert_eq!(event["data"]["id"], id);
+        let serve = connect(url).await;
+        let pruned = serve
+            .query_one("SELECT pgrelay.prune('1 hour', 10)", &[])
+            .await
+            .map(|row| row.get::<_, i32>(0));
+        let function = db
+            .value::<String>(
+                "SELECT p.oid::regprocedure::text FROM pg_proc p \
+                 WHERE p.proname LIKE 'capture\\_%' LIMIT 1",
+            )
+            .await;
+        let replace = serve
+            .batch_execute(&format!("ALTER FUNCTION {function} SECURITY INVOKER"))
+            .await;
+        (event, pruned, replace)
+    })
+    .await;
+    assert_eq!(event["table"], "businesses");
+    let pruned = pruned.unwrap_or_else(|e| panic!("prune as the serve role: {}", db_message(&e)));
+    assert!(pruned >= 0, "{pruned}");
+    let err = replace.expect_err("the serve role altered a capture function");
+    assert!(
+        db_message(&err).contains("must be owner"),
+        "{}",
+        db_message(&err)
+    );
+}
