@@ -6,9 +6,9 @@
 //! Privileges: the `pgrelay` schema and everything in it, the SECURITY
 //! DEFINER capture functions included, belong to a dedicated owner role
 //! (`--owner`, created NOLOGIN if missing), never to the installer: install
-//! refuses an owner that is a superuser, can log in, or bypasses row-level
-//! security. The schema files run as that role; only what needs the
-//! installer's rights (creating the schema for it, triggers on the watched
+//! refuses an owner that is a superuser, can log in, create roles or
+//! databases, bypasses row-level security, or is a member of another role.
+//! The schema files run as that role; only what needs the installer's rights (creating the schema for it, triggers on the watched
 //! tables, a column grant for each enrichment) runs as the installer.
 //!
 //! Watched tables are described by [`WatchSpec`] (`--watch`), parsed here and
@@ -399,7 +399,9 @@ async fn ensure_owner(
     };
     let found = tx
         .query_opt(
-            "SELECT rolsuper, rolcanlogin, rolbypassrls FROM pg_roles WHERE rolname = $1",
+            "SELECT rolsuper, rolcanlogin, rolbypassrls, rolcreaterole OR rolcreatedb, \
+                    EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid) \
+             FROM pg_roles r WHERE rolname = $1",
             &[&role],
         )
         .await
@@ -447,6 +449,14 @@ async fn ensure_owner(
             }
             if flag(2)? {
                 return Err(refuse("bypasses row-level security"));
+            }
+            if flag(3)? {
+                return Err(refuse("can create roles or databases"));
+            }
+            // Whatever the owner role may do, capture code may do: it must
+            // hold no other role's rights (pg_read_all_data, say).
+            if flag(4)? {
+                return Err(refuse("is a member of another role"));
             }
         }
     }

@@ -353,3 +353,34 @@ async fn a_large_log_gets_its_replay_index_built_concurrently() {
         assert!(valid, "no valid replay index after install");
     }
 }
+
+/// An existing owner role with rights capture must not run with is refused
+/// in one line, and nothing is installed.
+#[tokio::test]
+async fn an_owner_role_with_wide_rights_is_refused() {
+    let db = TestDb::empty("install_wide_owner").await;
+    let role = format!("{}_wide", db.name);
+    for (setup, expected) in [
+        ("NOLOGIN CREATEDB", "can create roles or databases"),
+        (
+            "NOLOGIN IN ROLE pg_read_all_data",
+            "is a member of another role",
+        ),
+        ("LOGIN", "can log in"),
+    ] {
+        db.exec(&format!("CREATE ROLE \"{role}\" {setup}")).await;
+        let result = install(&InstallConfig {
+            owner: role.clone(),
+            ..InstallConfig::new(db.config())
+        })
+        .await;
+        db.exec(&format!("DROP ROLE \"{role}\"")).await;
+        let err = result.expect_err(setup).to_string();
+        assert!(err.contains(expected), "{setup}: {err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+    let schema = db
+        .value::<i64>("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgrelay'")
+        .await;
+    assert_eq!(schema, 0);
+}
