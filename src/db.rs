@@ -5,7 +5,9 @@
 //! [`LogReader`] is the one reader of the log: pages of events above a
 //! [`Cursor`], up to a bound, with one stop rule. Where its reads go is the
 //! caller's choice of [`Source`]: the listener's catch-up and wake-up reads
-//! on its own LISTEN connection (pages of 1,000, unbounded), replays through
+//! on its own LISTEN connection (pages of 1,000, unbounded, a 10 s deadline
+//! kept by pgrelay: a session setting there could leak through a transaction
+//! pooler to other clients), replays through
 //! the pool under the statement timeout (pages of 500 over windows of
 //! [`REPLAY_WINDOW`] ids, a user's stream filtered in SQL).
 //!

@@ -8,8 +8,9 @@
 //! (`--owner`, created NOLOGIN if missing), never to the installer: install
 //! refuses an owner that is a superuser, can log in, create roles or
 //! databases, bypasses row-level security, or is a member of another role.
-//! The schema files run as that role; only what needs the installer's rights (creating the schema for it, triggers on the watched
-//! tables, a column grant for each enrichment) runs as the installer.
+//! The schema files run as that role; only what needs the installer's rights
+//! (creating the schema for it, triggers on the watched tables, a column grant
+//! for each enrichment) runs as the installer.
 //!
 //! Watched tables are described by [`WatchSpec`] (`--watch`), parsed here and
 //! turned into `pgrelay.watch(...)` calls, which validate them against the

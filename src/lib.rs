@@ -20,7 +20,8 @@
 //! pure), `config` (flags, env, TOML -> typed config), `pgconn` (a database
 //! target: settings + sslmode/sslrootcert, the one `connect`), `db` (the read
 //! pool, its reads of the log under a server-side statement timeout, and
-//! `LogReader`, the one paging read of the log for the listener and replays), `replays` (caps
+//! `LogReader`, the one paging read of the log for the listener (on its own
+//! connection, bounded by a client-side timeout only) and replays), `replays` (caps
 //! on replays running at once), `admission` (origin, socket and pre-auth
 //! caps, admin query), `install` (embedded SQL, `--watch` specs), `retention`
 //! (pruning), `metrics`, `coalesce` (one write per batch of frames), `tail`,

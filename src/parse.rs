@@ -40,14 +40,17 @@ pub enum ParseError {
 /// Decodes a NOTIFY payload: the id of the event that woke us, as decimal
 /// text. Anything else was not sent by a capture trigger.
 pub fn parse_wakeup(payload: &str) -> Result<i64, ParseError> {
-    if payload.is_empty() || !payload.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ParseError::NotAnId);
-    }
-    let id: i64 = payload.parse().map_err(|_| ParseError::NotAnId)?;
-    // Canonical only ("007" is not what a trigger sends).
-    if id.to_string() != payload {
-        return Err(ParseError::NotAnId);
-    }
+    // Digits in canonical form only ("007", "+7" are not what a trigger sends).
+    let canonical = match payload.as_bytes() {
+        [] => false,
+        [b'0', _, ..] => false,
+        digits => digits.iter().all(u8::is_ascii_digit),
+    };
+    let id: i64 = payload
+        .parse()
+        .ok()
+        .filter(|_| canonical)
+        .ok_or(ParseError::NotAnId)?;
     if id <= 0 {
         return Err(ParseError::BadId(id));
     }

@@ -2,8 +2,9 @@
 //!
 //! Pure: no I/O. A route is `CHANNEL=AUDIENCE[,AUDIENCE...]`, an audience is
 //! `dashboard` or `user:FIELD`, FIELD a top-level key of the row payload whose
-//! value (number or string) is a user id. User ids are compared as text, so `42`
-//! and `"42"` are the same user. The same [`Routes::route`] decides live
+//! value names a user by [`user_id`]'s rule: a non-empty string, or an integer
+//! exactly as written; compared as text, so `42` and `"42"` are the same user,
+//! and `2.50` names nobody. The same [`Routes::route`] decides live
 //! delivery and replay, so a resumed socket sees exactly what a live one would.
 
 use std::borrow::Cow;

@@ -404,24 +404,20 @@ async fn replay(
         return Ok(upto);
     }
     let dashboard = *endpoint == Endpoint::Dashboard;
-    let channels = shared.routes.dashboard_channels();
-    let user_filter = shared.routes.user_filter(user);
-    let visible = |event: &Event| {
-        let targets = shared.routes.route(event);
-        if dashboard {
-            targets.dashboard
-        } else {
-            targets.users.iter().any(|u| u == user)
-        }
-    };
+    // The dashboard's pages hold only dashboard channels, which is all the
+    // router would check; a user's are filtered in SQL (only their rows leave
+    // the database) and again by the router, the rule live delivery follows.
+    let visible =
+        |event: &Event| dashboard || shared.routes.route(event).users.iter().any(|u| u == user);
+    let (channels, user_filter);
     let source = if dashboard {
+        channels = shared.routes.dashboard_channels();
         Source::Pool {
             db: &shared.db,
             channels: &channels,
         }
     } else {
-        // Filtered in SQL (only this user's rows leave the database), and
-        // again by the router below.
+        user_filter = shared.routes.user_filter(user);
         Source::User {
             db: &shared.db,
             filter: &user_filter,
@@ -453,15 +449,18 @@ async fn replay(
         }
     }
     // Retention may have pruned into the range while it was being read: then
-    // rows may be missing from it, and the client must hear so.
-    let pruned = shared
-        .db
-        .log_info()
-        .await
-        .map_err(unavailable)?
-        .pruned_through;
-    if pruned > resume.last_id && pruned > info.pruned_through {
-        send_reset(ws, Reset::CursorExpired).await?;
+    // rows may be missing from it, and the client must hear so. (The cursor
+    // was at or above what was pruned when the replay began.)
+    if resume.last_id < upto {
+        let pruned = shared
+            .db
+            .log_info()
+            .await
+            .map_err(unavailable)?
+            .pruned_through;
+        if pruned > resume.last_id {
+            send_reset(ws, Reset::CursorExpired).await?;
+        }
     }
     Ok(resume.last_id.max(upto))
 }
