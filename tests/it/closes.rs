@@ -220,7 +220,7 @@ fn junk(i: usize) -> Message {
 const NOTIFICATIONS: &str = "/ws/notifications/";
 
 #[tokio::test]
-async fn five_junk_text_frames_then_more_get_1008_with_its_reason() {
+async fn junk_text_frames_then_more_get_1008_with_its_reason() {
     let db = TestDb::demo("close_junk").await;
     let relay = TestRelay::start(&db).await;
     let five = (0..5).map(junk).collect();
