@@ -240,16 +240,26 @@ BEGIN
             v_payload jsonb;
         BEGIN
             IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
-            v_payload := %2$s;
-            IF pg_column_size(v_payload) > %3$s THEN
-                v_payload := coalesce(
-                    (SELECT jsonb_object_agg(key, value) FROM jsonb_each(v_payload)
-                      WHERE key = ANY (%5$L::text[]) OR pg_column_size(value) <= 256),
-                    '{}') || '{"truncated": true}';
+            -- Generated from the columns at install: a migration since then
+            -- (a column renamed, dropped or retyped) must not fail the
+            -- application's write. The event is logged as a stub instead,
+            -- with a warning, until `pgrelay install` runs again.
+            BEGIN
+                v_payload := %2$s;
                 IF pg_column_size(v_payload) > %3$s THEN
-                    v_payload := %4$s;
+                    v_payload := coalesce(
+                        (SELECT jsonb_object_agg(key, value) FROM jsonb_each(v_payload)
+                          WHERE key = ANY (%5$L::text[]) OR pg_column_size(value) <= 256),
+                        '{}') || '{"truncated": true}';
+                    IF pg_column_size(v_payload) > %3$s THEN
+                        v_payload := %4$s;
+                    END IF;
                 END IF;
-            END IF;
+            EXCEPTION WHEN undefined_column OR datatype_mismatch THEN
+                RAISE WARNING 'pgrelay: capture of %% is out of date (%%): run pgrelay install again',
+                    TG_TABLE_NAME, SQLERRM;
+                v_payload := '{"stale": true}';
+            END;
             PERFORM pgrelay.emit(TG_ARGV[0], TG_TABLE_NAME, TG_OP, v_payload);
             RETURN NULL;
         END

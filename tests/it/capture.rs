@@ -851,3 +851,23 @@ async fn a_serve_role_with_only_these_grants_relays_and_prunes() {
         db_message(&err)
     );
 }
+
+/// A migration after install (a watched column renamed) does not fail the
+/// application's writes: the event goes out as a `stale` stub until install
+/// runs again, and then whole.
+#[tokio::test]
+async fn a_column_renamed_after_install_never_fails_a_write() {
+    let db = django_db("capture_renamed").await;
+    let relay = relay_with_seed_routes(&db).await;
+    let mut dashboard = relay.dashboard().await;
+    db.exec("ALTER TABLE businesses RENAME COLUMN name TO title")
+        .await;
+    db.exec("INSERT INTO businesses (title, created_at, owner_id) VALUES ('Renamed', now(), 2)")
+        .await;
+    assert_eq!(dashboard.event().await["data"], json!({"stale": true}));
+    let output = install_cli(&db, &watch_flags(&WATCH)).await;
+    assert!(output.status.success(), "{output:?}");
+    db.exec("INSERT INTO businesses (title, created_at, owner_id) VALUES ('Again', now(), 2)")
+        .await;
+    assert_eq!(dashboard.event().await["data"]["title"], "Again");
+}
