@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::admission::Limits;
 use crate::auth::{AdminClaim, AuthConfig, KeySource};
 use crate::hub::QueueSizes;
-use crate::install::{WatchSpec, WatchSpecError, DEFAULT_MAX_EVENT_BYTES, DEFAULT_OWNER};
+use crate::install::{InstallConfig, WatchSpecError, DEFAULT_MAX_EVENT_BYTES, DEFAULT_OWNER};
 use crate::pgconn::{Target, TargetError};
 use crate::route::Routes;
 
@@ -387,8 +387,6 @@ pub struct ServeConfig {
     pub admin_query: Option<String>,
     pub admin_cache: Duration,
     pub limits: Limits,
-    /// Serve the demo page's write endpoints (`pgrelay demo` only; no flag).
-    pub demo_api: bool,
 }
 
 impl ServeConfig {
@@ -415,7 +413,6 @@ impl ServeConfig {
             admin_query: None,
             admin_cache: DEFAULT_ADMIN_CACHE,
             limits: Limits::default(),
-            demo_api: false,
         }
     }
 }
@@ -535,9 +532,9 @@ fn header_bytes(value: Option<usize>) -> Result<usize, ConfigError> {
         v => Ok(v.unwrap_or(Limits::default().max_header_bytes)),
     }
 }
-/// The largest event cap: well under a WebSocket client's usual 16 MiB frame
-/// limit, which a larger event would break.
-pub const MAX_EVENT_BYTES: u32 = 8 << 20;
+
+/// The largest `--max-event-size`: what pgrelay delivers whole.
+const MAX_EVENT_BYTES: u32 = crate::db::MAX_DELIVERED_EVENT as u32;
 
 impl ServeArgs {
     /// Flag or variable (clap), over the `--config` file, over the defaults;
@@ -656,7 +653,6 @@ impl ServeArgs {
                 Duration::ZERO..=Duration::from_secs(3600),
             )?,
             limits,
-            demo_api: false,
             database,
             listen_database,
             listen,
@@ -727,31 +723,6 @@ impl std::fmt::Display for ServeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let text = toml::to_string(&self.options()).map_err(|_| std::fmt::Error)?;
         f.write_str(text.trim_end())
-    }
-}
-
-/// What `install` needs, validated.
-#[derive(Debug, Clone)]
-pub struct InstallConfig {
-    pub database: Target,
-    pub demo: bool,
-    pub watch: Vec<WatchSpec>,
-    /// The role that owns the schema and the capture functions.
-    pub owner: String,
-    /// Payloads larger than this are logged as a stub.
-    pub max_event_bytes: u32,
-}
-
-impl InstallConfig {
-    /// The schema alone, with the default owner and event cap.
-    pub fn new(database: Target) -> InstallConfig {
-        InstallConfig {
-            database,
-            demo: false,
-            watch: Vec::new(),
-            owner: DEFAULT_OWNER.to_owned(),
-            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
-        }
     }
 }
 

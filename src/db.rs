@@ -1,6 +1,6 @@
 //! The deadpool pool and every query pgrelay makes through it: replay pages,
 //! the log's epoch and retention cursor, pruning, the admin query, the
-//! listener's probe NOTIFY, the demo's actions.
+//! listener's probe NOTIFY.
 //!
 //! [`LogReader`] is the one reader of the log: pages of events above a
 //! [`Cursor`], up to a bound, with one stop rule. Where its reads go is the
@@ -36,8 +36,9 @@ use crate::route::{is_integer_id, UserFilter};
 /// stub for rows above its own cap (`install --max-event-size`); this is the
 /// net under anything else in the log (rows written by hand, or by an older
 /// capture): one event too large for a client's frame limit would break
-/// every socket it is routed to, on every resume.
-pub const MAX_DELIVERED_EVENT: usize = crate::config::MAX_EVENT_BYTES as usize;
+/// every socket it is routed to, on every resume. Well under a WebSocket
+/// client's usual 16 MiB frame limit.
+pub const MAX_DELIVERED_EVENT: usize = 8 << 20;
 use crate::pgconn::Target;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,23 +51,10 @@ pub enum DbError {
     Build(#[from] deadpool_postgres::BuildError),
     #[error("pgrelay is not installed in this database (run `pgrelay install`)")]
     NotInstalled,
-    #[error("{0}")]
-    Demo(&'static str),
     #[error("{0} timed out")]
     Timeout(&'static str),
     #[error("event {id} has a malformed payload: {reason}")]
     BadRow { id: i64, reason: String },
-}
-
-/// What the demo page's buttons do (`pgrelay demo` only).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum DemoAction {
-    /// A new business owned by user 2.
-    CreateBusiness,
-    /// User 3 books the newest business.
-    MakeReservation,
-    /// The newest business is renamed.
-    UpdateBusiness,
 }
 
 /// One line for a database error: the server's own message when there is one,
@@ -561,35 +549,6 @@ impl Db {
                 )
                 .await?;
             Ok(())
-        })
-        .await
-    }
-}
-
-impl Db {
-    /// Runs one demo action as a real transaction; returns the row's id.
-    pub async fn demo_action(&self, action: DemoAction) -> Result<i64, DbError> {
-        self.timed("demo action", async {
-            let sql = match action {
-                DemoAction::CreateBusiness => {
-                    "INSERT INTO businesses (owner_id, name) \
-                     SELECT 2, 'Business #' || (count(*) + 1) FROM businesses RETURNING id"
-                }
-                DemoAction::MakeReservation => {
-                    "INSERT INTO reservations (business_id, customer_id, starts_at, party_size) \
-                     SELECT id, 3, now() + interval '1 day', 2 FROM businesses \
-                     ORDER BY id DESC LIMIT 1 RETURNING id"
-                }
-                DemoAction::UpdateBusiness => {
-                    "UPDATE businesses SET name = name || ' *', updated_at = now() \
-                     WHERE id = (SELECT max(id) FROM businesses) RETURNING id"
-                }
-            };
-            let client = self.pool.get().await?;
-            let row = client.query_typed_opt(sql, &[]).await?;
-            row.map(|r| r.try_get(0))
-                .transpose()?
-                .ok_or(DbError::Demo("create a business first"))
         })
         .await
     }

@@ -23,8 +23,8 @@ use std::str::FromStr;
 use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::error::SqlState;
 
-use crate::config::InstallConfig;
 use crate::db::db_message;
+use crate::pgconn::Target;
 
 const OWNER: &str = include_str!("../sql/owner.sql");
 const SCHEMA: &str = include_str!("../sql/schema.sql");
@@ -36,6 +36,31 @@ const DEMO_TRIGGERS: &str = include_str!("../triggers/demo.sql");
 pub const DEFAULT_OWNER: &str = "pgrelay_owner";
 /// Payloads larger than this (as jsonb) are logged as a stub.
 pub const DEFAULT_MAX_EVENT_BYTES: u32 = 1 << 20;
+
+/// What `install` needs, validated.
+#[derive(Debug, Clone)]
+pub struct InstallConfig {
+    pub database: Target,
+    pub demo: bool,
+    pub watch: Vec<WatchSpec>,
+    /// The role that owns the schema and the capture functions.
+    pub owner: String,
+    /// Payloads larger than this are logged as a stub.
+    pub max_event_bytes: u32,
+}
+
+impl InstallConfig {
+    /// The schema alone, with the default owner and event cap.
+    pub fn new(database: Target) -> InstallConfig {
+        InstallConfig {
+            database,
+            demo: false,
+            watch: Vec::new(),
+            owner: DEFAULT_OWNER.to_owned(),
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {

@@ -34,11 +34,9 @@
 
 pub mod admission;
 pub mod auth;
-pub mod cluster;
 pub mod coalesce;
 pub mod config;
 pub mod db;
-pub mod demo;
 pub mod hub;
 pub mod install;
 pub mod listen;
@@ -51,12 +49,13 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod shared;
-pub mod tail;
 pub mod wire;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+
+pub use crate::session::SHUTDOWN_GRACE;
+pub use crate::shared::{ExtraRoutes, Status};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -73,35 +72,9 @@ use crate::metrics::Metrics;
 use crate::replays::ReplayLimits;
 use crate::shared::Shared;
 
-/// How long shutdown waits for sockets to close before giving up on them.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 /// WebSocket ping interval; a peer that has not answered the previous ping
 /// by the next one is dropped.
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Liveness facts the listener publishes and the server reads.
-#[derive(Debug, Default)]
-pub struct Status {
-    /// LISTEN is active, caught up, and its last probe came back.
-    pub ready: AtomicBool,
-    epoch: RwLock<String>,
-}
-
-impl Status {
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-    }
-
-    pub fn epoch(&self) -> String {
-        self.epoch.read().map(|e| e.clone()).unwrap_or_default()
-    }
-
-    pub fn set_epoch(&self, epoch: &str) {
-        if let Ok(mut e) = self.epoch.write() {
-            epoch.clone_into(&mut e);
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -128,6 +101,23 @@ fn database_line(e: &DbError) -> String {
     }
 }
 
+/// What a program running the relay adds beyond its [`ServeConfig`].
+pub struct StartOptions {
+    /// WebSocket ping interval (tests use a short one).
+    pub ping_interval: Duration,
+    /// The program's own plain-HTTP routes (`pgrelay demo`'s buttons).
+    pub extra_routes: Option<Arc<dyn ExtraRoutes>>,
+}
+
+impl Default for StartOptions {
+    fn default() -> StartOptions {
+        StartOptions {
+            ping_interval: PING_INTERVAL,
+            extra_routes: None,
+        }
+    }
+}
+
 /// A running relay: the listener, the server and retention, sharing one
 /// shutdown token and task tracker.
 pub struct Relay {
@@ -142,13 +132,13 @@ impl Relay {
     /// Checks the key and the database, binds, and starts every task. Any
     /// problem is reported before a port is bound or a socket accepted.
     pub async fn start(config: ServeConfig) -> Result<Relay, StartError> {
-        Self::start_with(config, PING_INTERVAL).await
+        Self::start_with(config, StartOptions::default()).await
     }
 
-    /// [`Relay::start`] with a chosen ping interval (tests use a short one).
+    /// [`Relay::start`] with what a program adds beyond the configuration.
     pub async fn start_with(
         mut config: ServeConfig,
-        ping_interval: Duration,
+        options: StartOptions,
     ) -> Result<Relay, StartError> {
         db::harden(&mut config.database);
         let mut listen_database = config
@@ -225,10 +215,10 @@ impl Relay {
             status: Arc::clone(&status),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
-            ping_interval,
+            ping_interval: options.ping_interval,
             lingering: Arc::new(tokio::sync::Semaphore::new(server::MAX_LINGERING)),
             leeway: config.auth.leeway,
-            demo_api: config.demo_api,
+            extra_routes: options.extra_routes,
         });
         tracker.spawn(server::serve(listener, Arc::clone(&shared)));
         tracing::info!(%addr, "serving");

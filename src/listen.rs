@@ -68,7 +68,7 @@ use crate::metrics::Metrics;
 use crate::parse::{parse_wakeup, Event};
 use crate::pgconn::Target;
 use crate::route::Routes;
-use crate::Status;
+use crate::shared::Status;
 
 /// Notifications read from the socket but not yet handled.
 const NOTIFY_QUEUE: usize = 16_384;

@@ -50,7 +50,6 @@ use tracing::Instrument;
 use crate::admission::{client_key, origin_allowed, Limits, NoSlot, Pending, ADMIN_QUERY_TIMEOUT};
 use crate::auth::presented_token;
 use crate::coalesce::Coalesce;
-use crate::db::DemoAction;
 use crate::metrics::Format;
 use crate::session;
 use crate::shared::Shared;
@@ -77,7 +76,7 @@ fn websocket_config(limits: &Limits) -> WebSocketConfig {
         .max_frame_size(Some(limits.max_client_message))
 }
 
-type Body = Full<Bytes>;
+pub type Body = Full<Bytes>;
 
 /// Accepts connections until shutdown.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -218,7 +217,8 @@ async fn refuse_raw(mut stream: tokio::net::TcpStream, status: StatusCode, why: 
     let _ = tokio::time::timeout(REFUSAL_LINGER, answered).await;
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Body> {
+/// A plain-text answer: `body` and a newline.
+pub fn text(status: StatusCode, body: &str) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -237,25 +237,6 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
         "/" if req.method() == Method::GET => return asset(INDEX_HTML, "text/html; charset=utf-8"),
         "/pgrelay-client.js" if req.method() == Method::GET => {
             return asset(CLIENT_JS, "text/javascript; charset=utf-8")
-        }
-        // The page shows its demo buttons only when this answers.
-        "/demo/" if shared.demo_api && req.method() == Method::GET => {
-            let mut response = text(
-                StatusCode::OK,
-                r#"{"actions":["create-business","make-reservation","update-business"]}"#,
-            );
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            return response;
-        }
-        demo if shared.demo_api && demo.starts_with("/demo/") && req.method() == Method::POST => {
-            // Only the demo's own page may press its buttons: a cross-site
-            // form post carries another Origin.
-            if !same_origin(&req) {
-                return text(StatusCode::FORBIDDEN, "cross-origin demo request");
-            }
-            return demo_action(shared, demo).await;
         }
         "/readyz" if req.method() == Method::GET => {
             return if shared.status.is_ready() {
@@ -283,14 +264,19 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
         "/healthz" | "/readyz" | "/metrics" => {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use GET")
         }
-        _ => {
-            return refuse(
-                shared,
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such endpoint",
-                &path,
-            )
+        other => {
+            return match shared.extra_routes.as_ref() {
+                // A cross-site form post carries another Origin: only the
+                // page's own origin may reach a program's POST routes.
+                Some(_) if req.method() == Method::POST && !same_origin(&req) => {
+                    text(StatusCode::FORBIDDEN, "cross-origin request")
+                }
+                Some(extra) => match extra.answer(req.method(), other) {
+                    Some(answer) => answer.await,
+                    None => not_found(shared, other),
+                },
+                None => not_found(shared, other),
+            };
         }
     };
     if req.method() != Method::GET {
@@ -498,31 +484,14 @@ fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
     response
 }
 
-/// `POST /demo/create-business`, `/demo/make-reservation`,
-/// `/demo/update-business`: the demo page's buttons. Only in `pgrelay demo`.
-async fn demo_action(shared: &Shared, path: &str) -> Response<Body> {
-    let action = match path {
-        "/demo/create-business" => DemoAction::CreateBusiness,
-        "/demo/make-reservation" => DemoAction::MakeReservation,
-        "/demo/update-business" => DemoAction::UpdateBusiness,
-        _ => return text(StatusCode::NOT_FOUND, "no such demo action"),
-    };
-    match shared.db.demo_action(action).await {
-        Ok(id) => {
-            let mut response = text(StatusCode::OK, &format!("{{\"id\":{id}}}"));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, path, "demo action failed");
-            text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("demo action failed: {e}"),
-            )
-        }
-    }
+fn not_found(shared: &Shared, path: &str) -> Response<Body> {
+    refuse(
+        shared,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint",
+        path,
+    )
 }
 
 fn refuse(

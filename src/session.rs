@@ -46,9 +46,12 @@ use crate::wire::{self, reason, ClientMessage, Close, Endpoint, Reset, Resume};
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a close pgrelay starts may take, close frame and the peer's
 /// answer included. Shutdown closes every socket at once and must finish
-/// within [`crate::SHUTDOWN_GRACE`].
+/// within [`SHUTDOWN_GRACE`].
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-const _: () = assert!(CLOSE_TIMEOUT.as_millis() < crate::SHUTDOWN_GRACE.as_millis());
+const _: () = assert!(CLOSE_TIMEOUT.as_millis() < SHUTDOWN_GRACE.as_millis());
+
+/// How long shutdown waits for sockets to close before giving up on them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 /// Frames written per flush at most, so one busy socket yields to others.
 const MAX_BATCH: usize = 256;
 /// Events per replay page: bounds the memory a large backlog can take.

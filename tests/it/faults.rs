@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use pgrelay::cluster::Cluster;
-use pgrelay::config::InstallConfig;
+use pgrelay::install::InstallConfig;
+use pgrelay_cluster::Cluster;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -17,9 +17,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use pgrelay::cluster::Cluster;
-use pgrelay::config::{InstallConfig, ServeConfig};
-use pgrelay::Relay;
+use pgrelay::config::ServeConfig;
+use pgrelay::install::InstallConfig;
+use pgrelay::{Relay, StartOptions};
+use pgrelay_cluster::Cluster;
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
@@ -266,7 +267,11 @@ impl TestRelay {
     ) -> TestRelay {
         let mut config = ServeConfig::new(database, "127.0.0.1:0".parse().expect("addr"), SECRET);
         tweak(&mut config);
-        let relay = Relay::start_with(config, ping)
+        let options = StartOptions {
+            ping_interval: ping,
+            ..StartOptions::default()
+        };
+        let relay = Relay::start_with(config, options)
             .await
             .unwrap_or_else(|e| panic!("relay start: {e}"));
         let relay = TestRelay { relay };
@@ -606,21 +611,33 @@ impl ServeProcess {
     /// Spawns `pgrelay serve ARGS --listen ADDR` with only the `envs` given
     /// among the variables [`command`] clears (so bring the key yourself).
     pub fn spawn_with(args: &[&str], envs: &[(&str, &str)]) -> ServeProcess {
+        ServeProcess::spawn_command("serve", args, envs)
+    }
+
+    /// `pgrelay demo --listen ADDR`: its own throwaway PostgreSQL and the
+    /// page's buttons; what it prints goes to the log too.
+    pub fn demo() -> ServeProcess {
+        ServeProcess::spawn_command("demo", &[], &[])
+    }
+
+    fn spawn_command(subcommand: &str, args: &[&str], envs: &[(&str, &str)]) -> ServeProcess {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("pick a free port");
         let log = tempfile::NamedTempFile::new().expect("log file");
-        let mut command = command(&["serve"]);
+        let mut command = command(&[subcommand]);
         command
             .args(args)
             .args(["--listen", &addr.to_string()])
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
+            .stdout(log.reopen().expect("log file"))
             .stderr(log.reopen().expect("log file"))
             // A file, not a terminal: plain text that tests can search.
             .env("NO_COLOR", "1")
             .envs(envs.iter().copied());
-        let child = command.spawn().expect("spawn pgrelay serve");
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn pgrelay {subcommand}: {e}"));
         ServeProcess { child, addr, log }
     }
 

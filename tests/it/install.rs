@@ -2,8 +2,8 @@
 //! line on a missing table or a missing privilege. Capture works for
 //! application roles that have no grant on the pgrelay schema.
 
-use pgrelay::config::InstallConfig;
 use pgrelay::db::db_message;
+use pgrelay::install::InstallConfig;
 use pgrelay::install::{install, InstallError};
 use pgrelay::route::Routes;
 

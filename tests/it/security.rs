@@ -909,7 +909,6 @@ async fn businesses(db: &TestDb) -> i64 {
 async fn demo_write_endpoints_exist_only_in_the_demo() {
     let db = TestDb::demo("sec_demo_api").await;
     let served = TestRelay::start(&db).await;
-    let demo = TestRelay::start_with(&db, |c| c.demo_api = true).await;
 
     // `serve`: no unauthenticated way to write to the database.
     for action in ["create-business", "make-reservation", "update-business"] {
@@ -922,15 +921,30 @@ async fn demo_write_endpoints_exist_only_in_the_demo() {
         );
     }
     assert_eq!(businesses(&db).await, 0);
+    assert_eq!(http_get(served.relay.addr(), "/demo/").await.0, 404);
 
-    // The same request in the demo does write (so the path above is right).
-    assert_eq!(
-        http(demo.relay.addr(), "POST", "/demo/create-business", &[])
-            .await
-            .status,
-        200
-    );
-    assert_eq!(businesses(&db).await, 1);
+    // The same requests in `pgrelay demo` (its own PostgreSQL) do write, so
+    // the paths above are right; another site's page cannot press them.
+    let mut demo = ServeProcess::demo();
+    demo.wait_ready().await;
+    let (status, body) = http_get(demo.addr, "/demo/").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("create-business"), "{body}");
+    let cross_site = [("Origin", "http://evil.example")];
+    let refused = http(demo.addr, "POST", "/demo/create-business", &cross_site).await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    for expected in [1, 2] {
+        let made = http(demo.addr, "POST", "/demo/create-business", &[]).await;
+        assert_eq!(made.status, 200, "{}", made.body);
+        let made: Value = serde_json::from_str(&made.body).expect("json answer");
+        assert_eq!(made["id"], expected, "the cross-site POST wrote nothing");
+    }
+    let reservation = http(demo.addr, "POST", "/demo/make-reservation", &[]).await;
+    assert_eq!(reservation.status, 200, "{}", reservation.body);
+    let (status, _) = http_get(demo.addr, "/demo/create-business").await;
+    assert_eq!(status, 405);
+    let (status, log) = demo.stop().await;
+    assert!(status.success(), "{status}: {log}");
 }
 
 // ---- metrics ---------------------------------------------------------------

@@ -10,9 +10,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pgrelay::cluster::{Cluster, Extras};
-use pgrelay::config::InstallConfig;
+use pgrelay::install::InstallConfig;
 use pgrelay::pgconn::Target;
+use pgrelay_cluster::{Cluster, Extras};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tokio::sync::OnceCell;
 

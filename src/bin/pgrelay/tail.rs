@@ -30,8 +30,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use url::Url;
 
-use crate::config::TailArgs;
-use crate::wire::Close;
+use pgrelay::config::TailArgs;
+use pgrelay::wire::Close;
 
 /// First reconnect delay cap; doubles per failed attempt up to [`MAX_DELAY`].
 const MIN_DELAY: Duration = Duration::from_millis(500);

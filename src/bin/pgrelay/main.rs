@@ -1,14 +1,23 @@
 //! The `pgrelay` binary: parses the command line, sets up logging, runs the
-//! command from the library, maps errors to exit codes (2 for anything wrong
-//! with the configuration or the environment at start, 1 otherwise). It also
-//! chooses the process's allocator, which is a property of the binary, not
-//! of the library.
+//! command, maps errors to exit codes (2 for anything wrong with the
+//! configuration or the environment at start, 1 otherwise). It also chooses
+//! the process's allocator, which is a property of the binary, not of the
+//! library.
+//!
+//! `serve`, `install` and `token` are library calls. The two commands that
+//! are not the server live here, beside this file, so the server library
+//! carries neither: `demo` (a throwaway PostgreSQL, through the
+//! `pgrelay-cluster` crate, plus the page's write buttons) and `tail` (a
+//! WebSocket client).
+
+mod demo;
+mod tail;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use pgrelay::config::{Cli, Command};
-use pgrelay::{auth, demo, install, Relay};
+use pgrelay::{auth, install, Relay};
 
 /// jemalloc, because glibc malloc keeps what a storm of handshakes allocated
 /// on its worker threads' arenas (fragmented, so `trim_threshold` never
@@ -139,7 +148,7 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(1, &e.to_string()),
             }
         }
-        Command::Tail(args) => match pgrelay::tail::run(args, shutdown_signal()).await {
+        Command::Tail(args) => match tail::run(args, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(2, &e.to_string()),
         },

@@ -22,7 +22,7 @@
 //! `reservation_events=dashboard,user:business_owner_id,user:customer_id`)
 //! and compares, per client, what it got with what it should have got.
 //!
-//! By default it starts its own throwaway PostgreSQL (`pgrelay::cluster`),
+//! By default it starts its own throwaway PostgreSQL (`pgrelay_cluster`),
 //! installs the demo schema, seeds users, and runs the `pgrelay` binary found
 //! next to this executable as a child process (`serve`); with `--url` it
 //! targets a running pgrelay instead.
@@ -60,15 +60,14 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use hyper_tungstenite::tungstenite::Message;
 use hyper_tungstenite::WebSocketStream;
-use pgrelay::cluster::Cluster;
-use pgrelay::config::InstallConfig;
+use pgrelay::install::InstallConfig;
+use pgrelay_cluster::Cluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
-#[path = "pgrelay-bench/resume.rs"]
 mod resume;
 
 // ---------------------------------------------------------------------------
