@@ -1,7 +1,8 @@
 //! Who gets a socket, beyond a valid token: the origin allowlist, the caps on
 //! total sockets and sockets per user, the caps on connections still before
-//! authentication (in total and per client address), and the optional
-//! database answer to "is this user a super admin?".
+//! authentication (in total and per client address), and the database's
+//! answers to "is this user a super admin?" and "may this user open this
+//! key of this stream?" ([`Lookup`]).
 //!
 //! Each check refuses one request and nothing else: a cap reached or a failed
 //! admin lookup never affects sockets already open. A failed lookup refuses
@@ -172,47 +173,55 @@ pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     }
 }
 
-/// `--admin-query`, with answers cached for `ttl`.
-pub struct AdminLookup {
+/// A yes/no question to the database, with answers cached for `ttl`:
+/// `--admin-query` (`$1` the user) and each stream's `--stream-query` (`$1`
+/// the user, `$2` the key). An error or a timeout is "cannot tell", which
+/// the caller turns into a refusal, never an admission; it is not cached.
+pub struct Lookup {
     db: Db,
+    what: &'static str,
     query: String,
     ttl: Duration,
-    cache: Mutex<HashMap<String, (bool, Instant)>>,
+    cache: Mutex<HashMap<Vec<String>, (bool, Instant)>>,
 }
 
-impl AdminLookup {
-    pub fn new(db: Db, query: String, ttl: Duration) -> AdminLookup {
-        AdminLookup {
+impl Lookup {
+    pub fn new(db: Db, what: &'static str, query: String, ttl: Duration) -> Lookup {
+        Lookup {
             db,
+            what,
             query,
             ttl,
             cache: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Whether the database says `user` is a super admin.
-    pub async fn is_admin(&self, user: &str) -> Result<bool, DbError> {
-        if let Some((admin, at)) = self
+    /// The database's answer for these arguments.
+    pub async fn ask(&self, args: &[&str]) -> Result<bool, DbError> {
+        let key: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        if let Some((yes, at)) = self
             .cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(user)
+            .get(&key)
         {
             if at.elapsed() < self.ttl {
-                return Ok(*admin);
+                return Ok(*yes);
             }
         }
-        let admin =
-            tokio::time::timeout(ADMIN_QUERY_TIMEOUT, self.db.admin_query(&self.query, user))
-                .await
-                .map_err(|_| DbError::Timeout("admin query"))??;
+        let yes = tokio::time::timeout(
+            ADMIN_QUERY_TIMEOUT,
+            self.db.ask(self.what, &self.query, args),
+        )
+        .await
+        .map_err(|_| DbError::Timeout(self.what))??;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         // Bounded: forget everything rather than grow without limit.
         if cache.len() >= 100_000 {
             cache.clear();
         }
-        cache.insert(user.to_owned(), (admin, Instant::now()));
-        Ok(admin)
+        cache.insert(key, (yes, Instant::now()));
+        Ok(yes)
     }
 }
 

@@ -152,6 +152,24 @@ options! {
         /// [default: the demo routes].
         #[arg(long, env = "PGRELAY_ROUTES", value_delimiter = ';')]
         pub route: Vec<String>,
+        /// NAME=CHANNEL:FIELD[,CHANNEL:FIELD...]: a stream served at /ws/NAME/KEY/ and
+        /// /sse/NAME/KEY/, carrying the events whose FIELD equals KEY; repeatable
+        /// [default, with the default routes: businesses=business_events:id,reservation_events:business_id].
+        #[arg(long, env = "PGRELAY_STREAMS", value_delimiter = ';')]
+        pub stream: Vec<String>,
+        /// NAME=SQL: who besides super admins may open a key of stream NAME, e.g.
+        /// "businesses=SELECT EXISTS (SELECT 1 FROM businesses WHERE id = $2 AND owner_id = $1)"
+        /// ($1: the user id, $2: the key); repeatable. Without one, a stream is for super
+        /// admins only [default, for the default stream: that query].
+        #[arg(long)]
+        pub stream_query: Vec<String>,
+        /// Frames a stream key's socket may fall behind before it is closed with 4008 [default: 256].
+        #[arg(long, env = "PGRELAY_STREAM_QUEUE")]
+        pub stream_queue: Option<usize>,
+        /// Cookie an /sse/ request may carry its token in (for EventSource, which
+        /// cannot set headers) [default: none: header or ?token= only].
+        #[arg(long, env = "PGRELAY_TOKEN_COOKIE")]
+        pub token_cookie: Option<String>,
         /// Events older than this are pruned from pgrelay.events [default: 24h].
         #[arg(long, env = "PGRELAY_RETENTION", value_parser = humantime::parse_duration)]
         #[serde(with = "duration")]
@@ -363,7 +381,7 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
-    #[error("--route: {0}")]
+    #[error("{0}")]
     Route(#[from] crate::route::RouteError),
     #[error("{0}")]
     Watch(#[from] WatchSpecError),
@@ -380,6 +398,11 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub auth: AuthConfig,
     pub routes: Routes,
+    /// (stream name, `--stream-query`) pairs; a stream without one is for
+    /// super admins only.
+    pub stream_queries: Vec<(String, String)>,
+    /// `--token-cookie`: the cookie an `/sse/` request may carry its token in.
+    pub token_cookie: Option<String>,
     pub retention: Duration,
     pub queues: QueueSizes,
     pub pool_size: usize,
@@ -406,6 +429,8 @@ impl ServeConfig {
             },
             routes: Routes::parse::<&str>(&[])
                 .unwrap_or_else(|_| unreachable!("default routes parse")),
+            stream_queries: vec![default_stream_query()],
+            token_cookie: None,
             retention: DEFAULT_RETENTION,
             queues: DEFAULT_QUEUES,
             pool_size: DEFAULT_POOL_SIZE,
@@ -422,6 +447,7 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_QUEUES: QueueSizes = QueueSizes {
     dashboard: 4096,
     user: 64,
+    stream: 256,
 };
 pub const DEFAULT_POOL_SIZE: usize = 8;
 pub const DEFAULT_ADMIN_CACHE: Duration = Duration::from_secs(30);
@@ -598,7 +624,22 @@ impl ServeArgs {
             )?,
             admin_claims,
         };
-        let routes = Routes::parse(&o.route)?;
+        let defaults_in_use = o.route.is_empty() && o.stream.is_empty();
+        let routes = Routes::parse(&o.route)?.with_streams(&o.stream)?;
+        let stream_queries = stream_queries(&routes, &o.stream_query, defaults_in_use)?;
+        let token_cookie = o.token_cookie.filter(|c| !c.trim().is_empty());
+        if let Some(cookie) = &token_cookie {
+            if !cookie
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError::Value {
+                    flag: "token-cookie",
+                    value: cookie.clone(),
+                    reason: "must be a cookie name (letters, digits, - _ .)".into(),
+                });
+            }
+        }
         let retention = within(
             "retention",
             o.retention.unwrap_or(DEFAULT_RETENTION),
@@ -613,6 +654,7 @@ impl ServeArgs {
         let queues = QueueSizes {
             dashboard: count!(dashboard_queue, DEFAULT_QUEUES.dashboard),
             user: count!(user_queue, DEFAULT_QUEUES.user),
+            stream: count!(stream_queue, DEFAULT_QUEUES.stream),
         };
         let pool_size = count!(pool_size, DEFAULT_POOL_SIZE);
         let defaults = Limits::default();
@@ -658,11 +700,57 @@ impl ServeArgs {
             listen,
             auth,
             routes,
+            stream_queries,
+            token_cookie,
             retention,
             queues,
             pool_size,
         })
     }
+}
+
+/// `--stream-query NAME=SQL` values, one per stream at most, each naming a
+/// configured stream; the demo stream's query when the defaults are in use
+/// and no value names it.
+fn stream_queries(
+    routes: &Routes,
+    specs: &[String],
+    defaults_in_use: bool,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let bad = |spec: &String, reason: &str| ConfigError::Value {
+        flag: "stream-query",
+        value: spec.clone(),
+        reason: reason.into(),
+    };
+    let mut queries: Vec<(String, String)> = Vec::new();
+    for spec in specs {
+        let (name, sql) = spec
+            .split_once('=')
+            .ok_or_else(|| bad(spec, "must be NAME=SQL"))?;
+        let (name, sql) = (name.trim(), sql.trim());
+        if !routes.streams().iter().any(|s| s.name == name) {
+            return Err(bad(spec, "names no configured --stream"));
+        }
+        if sql.is_empty() {
+            return Err(bad(spec, "must be NAME=SQL"));
+        }
+        if queries.iter().any(|(n, _)| n == name) {
+            return Err(bad(spec, "a second query for the same stream"));
+        }
+        queries.push((name.to_owned(), sql.to_owned()));
+    }
+    if defaults_in_use && queries.is_empty() {
+        queries.push(default_stream_query());
+    }
+    Ok(queries)
+}
+
+/// Who may open `/ws/businesses/{id}/` in the demo domain: its owner.
+pub fn default_stream_query() -> (String, String) {
+    (
+        "businesses".to_owned(),
+        "SELECT EXISTS (SELECT 1 FROM businesses WHERE id = $2 AND owner_id = $1)".to_owned(),
+    )
 }
 
 impl ServeConfig {
@@ -698,6 +786,17 @@ impl ServeConfig {
                 .split(' ')
                 .map(str::to_owned)
                 .collect(),
+            stream: self
+                .routes
+                .streams()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            stream_query: (self.stream_queries.iter())
+                .map(|(name, sql)| format!("{name}={sql}"))
+                .collect(),
+            stream_queue: Some(self.queues.stream),
+            token_cookie: self.token_cookie.clone(),
             retention: Some(self.retention),
             dashboard_queue: Some(self.queues.dashboard),
             user_queue: Some(self.queues.user),

@@ -30,7 +30,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 
 use crate::parse::{check_object, truncated, Event};
-use crate::route::{is_integer_id, UserFilter};
+use crate::route::{is_integer_id, KeyFilter};
 
 /// The largest payload delivered whole, as JSON text. Capture already logs a
 /// stub for rows above its own cap (`install --max-event-size`); this is the
@@ -201,29 +201,29 @@ impl Db {
         .await
     }
 
-    /// One page of a user's replay (see [`USER_EVENTS_BETWEEN`]): up to
+    /// One page of a keyed replay (see [`KEYED_EVENTS_BETWEEN`]): up to
     /// `limit` events with `after < id <= upto` whose routed field names
-    /// `filter`'s user, in id order.
-    async fn user_events_between(
+    /// `filter`'s key, in id order.
+    async fn keyed_events_between(
         &self,
         after: i64,
         upto: i64,
-        filter: &UserFilter,
+        filter: &KeyFilter,
         limit: i64,
     ) -> Result<Page, DbError> {
-        self.timed("user events between", async {
+        self.timed("keyed events between", async {
             let mut client = self.pool.get().await?;
             let tx = bounded(&mut client).await?;
             let rows = tx
                 .query_typed(
-                    USER_EVENTS_BETWEEN,
+                    KEYED_EVENTS_BETWEEN,
                     &[
                         (&after, Type::INT8),
                         (&upto, Type::INT8),
                         (&filter.patterns, Type::TEXT_ARRAY),
                         (&filter.channels, Type::TEXT_ARRAY),
                         (&filter.fields, Type::TEXT_ARRAY),
-                        (&filter.user, Type::TEXT),
+                        (&filter.key, Type::TEXT),
                         (&filter.integer, Type::BOOL),
                         (&limit, Type::INT8),
                     ],
@@ -264,14 +264,14 @@ pub const EVENTS_BETWEEN: &str =
      payload::text FROM pgrelay.events \
      WHERE id > $1 AND id <= $2 AND channel = ANY($3) ORDER BY id LIMIT $4";
 
-/// Like [`EVENTS_BETWEEN`], for one user's stream: only rows whose routed
-/// field (`$4` channels paired with `$5` fields) names the user `$6` by the
-/// rule of `route::user_id` (a JSON string equal to it, or, when `$7` says
-/// the id is an integer, a JSON number written the same), so a user's replay
-/// ships only their events. `$3` holds the same as containment patterns
+/// Like [`EVENTS_BETWEEN`], for one key (a user's notifications, or one key
+/// of a stream): only rows whose routed field (`$4` channels paired with `$5`
+/// fields) names the key `$6` by the rule of `route::user_id` (a JSON string
+/// equal to it, or, when `$7` says the key is an integer, a JSON number
+/// written the same), so a keyed replay ships only that key's events. `$3` holds the same as containment patterns
 /// (`{"field": "42"}`, `{"field": 42}`), which the GIN index on the payload
 /// answers without reading other users' rows.
-pub const USER_EVENTS_BETWEEN: &str = "SELECT id, channel, table_name, op, \
+pub const KEYED_EVENTS_BETWEEN: &str = "SELECT id, channel, table_name, op, \
      pgrelay.format_at(created_at), payload::text FROM pgrelay.events e \
      WHERE id > $1 AND id <= $2 AND e.payload @> ANY ($3::text[]::jsonb[]) \
      AND EXISTS ( \
@@ -339,9 +339,10 @@ pub enum Source<'a> {
     /// The pool, each page in a transaction under the statement timeout: the
     /// events on `channels`.
     Pool { db: &'a Db, channels: &'a [String] },
-    /// The pool, likewise: one user's events, filtered in SQL (see
-    /// [`USER_EVENTS_BETWEEN`]), so only their rows leave the database.
-    User { db: &'a Db, filter: &'a UserFilter },
+    /// The pool, likewise: one key's events (a user's, a stream key's),
+    /// filtered in SQL (see [`KEYED_EVENTS_BETWEEN`]), so only its rows
+    /// leave the database.
+    Keyed { db: &'a Db, filter: &'a KeyFilter },
 }
 
 /// The one reader of the log, shared by the listener (catch-up and wake-up
@@ -378,8 +379,8 @@ impl<'a> LogReader<'a> {
                     .map_err(|_| DbError::Timeout("reading new events"))??
             }
             Source::Pool { db, channels } => db.events_between(after, end, channels, limit).await?,
-            Source::User { db, filter } => {
-                db.user_events_between(after, end, filter, limit).await?
+            Source::Keyed { db, filter } => {
+                db.keyed_events_between(after, end, filter, limit).await?
             }
         };
         self.cursor.advance(end, &page);
@@ -487,43 +488,51 @@ impl Db {
 }
 
 impl Db {
-    /// Runs `--admin-query` for one user: `$1` is the user id, converted to
-    /// the parameter's type (integer or text); the first column of the first
-    /// row says whether the user is a super admin (no row: not one).
-    pub async fn admin_query(&self, query: &str, user: &str) -> Result<bool, DbError> {
-        self.timed("admin query", async {
+    /// Runs a yes/no query (`--admin-query`, a stream's `--stream-query`):
+    /// `$1`, `$2`... are `args` (ids as text), each converted to its
+    /// parameter's type (integer or text); the first column of the first row
+    /// is the answer (no row: no).
+    pub async fn ask(
+        &self,
+        what: &'static str,
+        query: &str,
+        args: &[&str],
+    ) -> Result<bool, DbError> {
+        self.timed(what, async {
             use tokio_postgres::types::ToSql;
             let mut client = self.pool.get().await?;
             // Prepared and run in one transaction, so a transaction-mode
             // pooler keeps the same server connection between the two.
             let tx = bounded(&mut client).await?;
             let statement = tx.prepare(query).await?;
-            let param_type = statement.params().first().cloned().unwrap_or(Type::TEXT);
-            // An integer parameter takes only an id in canonical form: "01"
-            // or "+1" would name user 1 to the query while routing and the
-            // socket caps see another user. An id the column cannot hold
-            // names nobody either: not an admin.
-            let integer = is_integer_id(user);
-            let as_i64;
-            let as_i32;
-            let param: &(dyn ToSql + Sync) = match param_type {
-                Type::INT8 => {
-                    let Some(id) = user.parse::<i64>().ok().filter(|_| integer) else {
-                        return Ok(false);
-                    };
-                    as_i64 = id;
-                    &as_i64
-                }
-                Type::INT4 => {
-                    let Some(id) = user.parse::<i32>().ok().filter(|_| integer) else {
-                        return Ok(false);
-                    };
-                    as_i32 = id;
-                    &as_i32
-                }
-                _ => &user,
-            };
-            let row = tx.query_opt(&statement, &[param]).await?;
+            let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::with_capacity(args.len());
+            for (i, arg) in args.iter().enumerate() {
+                let param_type = statement.params().get(i).cloned().unwrap_or(Type::TEXT);
+                // An integer parameter takes only an id in canonical form:
+                // "01" or "+1" would name id 1 to the query while routing
+                // and the socket caps see another. An id the column cannot
+                // hold names nothing either: the answer is no.
+                let integer = is_integer_id(arg);
+                let param: Box<dyn ToSql + Sync + Send> = match param_type {
+                    Type::INT8 => match arg.parse::<i64>().ok().filter(|_| integer) {
+                        Some(id) => Box::new(id),
+                        None => return Ok(false),
+                    },
+                    Type::INT4 => match arg.parse::<i32>().ok().filter(|_| integer) {
+                        Some(id) => Box::new(id),
+                        None => return Ok(false),
+                    },
+                    _ => Box::new(arg.to_string()),
+                };
+                params.push(param);
+            }
+            // A query may use fewer parameters than it is given.
+            let used = statement.params().len().min(params.len());
+            let refs: Vec<&(dyn ToSql + Sync)> = params[..used]
+                .iter()
+                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            let row = tx.query_opt(&statement, &refs).await?;
             // Closed before the commit, on the server connection it lives on.
             drop(statement);
             tx.commit().await?;

@@ -3,9 +3,10 @@
 //! that may see it without copying. The lock covers `last_id` and the pushes
 //! into the rings, nothing else.
 //!
-//! Queues: one `tokio::sync::broadcast` ring for the dashboard and one per
-//! connected user, created on the user's first socket and removed with their
-//! last. A ring is each socket's bounded queue; overflow policy: the publisher
+//! Queues: one `tokio::sync::broadcast` ring for the dashboard, one per
+//! connected user and one per open key of a configured stream (a
+//! [`Ring`]), each keyed ring created with its first socket and removed with
+//! its last. A ring is each socket's bounded queue; overflow policy: the publisher
 //! never waits, it overwrites the oldest frame, and a socket that falls a whole
 //! ring behind sees `Lagged` and is closed with 4008 (it resumes losslessly
 //! from its last id). So a slow socket can never delay the listener or
@@ -45,18 +46,46 @@ impl Delivery {
 pub struct QueueSizes {
     pub dashboard: usize,
     pub user: usize,
+    /// Each open key of a stream (`/ws/businesses/42/`).
+    pub stream: usize,
 }
 
 pub struct Hub {
     state: Mutex<State>,
     dashboard_queue: usize,
     user_queue: usize,
+    stream_queue: usize,
 }
 
 struct State {
     last_id: i64,
     dashboard: broadcast::Sender<Delivery>,
     users: HashMap<String, broadcast::Sender<Delivery>>,
+    /// (stream index, key) -> ring.
+    streams: HashMap<(usize, String), broadcast::Sender<Delivery>>,
+}
+
+/// A keyed ring: one user's, or one key of one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ring {
+    User(String),
+    Stream(usize, String),
+}
+
+impl State {
+    fn ring(&self, ring: &Ring) -> Option<&broadcast::Sender<Delivery>> {
+        match ring {
+            Ring::User(user) => self.users.get(user),
+            Ring::Stream(index, key) => self.streams.get(&(*index, key.clone())),
+        }
+    }
+
+    fn remove(&mut self, ring: &Ring) {
+        match ring {
+            Ring::User(user) => self.users.remove(user),
+            Ring::Stream(index, key) => self.streams.remove(&(*index, key.clone())),
+        };
+    }
 }
 
 /// A socket's place in the hub: the `last_id` at the moment it subscribed and
@@ -64,7 +93,7 @@ struct State {
 pub struct Subscription {
     pub last_id: i64,
     pub rx: broadcast::Receiver<Delivery>,
-    user: Option<(Arc<Hub>, String)>,
+    keyed: Option<(Arc<Hub>, Ring)>,
 }
 
 impl Hub {
@@ -75,9 +104,11 @@ impl Hub {
                 last_id: 0,
                 dashboard: broadcast::channel(dashboard_queue).0,
                 users: HashMap::new(),
+                streams: HashMap::new(),
             }),
             dashboard_queue,
             user_queue: sizes.user.max(1),
+            stream_queue: sizes.stream.max(1),
         })
     }
 
@@ -106,6 +137,7 @@ impl Hub {
         state.last_id = last_id;
         state.dashboard = broadcast::channel(self.dashboard_queue).0;
         state.users.clear();
+        state.streams.clear();
     }
 
     /// Hands one event to its audiences. Never waits. The frame is built
@@ -113,8 +145,7 @@ impl Hub {
     /// shared bytes are pushed into the rings, so a subscribe or unsubscribe
     /// never waits for a serialisation.
     pub fn publish(&self, event: &Event, targets: &Targets) {
-        let delivery =
-            (targets.dashboard || !targets.users.is_empty()).then(|| Delivery::new(event));
+        let delivery = targets.any().then(|| Delivery::new(event));
         let mut state = self.state();
         state.last_id = state.last_id.max(event.id);
         let Some(delivery) = delivery else {
@@ -129,6 +160,11 @@ impl Hub {
                 let _ = tx.send(delivery.clone());
             }
         }
+        for target in &targets.streams {
+            if let Some(tx) = state.streams.get(target) {
+                let _ = tx.send(delivery.clone());
+            }
+        }
     }
 
     pub fn subscribe_dashboard(&self) -> Subscription {
@@ -136,21 +172,30 @@ impl Hub {
         Subscription {
             last_id: state.last_id,
             rx: state.dashboard.subscribe(),
-            user: None,
+            keyed: None,
         }
     }
 
-    pub fn subscribe_user(self: &Arc<Self>, user: &str) -> Subscription {
+    /// A socket on a keyed ring (a user's, a stream key's), created if it
+    /// is the first.
+    pub fn subscribe(self: &Arc<Self>, ring: Ring) -> Subscription {
         let mut state = self.state();
-        let rx = state
-            .users
-            .entry(user.to_owned())
-            .or_insert_with(|| broadcast::channel(self.user_queue).0)
-            .subscribe();
+        let rx = match &ring {
+            Ring::User(user) => state
+                .users
+                .entry(user.clone())
+                .or_insert_with(|| broadcast::channel(self.user_queue).0)
+                .subscribe(),
+            Ring::Stream(index, key) => state
+                .streams
+                .entry((*index, key.clone()))
+                .or_insert_with(|| broadcast::channel(self.stream_queue).0)
+                .subscribe(),
+        };
         Subscription {
             last_id: state.last_id,
             rx,
-            user: Some((Arc::clone(self), user.to_owned())),
+            keyed: Some((Arc::clone(self), ring)),
         }
     }
 
@@ -163,16 +208,15 @@ impl Hub {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        if let Some((hub, user)) = &self.user {
+        if let Some((hub, ring)) = &self.keyed {
             let mut state = hub.state();
             // Our own receiver is still alive here: 1 means it was the last.
             // After a restart the entry may be a new channel: leave that one.
             if state
-                .users
-                .get(user)
+                .ring(ring)
                 .is_some_and(|tx| tx.receiver_count() <= 1 && tx.subscribe().same_channel(&self.rx))
             {
-                state.users.remove(user);
+                state.remove(ring);
             }
         }
     }
@@ -198,6 +242,7 @@ mod tests {
         Hub::new(QueueSizes {
             dashboard: 4,
             user: 2,
+            stream: 2,
         })
     }
 
@@ -205,13 +250,14 @@ mod tests {
     fn subscribers_get_only_their_audience() {
         let hub = hub();
         let mut dash = hub.subscribe_dashboard();
-        let mut alice = hub.subscribe_user("alice");
-        let mut bob = hub.subscribe_user("bob");
+        let mut alice = hub.subscribe(Ring::User("alice".into()));
+        let mut bob = hub.subscribe(Ring::User("bob".into()));
         hub.publish(
             &event(1),
             &Targets {
                 dashboard: false,
                 users: vec!["alice".into()],
+                streams: vec![],
             },
         );
         assert_eq!(alice.rx.try_recv().map(|d| d.id).ok(), Some(1));
@@ -229,10 +275,11 @@ mod tests {
     #[test]
     fn a_full_queue_lags_instead_of_blocking() {
         let hub = hub();
-        let mut alice = hub.subscribe_user("alice");
+        let mut alice = hub.subscribe(Ring::User("alice".into()));
         let to_alice = Targets {
             dashboard: false,
             users: vec!["alice".into()],
+            streams: vec![],
         };
         for id in 1..=3 {
             hub.publish(&event(id), &to_alice);
@@ -247,12 +294,13 @@ mod tests {
     fn restart_closes_every_queue_and_old_sockets_leave_new_ones_alone() {
         let hub = hub();
         let mut dash = hub.subscribe_dashboard();
-        let mut old = hub.subscribe_user("alice");
+        let mut old = hub.subscribe(Ring::User("alice".into()));
         hub.publish(
             &event(10),
             &Targets {
                 dashboard: true,
                 users: vec![],
+                streams: vec![],
             },
         );
         hub.restart(3);
@@ -266,7 +314,7 @@ mod tests {
             old.rx.try_recv(),
             Err(broadcast::error::TryRecvError::Closed)
         ));
-        let mut new = hub.subscribe_user("alice");
+        let mut new = hub.subscribe(Ring::User("alice".into()));
         drop(old);
         assert_eq!(
             hub.connected_users(),
@@ -278,6 +326,7 @@ mod tests {
             &Targets {
                 dashboard: false,
                 users: vec!["alice".into()],
+                streams: vec![],
             },
         );
         assert_eq!(new.rx.try_recv().map(|d| d.id).ok(), Some(4));
@@ -286,8 +335,8 @@ mod tests {
     #[test]
     fn last_socket_of_a_user_removes_the_queue() {
         let hub = hub();
-        let first = hub.subscribe_user("alice");
-        let second = hub.subscribe_user("alice");
+        let first = hub.subscribe(Ring::User("alice".into()));
+        let second = hub.subscribe(Ring::User("alice".into()));
         assert_eq!(hub.connected_users(), 1);
         drop(first);
         assert_eq!(hub.connected_users(), 1);

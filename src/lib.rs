@@ -62,6 +62,8 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod shared;
+pub mod sse;
+pub mod websocket;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -75,7 +77,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{AdminLookup, Slots};
+use crate::admission::{Lookup, Slots};
 use crate::auth::{KeyError, Verifier};
 use crate::config::ServeConfig;
 use crate::db::{Db, DbError};
@@ -211,7 +213,18 @@ impl Relay {
         let admin_lookup = config
             .admin_query
             .clone()
-            .map(|query| AdminLookup::new(db.clone(), query, config.admin_cache));
+            .map(|query| Lookup::new(db.clone(), "admin query", query, config.admin_cache));
+        let stream_lookups = (config.routes.streams().iter())
+            .map(|stream| {
+                let query = config
+                    .stream_queries
+                    .iter()
+                    .find(|(n, _)| *n == stream.name);
+                query.map(|(_, sql)| {
+                    Lookup::new(db.clone(), "stream query", sql.clone(), config.admin_cache)
+                })
+            })
+            .collect();
         let shared = Arc::new(Shared {
             verifier: RwLock::new(Arc::new(verifier)),
             auth: config.auth.clone(),
@@ -219,6 +232,8 @@ impl Relay {
             limits: config.limits.clone(),
             allowed_origins: config.allowed_origins.clone(),
             admin_lookup,
+            stream_lookups,
+            token_cookie: config.token_cookie.clone(),
             hub,
             db,
             // Two pool connections stay free for admin checks and the probe.

@@ -15,7 +15,7 @@
 //! Counters on the per-socket path are added per written batch, not per
 //! frame, to keep atomics off the hot loop.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -23,18 +23,11 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::wire::Endpoint;
-
-/// The endpoint label: [`Endpoint::name`], as clients see it in `hello`.
-impl EncodeLabelValue for Endpoint {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        std::fmt::Write::write_str(encoder, self.name())
-    }
-}
-
+/// The endpoint label: `wire::Endpoint::name`, as clients see it in
+/// `hello` (a stream's name, never its key).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
-    pub stream: Endpoint,
+    pub stream: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -173,9 +166,11 @@ impl Metrics {
         self.refusals.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    pub fn connections(&self, stream: Endpoint) -> Gauge {
+    pub fn connections(&self, stream: &str) -> Gauge {
         self.connections
-            .get_or_create(&StreamLabels { stream })
+            .get_or_create(&StreamLabels {
+                stream: stream.to_owned(),
+            })
             .clone()
     }
 
@@ -329,7 +324,7 @@ mod tests {
         metrics.refused("invalid_token");
         metrics.deliveries.inc_by(3);
         metrics.event_lag.observe(0.002);
-        metrics.connections(Endpoint::Dashboard).inc();
+        metrics.connections("dashboard").inc();
         let openmetrics = metrics.render(Format::OpenMetrics);
         assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
         assert!(openmetrics.contains("# TYPE pgrelay_deliveries counter\n"));

@@ -6,6 +6,12 @@
 //! exactly as written; compared as text, so `42` and `"42"` are the same user,
 //! and `2.50` names nobody. The same [`Routes::route`] decides live
 //! delivery and replay, so a resumed socket sees exactly what a live one would.
+//!
+//! A configured [`Stream`] (`NAME=CHANNEL:FIELD[,CHANNEL:FIELD...]`) is a
+//! keyed audience of the same kind as a user: an event on CHANNEL goes to
+//! the stream's key that FIELD names, by the same rule (so `/ws/businesses/42/`
+//! gets the business rows whose `id` is 42 and the reservations whose
+//! `business_id` is 42). Who may open a key is `admission`'s question.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -26,30 +32,64 @@ pub enum Audience {
     User(String),
 }
 
-/// Channel -> audiences, from `--route` flags or the defaults.
+/// Channel -> audiences, from `--route` flags or the defaults, and the
+/// configured streams (`--stream`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routes {
     by_channel: BTreeMap<String, Vec<Audience>>,
+    streams: Vec<Stream>,
+    /// Per channel, what [`Routes::route`] reads and where it sends it.
+    plans: BTreeMap<String, Plan>,
 }
 
-/// The filter of one user's replay, built by [`Routes::user_filter`].
+/// A configured stream: its name (the path segment in `/ws/NAME/KEY/`) and
+/// the (channel, field) pairs whose field's value is the key.
 #[derive(Debug, Clone, PartialEq)]
-pub struct UserFilter {
+pub struct Stream {
+    pub name: String,
+    pub carries: Vec<(String, String)>,
+}
+
+/// One channel's routing, compiled: the payload fields to read, once, and
+/// which audience takes which field.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Plan {
+    dashboard: bool,
+    fields: Vec<String>,
+    /// Indexes into `fields`: each names a user.
+    users: Vec<usize>,
+    /// (stream index, index into `fields`): each names one of that stream's keys.
+    streams: Vec<(usize, usize)>,
+}
+
+/// The filter of one keyed replay (a user's notifications or one key of a
+/// stream), built by [`Routes::user_filter`] or [`Routes::stream_filter`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyFilter {
     /// Routed (channel, field) pairs, as two parallel lists.
     pub channels: Vec<String>,
     pub fields: Vec<String>,
     /// JSON objects a matching payload contains (for the payload index).
     pub patterns: Vec<String>,
-    pub user: String,
-    /// Whether `user` also matches JSON integers.
+    pub key: String,
+    /// Whether `key` also matches JSON integers.
     pub integer: bool,
 }
 
-/// Where one event goes: the dashboard stream and/or these users.
+/// Where one event goes: the dashboard stream, these users, and these
+/// (stream index, key) pairs.
 #[derive(Debug, Default, PartialEq)]
 pub struct Targets {
     pub dashboard: bool,
     pub users: Vec<String>,
+    pub streams: Vec<(usize, String)>,
+}
+
+impl Targets {
+    /// Whether anyone at all is addressed.
+    pub fn any(&self) -> bool {
+        self.dashboard || !self.users.is_empty() || !self.streams.is_empty()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -64,7 +104,19 @@ pub enum RouteError {
     BadName { route: String, name: String },
     #[error("channel {0:?} is routed twice")]
     Duplicate(String),
+    #[error("stream {0:?} is not NAME=CHANNEL:FIELD[,CHANNEL:FIELD...]")]
+    StreamSyntax(String),
+    #[error("stream {0:?}: a name may hold only letters, digits, _ and -, and is not dashboard or notifications")]
+    StreamName(String),
+    #[error("stream {0:?} is defined twice")]
+    StreamDuplicate(String),
 }
+
+/// The demo domain's stream, used when neither `--route` nor `--stream` is
+/// given: `/ws/businesses/{id}/` carries the business's own rows and its
+/// reservations.
+pub const DEFAULT_STREAMS: [&str; 1] =
+    ["businesses=business_events:id,reservation_events:business_id"];
 
 /// The routes of the demo domain, used when no `--route` is given.
 pub const DEFAULT_ROUTES: [&str; 2] = [
@@ -98,6 +150,7 @@ impl fmt::Display for Audience {
 impl Routes {
     /// Parses `--route` values; an empty list means the default routes.
     pub fn parse<S: AsRef<str>>(specs: &[S]) -> Result<Routes, RouteError> {
+        let defaults_in_use = specs.is_empty();
         let mut by_channel = BTreeMap::new();
         let defaults = DEFAULT_ROUTES.map(String::from);
         let specs: Vec<&str> = if specs.is_empty() {
@@ -138,12 +191,83 @@ impl Routes {
                 return Err(RouteError::Duplicate(channel.to_owned()));
             }
         }
-        Ok(Routes { by_channel })
+        let mut routes = Routes {
+            by_channel,
+            streams: Vec::new(),
+            plans: BTreeMap::new(),
+        };
+        if defaults_in_use {
+            routes = routes.with_streams(&DEFAULT_STREAMS)?;
+        }
+        routes.plan();
+        Ok(routes)
     }
 
-    /// Every routed channel: the listener LISTENs on each.
+    /// These routes with exactly the streams `specs` define (`--stream`);
+    /// an empty list keeps the streams there are (the demo's stream with
+    /// the default routes, none otherwise).
+    pub fn with_streams<S: AsRef<str>>(mut self, specs: &[S]) -> Result<Routes, RouteError> {
+        if specs.is_empty() {
+            return Ok(self);
+        }
+        let mut streams: Vec<Stream> = Vec::new();
+        for spec in specs {
+            let stream: Stream = spec.as_ref().parse()?;
+            if streams.iter().any(|s| s.name == stream.name) {
+                return Err(RouteError::StreamDuplicate(stream.name));
+            }
+            streams.push(stream);
+        }
+        self.streams = streams;
+        self.plan();
+        Ok(self)
+    }
+
+    /// The configured streams, in order: a stream's index here is its id in
+    /// [`Targets::streams`].
+    pub fn streams(&self) -> &[Stream] {
+        &self.streams
+    }
+
+    /// Compiles each channel's [`Plan`] from the routes and the streams.
+    fn plan(&mut self) {
+        let mut plans: BTreeMap<String, Plan> = BTreeMap::new();
+        fn field(plan: &mut Plan, name: &str) -> usize {
+            match plan.fields.iter().position(|f| f == name) {
+                Some(i) => i,
+                None => {
+                    plan.fields.push(name.to_owned());
+                    plan.fields.len() - 1
+                }
+            }
+        }
+        for (channel, audiences) in &self.by_channel {
+            let plan = plans.entry(channel.clone()).or_default();
+            for audience in audiences {
+                match audience {
+                    Audience::Dashboard => plan.dashboard = true,
+                    Audience::User(name) => {
+                        let i = field(plan, name);
+                        plan.users.push(i);
+                    }
+                }
+            }
+        }
+        for (s, stream) in self.streams.iter().enumerate() {
+            for (channel, name) in &stream.carries {
+                let plan = plans.entry(channel.clone()).or_default();
+                let i = field(plan, name);
+                if !plan.streams.contains(&(s, i)) {
+                    plan.streams.push((s, i));
+                }
+            }
+        }
+        self.plans = plans;
+    }
+
+    /// Every channel a route or a stream names: the listener LISTENs on each.
     pub fn channels(&self) -> Vec<String> {
-        self.by_channel.keys().cloned().collect()
+        self.plans.keys().cloned().collect()
     }
 
     /// Channels routed to the dashboard, for its replay query.
@@ -169,55 +293,60 @@ impl Routes {
             .unzip()
     }
 
-    /// What a replay of `user`'s stream filters on (see
-    /// `db::USER_EVENTS_BETWEEN`): every routed (channel, field) pair, and
-    /// the containment patterns an index can answer, one per field and
-    /// JSON type the rule of [`user_id`] lets name this user.
-    pub fn user_filter(&self, user: &str) -> UserFilter {
-        let (channels, fields) = self.user_fields();
-        let integer = is_integer_id(user);
-        let mut patterns: Vec<String> = Vec::new();
-        for field in &fields {
-            let key = serde_json::Value::from(field.as_str());
-            let string = serde_json::Value::from(user);
-            let mut candidates = vec![format!("{{{key}:{string}}}")];
-            if integer {
-                candidates.push(format!("{{{key}:{user}}}"));
-            }
-            for pattern in candidates {
-                if !patterns.contains(&pattern) {
-                    patterns.push(pattern);
-                }
-            }
-        }
-        UserFilter {
-            channels,
-            fields,
-            patterns,
-            user: user.to_owned(),
-            integer,
-        }
+    /// What a replay of `user`'s notifications filters on: every
+    /// `user:FIELD` (channel, field) pair.
+    pub fn user_filter(&self, user: &str) -> KeyFilter {
+        key_filter(self.user_fields(), user)
+    }
+
+    /// What a replay of one key of stream `index` filters on: the pairs it
+    /// carries.
+    pub fn stream_filter(&self, index: usize, key: &str) -> KeyFilter {
+        let pairs = self
+            .streams
+            .get(index)
+            .map(|s| s.carries.iter().cloned().unzip())
+            .unwrap_or_default();
+        key_filter(pairs, key)
+    }
+
+    /// The channels a stream carries (a stream's replay reads only these).
+    pub fn stream_channels(&self, index: usize) -> Vec<String> {
+        let mut channels: Vec<String> = self
+            .streams
+            .get(index)
+            .map(|s| s.carries.iter().map(|(c, _)| c.clone()).collect())
+            .unwrap_or_default();
+        channels.dedup();
+        channels
     }
 
     /// The audiences of an event, or nothing for an unrouted channel.
     pub fn route(&self, event: &Event) -> Targets {
-        let Some(audiences) = self.by_channel.get(&event.channel) else {
+        let Some(plan) = self.plans.get(&event.channel) else {
             return Targets::default();
         };
-        let mut targets = Targets::default();
-        // Only the routed fields are kept; the payload is read once, and only
-        // when some audience needs a field.
-        let mut row: Option<Vec<Option<&RawValue>>> = None;
-        for (i, audience) in audiences.iter().enumerate() {
-            match audience {
-                Audience::Dashboard => targets.dashboard = true,
-                Audience::User(_) => {
-                    let row = row.get_or_insert_with(|| routed_fields(&event.data, audiences));
-                    if let Some(user) = row[i].and_then(user_id) {
-                        if !targets.users.contains(&user) {
-                            targets.users.push(user);
-                        }
-                    }
+        let mut targets = Targets {
+            dashboard: plan.dashboard,
+            ..Targets::default()
+        };
+        if plan.fields.is_empty() {
+            return targets;
+        }
+        // The payload is read once, and only the planned fields are kept.
+        let row = routed_fields(&event.data, &plan.fields);
+        for &i in &plan.users {
+            if let Some(user) = row[i].and_then(user_id) {
+                if !targets.users.contains(&user) {
+                    targets.users.push(user);
+                }
+            }
+        }
+        for &(stream, i) in &plan.streams {
+            if let Some(key) = row[i].and_then(user_id) {
+                let target = (stream, key);
+                if !targets.streams.contains(&target) {
+                    targets.streams.push(target);
                 }
             }
         }
@@ -225,21 +354,98 @@ impl Routes {
     }
 }
 
-/// The raw values of the `user:FIELD` audiences' fields in a payload, one
-/// slot per audience. Every other value is scanned past, neither decoded nor
-/// copied, and keys are compared borrowed. A repeated key keeps its last value, and
-/// a payload that is not a JSON object names nobody, as a parse into a map
-/// would. Values are borrowed raw, so a number is read as written, never
-/// through f64.
-fn routed_fields<'a>(data: &'a RawValue, audiences: &[Audience]) -> Vec<Option<&'a RawValue>> {
-    let mut de = serde_json::Deserializer::from_str(data.get());
-    match (Fields(audiences).deserialize(&mut de), de.end()) {
-        (Ok(values), Ok(())) => values,
-        _ => vec![None; audiences.len()],
+/// What a keyed replay filters on (see `db::KEYED_EVENTS_BETWEEN`): the
+/// (channel, field) pairs, and the containment patterns an index can
+/// answer, one per field and JSON type the rule of [`user_id`] lets name
+/// this key.
+fn key_filter((channels, fields): (Vec<String>, Vec<String>), key: &str) -> KeyFilter {
+    let integer = is_integer_id(key);
+    let mut patterns: Vec<String> = Vec::new();
+    for field in &fields {
+        let name = serde_json::Value::from(field.as_str());
+        let string = serde_json::Value::from(key);
+        let mut candidates = vec![format!("{{{name}:{string}}}")];
+        if integer {
+            candidates.push(format!("{{{name}:{key}}}"));
+        }
+        for pattern in candidates {
+            if !patterns.contains(&pattern) {
+                patterns.push(pattern);
+            }
+        }
+    }
+    KeyFilter {
+        channels,
+        fields,
+        patterns,
+        key: key.to_owned(),
+        integer,
     }
 }
 
-struct Fields<'f>(&'f [Audience]);
+impl FromStr for Stream {
+    type Err = RouteError;
+
+    /// `NAME=CHANNEL:FIELD[,CHANNEL:FIELD...]`.
+    fn from_str(spec: &str) -> Result<Stream, RouteError> {
+        let syntax = || RouteError::StreamSyntax(spec.to_owned());
+        let (name, carries) = spec.split_once('=').ok_or_else(syntax)?;
+        let name = name.trim();
+        let reserved = matches!(name, "dashboard" | "notifications");
+        let path_safe = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+        if reserved || !path_safe {
+            return Err(RouteError::StreamName(spec.to_owned()));
+        }
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for pair in carries.split(',') {
+            let (channel, field) = pair.trim().split_once(':').ok_or_else(syntax)?;
+            let (channel, field) = (channel.trim(), field.trim());
+            if channel.len() > 63 || !is_name(channel) || !is_name(field) {
+                return Err(syntax());
+            }
+            let pair = (channel.to_owned(), field.to_owned());
+            if !pairs.contains(&pair) {
+                pairs.push(pair);
+            }
+        }
+        Ok(Stream {
+            name: name.to_owned(),
+            carries: pairs,
+        })
+    }
+}
+
+impl fmt::Display for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}=", self.name)?;
+        for (i, (channel, field)) in self.carries.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{channel}:{field}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The raw values of `fields` in a payload, one slot per field. Every other
+/// value is scanned past, neither decoded nor copied, and keys are compared
+/// borrowed. A repeated key keeps its last value, and a payload that is not
+/// a JSON object names nobody, as a parse into a map would. Values are
+/// borrowed raw, so a number is read as written, never through f64.
+fn routed_fields<'a>(data: &'a RawValue, fields: &[String]) -> Vec<Option<&'a RawValue>> {
+    let mut de = serde_json::Deserializer::from_str(data.get());
+    match (Fields(fields).deserialize(&mut de), de.end()) {
+        (Ok(values), Ok(())) => values,
+        _ => vec![None; fields.len()],
+    }
+}
+
+struct Fields<'f>(&'f [String]);
 
 impl<'de> DeserializeSeed<'de> for Fields<'_> {
     type Value = Vec<Option<&'de RawValue>>;
@@ -259,12 +465,8 @@ impl<'de> Visitor<'de> for Fields<'_> {
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
         let mut values = vec![None; self.0.len()];
         while let Some(Key(key)) = map.next_key()? {
-            let wanted = |a: &Audience| matches!(a, Audience::User(f) if *f == *key);
-            if self.0.iter().any(wanted) {
-                let value: &'de RawValue = map.next_value()?;
-                for (slot, _) in values.iter_mut().zip(self.0).filter(|(_, a)| wanted(a)) {
-                    *slot = Some(value);
-                }
+            if let Some(slot) = self.0.iter().position(|f| *f == *key) {
+                values[slot] = Some(map.next_value()?);
             } else {
                 map.next_value::<IgnoredAny>()?;
             }

@@ -33,7 +33,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{
     HeaderValue, CONTENT_TYPE, ORIGIN, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_PROTOCOL,
@@ -45,15 +45,18 @@ use hyper_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use hyper_tungstenite::WebSocketStream;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::admission::{client_key, origin_allowed, Limits, NoSlot, Pending, ADMIN_QUERY_TIMEOUT};
-use crate::auth::presented_token;
+use crate::auth::{presented_token, Presented};
 use crate::coalesce::Coalesce;
 use crate::metrics::Format;
 use crate::session;
 use crate::shared::Shared;
-use crate::wire::{Endpoint, Resume};
+use crate::sse;
+use crate::websocket::WebSocketPeer;
+use crate::wire::{Endpoint, Resume, Transport};
 
 /// The dashboard page and the JS client, embedded: no build step, no
 /// external URL.
@@ -76,7 +79,7 @@ fn websocket_config(limits: &Limits) -> WebSocketConfig {
         .max_frame_size(Some(limits.max_client_message))
 }
 
-pub type Body = Full<Bytes>;
+pub use crate::shared::Body;
 
 /// Accepts connections until shutdown.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -136,10 +139,14 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             async move {
                 // Held until the connection upgrades (hyper's future ends
                 // once the 101 is written and the IO handed over) or closes.
-                let _place = place;
+                let place = place;
+                // Told when the connection turns into an event stream.
+                let streaming = Arc::new(Notify::new());
+                let became_stream = Arc::clone(&streaming);
                 let service = service_fn(move |req| {
                     let shared = Arc::clone(&for_service);
-                    async move { Ok::<_, Infallible>(handle(req, &shared).await) }
+                    let streaming = Arc::clone(&streaming);
+                    async move { Ok::<_, Infallible>(handle(req, &shared, &streaming).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -165,6 +172,22 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                         tracing::debug!("not upgraded in time: closing");
                         conn.as_mut().graceful_shutdown();
                         let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                    }
+                    _ = became_stream.notified() => {
+                        // An event stream: authenticated, so no longer
+                        // pending, and served until it ends.
+                        drop(place);
+                        tokio::select! {
+                            result = conn.as_mut() => {
+                                if let Err(e) = result {
+                                    tracing::debug!(error = %e, "event stream connection ended");
+                                }
+                            }
+                            _ = shutdown.cancelled() => {
+                                conn.as_mut().graceful_shutdown();
+                                let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                            }
+                        }
                     }
                     result = conn.as_mut() => {
                         if let Err(e) = result {
@@ -219,7 +242,7 @@ async fn refuse_raw(mut stream: tokio::net::TcpStream, status: StatusCode, why: 
 
 /// A plain-text answer: `body` and a newline.
 pub fn text(status: StatusCode, body: &str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
@@ -228,11 +251,13 @@ pub fn text(status: StatusCode, body: &str) -> Response<Body> {
     response
 }
 
-async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
+async fn handle(
+    mut req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    streaming: &Notify,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
-    let endpoint = match path.as_str() {
-        "/ws/dashboard/" | "/ws/dashboard" => Endpoint::Dashboard,
-        "/ws/notifications/" | "/ws/notifications" => Endpoint::Notifications,
+    let (transport, endpoint) = match path.as_str() {
         "/healthz" if req.method() == Method::GET => return text(StatusCode::OK, "ok"),
         "/" if req.method() == Method::GET => return asset(INDEX_HTML, "text/html; charset=utf-8"),
         "/pgrelay-client.js" if req.method() == Method::GET => {
@@ -254,7 +279,8 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
                     .get(hyper::header::ACCEPT)
                     .and_then(|v| v.to_str().ok()),
             );
-            let mut response = Response::new(Full::new(Bytes::from(shared.metrics.render(format))));
+            let rendered = Bytes::from(shared.metrics.render(format));
+            let mut response = Response::new(Full::new(rendered).boxed());
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(format.content_type()),
@@ -264,20 +290,10 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
         "/healthz" | "/readyz" | "/metrics" => {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use GET")
         }
-        other => {
-            return match shared.extra_routes.as_ref() {
-                // A cross-site form post carries another Origin: only the
-                // page's own origin may reach a program's POST routes.
-                Some(_) if req.method() == Method::POST && !same_origin(&req) => {
-                    text(StatusCode::FORBIDDEN, "cross-origin request")
-                }
-                Some(extra) => match extra.answer(req.method(), other) {
-                    Some(answer) => answer.await,
-                    None => not_found(shared, other),
-                },
-                None => not_found(shared, other),
-            };
-        }
+        other => match Endpoint::from_path(other, shared.routes.streams()) {
+            Some(found) => found,
+            None => return extra_or_not_found(&req, shared, other).await,
+        },
     };
     if req.method() != Method::GET {
         return refuse(
@@ -301,17 +317,35 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
             &path,
         );
     }
-    if !hyper_tungstenite::is_upgrade_request(&req) {
-        return refuse(
-            shared,
-            StatusCode::BAD_REQUEST,
-            "not_websocket",
-            "not a WebSocket request (expected Upgrade: websocket)",
-            &path,
-        );
+    match transport {
+        Transport::WebSocket if !hyper_tungstenite::is_upgrade_request(&req) => {
+            return refuse(
+                shared,
+                StatusCode::BAD_REQUEST,
+                "not_websocket",
+                "not a WebSocket request (expected Upgrade: websocket)",
+                &path,
+            );
+        }
+        Transport::ServerSentEvents if !accepts_event_stream(&req) => {
+            return refuse(
+                shared,
+                StatusCode::NOT_ACCEPTABLE,
+                "not_event_stream",
+                "this endpoint sends text/event-stream",
+                &path,
+            );
+        }
+        _ => {}
     }
     let query = query_params(req.uri().query());
-    let Some(presented) = presented_token(req.headers(), &query) else {
+    let presented = presented_token(req.headers(), &query).or_else(|| {
+        let cookie = shared.token_cookie.as_deref()?;
+        (transport == Transport::ServerSentEvents)
+            .then(|| cookie_token(req.headers(), cookie))
+            .flatten()
+    });
+    let Some(presented) = presented else {
         return refuse(
             shared,
             StatusCode::UNAUTHORIZED,
@@ -340,31 +374,62 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
             );
         }
     };
-    if endpoint == Endpoint::Dashboard {
-        match shared.is_admin(&identity).await {
-            Ok(admin) => identity.admin = admin,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin query failed; refusing");
-                return refuse(
-                    shared,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "admin_query",
-                    "cannot check admin rights right now: retry later",
-                    &path,
-                );
+    match shared.may_open(&identity, &endpoint).await {
+        Ok(true) => {
+            if endpoint == Endpoint::Dashboard {
+                identity.admin = true;
             }
         }
+        Ok(false) if endpoint == Endpoint::Dashboard => {
+            return refuse(
+                shared,
+                StatusCode::FORBIDDEN,
+                "not_admin",
+                "the dashboard is for super admins only",
+                &path,
+            );
+        }
+        Ok(false) => {
+            return refuse(
+                shared,
+                StatusCode::FORBIDDEN,
+                "not_allowed",
+                "not allowed on this stream",
+                &path,
+            );
+        }
+        Err(e) if endpoint == Endpoint::Dashboard => {
+            tracing::warn!(error = %e, "admin query failed; refusing");
+            return refuse(
+                shared,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "admin_query",
+                "cannot check admin rights right now: retry later",
+                &path,
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "stream query failed; refusing");
+            return refuse(
+                shared,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stream_query",
+                "cannot check access to this stream right now: retry later",
+                &path,
+            );
+        }
     }
-    if endpoint == Endpoint::Dashboard && !identity.admin {
-        return refuse(
-            shared,
-            StatusCode::FORBIDDEN,
-            "not_admin",
-            "the dashboard is for super admins only",
-            &path,
-        );
-    }
-    let resume = match Resume::from_query(&query) {
+    // A reconnecting EventSource repeats its first URL, whose `last_id` is
+    // older than the `Last-Event-ID` it sends: the header wins.
+    let last_event_id = (transport == Transport::ServerSentEvents)
+        .then(|| req.headers().get("last-event-id"))
+        .flatten()
+        .map(|v| v.to_str().map_err(|_| "Last-Event-ID must be ASCII"));
+    let resume = match last_event_id {
+        Some(header) => header.and_then(Resume::from_last_event_id).map(Some),
+        None => Resume::from_query(&query),
+    };
+    let resume = match resume {
         Ok(resume) => resume,
         Err(why) => return refuse(shared, StatusCode::BAD_REQUEST, "bad_resume", why, &path),
     };
@@ -389,6 +454,25 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
             )
         }
     };
+    tracing::debug!(path, admin = identity.admin, resume = ?resume.as_ref().map(|r| r.last_id), "admitted");
+    let shared = Arc::clone(shared);
+    // The connection's span (client address and user) goes on with the
+    // stream's task.
+    let span = tracing::Span::current();
+    if transport == Transport::ServerSentEvents {
+        // No upgrade: the connection stays hyper's, serving this one
+        // response for the stream's life. It is no longer pending.
+        streaming.notify_one();
+        let (response, peer) = sse::open(shared.status.epoch());
+        shared.tracker.clone().spawn(
+            async move {
+                let _slot = slot;
+                session::run(peer, shared, endpoint, identity, resume).await;
+            }
+            .instrument(span),
+        );
+        return response.map(|body| body);
+    }
     let Some(key) = req
         .headers()
         .get("Sec-WebSocket-Key")
@@ -401,7 +485,7 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
         .cloned()
     else {
         return refuse(
-            shared,
+            &shared,
             StatusCode::BAD_REQUEST,
             "bad_handshake",
             "bad WebSocket handshake: missing Sec-WebSocket-Key or version 13",
@@ -410,7 +494,7 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
     };
     // The upgrade by hand (as hyper_tungstenite::upgrade does it) so that the
     // socket's IO can be wrapped in `Coalesce`.
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(Full::new(Bytes::new()).boxed());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers.insert(
@@ -438,22 +522,70 @@ async fn handle(mut req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Bo
             .headers_mut()
             .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer"));
     }
-    tracing::debug!(path, admin = identity.admin, resume = ?resume.as_ref().map(|r| r.last_id), "upgrading");
-    let shared = Arc::clone(shared);
-    // The connection's span (client address and user) goes on with the
-    // socket: hyper's connection task ends at the upgrade.
-    let span = tracing::Span::current();
+    let rate = shared.limits.client_messages_per_second;
     shared.tracker.clone().spawn(
         async move {
             let _slot = slot;
             match Box::pin(websocket).await {
-                Ok(ws) => session::run(ws, shared, endpoint, identity, resume).await,
+                Ok(ws) => {
+                    let peer = WebSocketPeer::new(ws, rate);
+                    session::run(peer, shared, endpoint, identity, resume).await
+                }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         }
         .instrument(span),
     );
     response
+}
+
+/// A path none of the relay's own: a program's extra route, or 404.
+async fn extra_or_not_found(
+    req: &Request<Incoming>,
+    shared: &Shared,
+    path: &str,
+) -> Response<Body> {
+    match shared.extra_routes.as_ref() {
+        // A cross-site form post carries another Origin: only the page's own
+        // origin may reach a program's POST routes.
+        Some(_) if req.method() == Method::POST && !same_origin(req) => {
+            text(StatusCode::FORBIDDEN, "cross-origin request")
+        }
+        Some(extra) => match extra.answer(req.method(), path) {
+            Some(answer) => answer.await,
+            None => not_found(shared, path),
+        },
+        None => not_found(shared, path),
+    }
+}
+
+/// No `Accept`, or one that takes `text/event-stream` (an `EventSource`
+/// sends exactly that).
+fn accepts_event_stream(req: &Request<Incoming>) -> bool {
+    let Some(accept) = req.headers().get(hyper::header::ACCEPT) else {
+        return true;
+    };
+    let accept = accept.to_str().unwrap_or_default();
+    accept.split(',').any(|media| {
+        let media = media.split(';').next().unwrap_or_default().trim();
+        media.eq_ignore_ascii_case("text/event-stream") || matches!(media, "*/*" | "text/*")
+    })
+}
+
+/// The token in cookie `name` (`--token-cookie`), for an `EventSource`,
+/// which cannot set headers.
+fn cookie_token(headers: &hyper::HeaderMap, name: &str) -> Option<Presented> {
+    headers
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, v)| *n == name && !v.is_empty())
+        .map(|(_, token)| Presented {
+            token: token.to_owned(),
+            via_subprotocol: false,
+        })
 }
 
 /// No `Origin`, or one naming this server's own `Host`.
@@ -477,7 +609,7 @@ fn same_origin(req: &Request<Incoming>) -> bool {
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));

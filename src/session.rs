@@ -1,41 +1,31 @@
-//! One WebSocket, after a successful upgrade: `hello`, optional replay, then
-//! live events until the peer leaves, the token expires, the socket falls too
-//! far behind, or the server shuts down.
+//! One client's stream, whatever carries it: `hello`, optional replay, then
+//! live events until the client leaves, the token expires, the client falls
+//! too far behind, or the server shuts down. The transport is a [`Peer`]:
+//! a WebSocket (`websocket`) or a Server-Sent Events response (`sse`); the
+//! rules here are the same for both and for every endpoint.
 //!
-//! Invariants: frames reach the socket in id order and at most once, because
+//! Invariants: frames reach the client in id order and at most once, because
 //! the session keeps a cursor and skips anything at or below it (replay and
 //! live meet at the hub's `last_id` taken when subscribing, and a cursor from
-//! a replica further ahead is honoured too). Queued frames are written in one
-//! batch and flushed once. A write that stalls longer than [`WRITE_TIMEOUT`]
-//! drops the socket. Database access goes through the pool only: the replay
-//! (`db::LogReader`, under the statement timeout, a user's stream filtered in
-//! SQL) and, on a dashboard socket's refresh, the admin query.
+//! a replica further ahead is honoured too). Queued frames are handed to the
+//! peer in one batch. A peer that stalls longer than [`WRITE_TIMEOUT`] is
+//! dropped. Database access goes through the pool only: the replay
+//! (`db::LogReader`, under the statement timeout, a keyed stream filtered in
+//! SQL) and, on a refresh, the admin or stream query.
 //!
 //! Close codes, frames and client messages are `wire`'s ([`Close`] says what
-//! each code means); the session decides when each is sent. Every close the session starts is a close handshake bounded by
-//! [`CLOSE_TIMEOUT`] (see `close`): the peer's frames are read until its
-//! close frame before TCP is closed, or the kernel would reset the connection
-//! and the peer would never see the code.
+//! each code means); the session decides when each is sent, the peer how.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::stream::FusedStream;
-use futures_util::{SinkExt, StreamExt};
-use hyper_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use hyper_tungstenite::tungstenite::protocol::CloseFrame;
-use hyper_tungstenite::tungstenite::{Message, Utf8Bytes};
-/// An upgraded socket; writes are coalesced until flush (see `coalesce`).
-pub type HyperWebsocketStream = hyper_tungstenite::WebSocketStream<
-    crate::coalesce::Coalesce<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
->;
+use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::Identity;
 use crate::db::{Cursor, LogReader, Source, REPLAY_WINDOW};
-use crate::hub::Subscription;
+use crate::hub::{Ring, Subscription};
 use crate::metrics::CloseLabels;
 use crate::parse::Event;
 use crate::replays::Busy;
@@ -43,7 +33,7 @@ use crate::shared::Shared;
 use crate::wire::{self, reason, ClientMessage, Close, Endpoint, Reset, Resume};
 
 /// A stalled peer is dropped after this long.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a close pgrelay starts may take, close frame and the peer's
 /// answer included. Shutdown closes every socket at once and must finish
 /// within [`SHUTDOWN_GRACE`].
@@ -52,14 +42,15 @@ const _: () = assert!(CLOSE_TIMEOUT.as_millis() < SHUTDOWN_GRACE.as_millis());
 
 /// How long shutdown waits for sockets to close before giving up on them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
-/// Frames written per flush at most, so one busy socket yields to others.
+/// Frames handed to the peer per batch at most, so one busy client yields
+/// to others.
 const MAX_BATCH: usize = 256;
 /// Events per replay page: bounds the memory a large backlog can take.
 const REPLAY_PAGE: i64 = 500;
 
 /// How a session ends.
-enum End {
-    /// Send a close frame with this code and reason.
+pub enum End {
+    /// Tell the client this code and reason, then end.
     Close(Close, &'static str),
     /// The peer is gone or stalled: nothing to say.
     Gone,
@@ -72,75 +63,76 @@ impl From<Close> for End {
     }
 }
 
-/// Runs one socket to its end.
-pub async fn run(
-    mut ws: HyperWebsocketStream,
+/// A frame of the wire contract, with what an SSE peer needs beside its
+/// text: the log position its `id:` names (`None`: no `id:`, the client
+/// keeps the one it has).
+pub enum Frame {
+    Hello { text: String, position: Option<i64> },
+    Event { id: i64, text: Utf8Bytes },
+    Reset { text: String, position: i64 },
+}
+
+impl Frame {
+    /// The frame's JSON text.
+    pub fn text(&self) -> &str {
+        match self {
+            Frame::Hello { text, .. } | Frame::Reset { text, .. } => text,
+            Frame::Event { text, .. } => text,
+        }
+    }
+}
+
+/// What a client did, as far as the session cares.
+pub enum Input {
+    /// A text message (only `refresh` is understood).
+    Text(String),
+    /// The client left, broke a rule the transport enforces, or stalled.
+    End(End),
+}
+
+/// A transport, as the session drives it. Implemented in this crate only
+/// (`websocket`, `sse`): each spawn site checks that its future is `Send`,
+/// so the trait need not promise it.
+#[allow(async_fn_in_trait)]
+pub trait Peer {
+    /// Sends the frames in one batch, within [`WRITE_TIMEOUT`].
+    async fn send(&mut self, frames: Vec<Frame>) -> Result<(), End>;
+    /// The client's next input. Must be cancel-safe: the session waits on it
+    /// beside the live queue.
+    async fn input(&mut self) -> Input;
+    /// Called every ping interval: a WebSocket ping, an SSE comment.
+    async fn heartbeat(&mut self) -> Result<(), End>;
+    /// Tells the client `kind` and `reason` and ends, within [`CLOSE_TIMEOUT`].
+    async fn close(&mut self, kind: Close, reason: &'static str);
+}
+
+/// Runs one client's stream to its end, counting it as a connection.
+pub async fn run<P: Peer>(
+    mut peer: P,
     shared: Arc<Shared>,
     endpoint: Endpoint,
     identity: Identity,
     resume: Option<Resume>,
 ) {
-    let gauge = shared.metrics.connections(endpoint.clone());
+    let gauge = shared.metrics.connections(endpoint.name());
     gauge.inc();
-    let end = session(&mut ws, &shared, &endpoint, identity, resume).await;
+    let end = session(&mut peer, &shared, &endpoint, identity, resume).await;
     if let End::Close(kind, reason) = end {
         let code = kind.code();
-        tracing::debug!(code, reason, "closing socket");
+        tracing::debug!(code, reason, "closing");
         shared
             .metrics
             .closes
             .get_or_create(&CloseLabels { code })
             .inc();
-        close(&mut ws, kind, reason).await;
+        peer.close(kind, reason).await;
     }
     // Counted until the connection is gone, close handshake included.
     gauge.dec();
 }
 
-/// The whole of a close pgrelay starts, within [`CLOSE_TIMEOUT`]: the close
-/// frame, then whatever the peer still sends, read and discarded, until its
-/// close frame or EOF; only then is TCP closed. Dropping TCP with the peer's
-/// frames unread makes the kernel answer with a reset, and a peer that gets
-/// it (a browser whose send fails, a proxy) loses the close frame and
-/// reports 1006 with no reason. The one deadline covers a peer that does not
-/// read (4008: the write of the close frame itself may stall) and one that
-/// floods instead of answering.
-async fn close(ws: &mut HyperWebsocketStream, kind: Close, reason: &'static str) {
-    let frame = CloseFrame {
-        code: CloseCode::from(kind.code()),
-        reason: Utf8Bytes::from_static(reason),
-    };
-    let handshake = async {
-        // After a read error (an oversized frame) tungstenite yields nothing
-        // more, and where the peer's next frame starts is lost.
-        let parseable = !ws.is_terminated();
-        if let Err(e) = ws.close(Some(frame)).await {
-            tracing::debug!(error = %e, "close frame not sent");
-            return;
-        }
-        if parseable {
-            // tungstenite now yields what the peer sent before it saw our
-            // close frame, then the peer's close frame, then the end.
-            loop {
-                match ws.next().await {
-                    None => return,
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) => break,
-                }
-            }
-        }
-        // What cannot be parsed is drained as bytes until the peer closes
-        // TCP. A peer that answered our close frame waits for us to close
-        // first: then the deadline ends it.
-        let _ = tokio::io::copy(ws.get_mut(), &mut tokio::io::sink()).await;
-    };
-    if timeout(CLOSE_TIMEOUT, handshake).await.is_err() {
-        tracing::debug!("peer did not finish the close handshake in time");
-    }
-}
-
-async fn session(
-    ws: &mut HyperWebsocketStream,
+async fn session<P: Peer>(
+    peer: &mut P,
     shared: &Shared,
     endpoint: &Endpoint,
     mut identity: Identity,
@@ -148,15 +140,22 @@ async fn session(
 ) -> End {
     let mut sub: Subscription = match endpoint {
         Endpoint::Dashboard => shared.hub.subscribe_dashboard(),
-        Endpoint::Notifications => shared.hub.subscribe_user(&identity.user),
+        Endpoint::Notifications => shared.hub.subscribe(Ring::User(identity.user.clone())),
+        Endpoint::Stream { index, key, .. } => {
+            shared.hub.subscribe(Ring::Stream(*index, key.clone()))
+        }
     };
-    let hello = wire::hello(
-        endpoint,
-        &identity.user,
-        sub.last_id,
-        &shared.status.epoch(),
-    );
-    if let Err(end) = write(ws, [Message::text(hello)]).await {
+    let hello = Frame::Hello {
+        text: wire::hello(
+            endpoint,
+            &identity.user,
+            sub.last_id,
+            &shared.status.epoch(),
+        ),
+        // A resuming client keeps its own position until replay moves it.
+        position: resume.is_none().then_some(sub.last_id),
+    };
+    if let Err(end) = peer.send(vec![hello]).await {
         return end;
     }
     let mut cursor = sub.last_id;
@@ -164,7 +163,7 @@ async fn session(
         // Boxed, like `refresh` below: awaited inline, their futures would set
         // the size of every socket's task for its whole life.
         let replayed = Box::pin(replay(
-            ws,
+            peer,
             shared,
             endpoint,
             &identity.user,
@@ -185,32 +184,16 @@ async fn session(
     let mut deadline = expiry(&identity, shared);
     let mut ping =
         tokio::time::interval_at(Instant::now() + shared.ping_interval, shared.ping_interval);
-    let mut awaiting_pong = false;
-    let mut rate = RateLimit::new(shared.limits.client_messages_per_second);
     loop {
         tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => return Close::Shutdown.into(),
             _ = tokio::time::sleep_until(deadline) => return Close::TokenExpired.into(),
-            // The peer's frames first: a busy stream must not starve pongs
-            // and refreshes. A peer flooding frames only slows itself.
-            message = ws.next() => match message {
-                Some(Ok(ref m)) if !m.is_close() && !rate.allow() => {
-                    return End::Close(Close::Unexpected, reason::TOO_MANY_MESSAGES);
-                }
-                None | Some(Ok(Message::Close(_))) => {
-                    // tungstenite queued the close reply: send it.
-                    let _ = timeout(Duration::from_secs(1), ws.flush()).await;
-                    return End::Gone;
-                }
-                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                    return Close::TooBig.into();
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "socket read failed");
-                    return End::Gone;
-                }
-                Some(Ok(Message::Text(text))) => {
+            // The client's input first: a busy stream must not starve
+            // refreshes. A client flooding frames only slows itself.
+            input = peer.input() => match input {
+                Input::End(end) => return end,
+                Input::Text(text) => {
                     match Box::pin(refresh(shared, endpoint, &identity, &text)).await {
                         Ok(renewed) => {
                             identity = renewed;
@@ -219,15 +202,6 @@ async fn session(
                         Err(end) => return end,
                     }
                 }
-                Some(Ok(Message::Binary(_))) => return Close::Binary.into(),
-                Some(Ok(Message::Pong(_))) => awaiting_pong = false,
-                Some(Ok(Message::Ping(_))) => {
-                    // tungstenite queued the pong: send it.
-                    if timeout(WRITE_TIMEOUT, ws.flush()).await.map_or(true, |r| r.is_err()) {
-                        return End::Gone;
-                    }
-                }
-                Some(Ok(Message::Frame(_))) => {}
             },
             received = sub.rx.recv() => {
                 let first = match received {
@@ -236,13 +210,13 @@ async fn session(
                     // The hub dropped every queue: the event log was reset.
                     Err(RecvError::Closed) => return Close::LogWentBack.into(),
                 };
-                // Coalesce: everything already queued goes out in one flush.
+                // Coalesce: everything already queued goes out in one batch.
                 let mut batch = Vec::new();
                 let mut next = Some(first);
                 while let Some(delivery) = next.take() {
                     if delivery.id > cursor {
                         cursor = delivery.id;
-                        batch.push(Message::Text(delivery.frame));
+                        batch.push(Frame::Event { id: delivery.id, text: delivery.frame });
                     }
                     if batch.len() >= MAX_BATCH {
                         break;
@@ -254,53 +228,16 @@ async fn session(
                     }
                 }
                 let n = batch.len() as u64;
-                if let Err(end) = write(ws, batch).await {
+                if let Err(end) = peer.send(batch).await {
                     return end;
                 }
                 shared.metrics.deliveries.inc_by(n);
             },
             _ = ping.tick() => {
-                if awaiting_pong {
-                    tracing::debug!("no pong since the last ping: dropping socket");
-                    return End::Gone;
-                }
-                awaiting_pong = true;
-                if let Err(end) = write(ws, [Message::Ping(Default::default())]).await {
+                if let Err(end) = peer.heartbeat().await {
                     return end;
                 }
             }
-        }
-    }
-}
-
-/// A token bucket for client frames: `rate` per second, bursts of ten times
-/// that. Clients have nothing to send but the odd `refresh`.
-struct RateLimit {
-    tokens: f64,
-    rate: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(per_second: u32) -> RateLimit {
-        let rate = f64::from(per_second.max(1));
-        RateLimit {
-            tokens: rate * 10.0,
-            rate,
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate * 10.0);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 }
@@ -310,7 +247,7 @@ fn slow(shared: &Shared) -> End {
     Close::TooSlow.into()
 }
 
-/// When the socket must close: the token's `exp`, plus the configured leeway.
+/// When the stream must close: the token's `exp`, plus the configured leeway.
 fn expiry(identity: &Identity, shared: &Shared) -> Instant {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -327,8 +264,8 @@ fn expiry(identity: &Identity, shared: &Shared) -> Instant {
 const MAX_TOKEN_LIFE: u64 = 10 * 365 * 24 * 3600;
 
 /// An in-band `{"type":"refresh","token":...}`: a valid token for the same
-/// user (still an admin on the dashboard) extends the socket; anything else
-/// closes it.
+/// user (still allowed on the dashboard or the stream) extends the stream;
+/// anything else closes it.
 async fn refresh(
     shared: &Shared,
     endpoint: &Endpoint,
@@ -344,13 +281,17 @@ async fn refresh(
     if renewed.user != current.user {
         return Err(End::Close(Close::TokenExpired, reason::REFRESH_OTHER_USER));
     }
-    if *endpoint == Endpoint::Dashboard {
-        // The same door as at connect: a revoked admin is shut out here.
-        match shared.is_admin(&renewed).await {
-            Ok(true) => renewed.admin = true,
-            Ok(false) => return Err(End::Close(Close::TokenExpired, reason::REFRESH_NOT_ADMIN)),
+    if *endpoint != Endpoint::Notifications {
+        // The same door as at connect: a revoked admin or owner is shut out here.
+        let refused = match endpoint {
+            Endpoint::Dashboard => reason::REFRESH_NOT_ADMIN,
+            _ => reason::REFRESH_NOT_ALLOWED,
+        };
+        match shared.may_open(&renewed, endpoint).await {
+            Ok(true) => renewed.admin = *endpoint == Endpoint::Dashboard || renewed.admin,
+            Ok(false) => return Err(End::Close(Close::TokenExpired, refused)),
             Err(e) => {
-                tracing::warn!(error = %e, "admin query failed during refresh");
+                tracing::warn!(error = %e, "admin or stream query failed during refresh");
                 return Err(End::Close(
                     Close::TokenExpired,
                     reason::REFRESH_ADMIN_UNKNOWN,
@@ -363,10 +304,10 @@ async fn refresh(
 }
 
 /// Replays the events after `resume.last_id` up to `upto` (the hub's `last_id`
-/// when this socket subscribed) that this socket may see, in pages. Returns
-/// the cursor live delivery continues from.
-async fn replay(
-    ws: &mut HyperWebsocketStream,
+/// when this client subscribed) that it may see, in pages. Returns the
+/// cursor live delivery continues from.
+async fn replay<P: Peer>(
+    peer: &mut P,
     shared: &Shared,
     endpoint: &Endpoint,
     user: &str,
@@ -403,27 +344,45 @@ async fn replay(
         None
     };
     if let Some(reason) = reset {
-        send_reset(ws, reason).await?;
+        send_reset(peer, reason, upto).await?;
         return Ok(upto);
     }
-    let dashboard = *endpoint == Endpoint::Dashboard;
     // The dashboard's pages hold only dashboard channels, which is all the
-    // router would check; a user's are filtered in SQL (only their rows leave
-    // the database) and again by the router, the rule live delivery follows.
-    let visible =
-        |event: &Event| dashboard || shared.routes.route(event).users.iter().any(|u| u == user);
-    let (channels, user_filter);
-    let source = if dashboard {
-        channels = shared.routes.dashboard_channels();
-        Source::Pool {
-            db: &shared.db,
-            channels: &channels,
+    // router would check; a keyed stream's are filtered in SQL (only its
+    // rows leave the database) and again by the router, the rule live
+    // delivery follows.
+    let visible = |event: &Event| {
+        let targets = || shared.routes.route(event);
+        match endpoint {
+            Endpoint::Dashboard => true,
+            Endpoint::Notifications => targets().users.iter().any(|u| u == user),
+            Endpoint::Stream { index, key, .. } => {
+                (targets().streams.iter()).any(|(i, k)| i == index && k == key)
+            }
         }
-    } else {
-        user_filter = shared.routes.user_filter(user);
-        Source::User {
-            db: &shared.db,
-            filter: &user_filter,
+    };
+    let (channels, filter);
+    let source = match endpoint {
+        Endpoint::Dashboard => {
+            channels = shared.routes.dashboard_channels();
+            Source::Pool {
+                db: &shared.db,
+                channels: &channels,
+            }
+        }
+        Endpoint::Notifications => {
+            filter = shared.routes.user_filter(user);
+            Source::Keyed {
+                db: &shared.db,
+                filter: &filter,
+            }
+        }
+        Endpoint::Stream { index, key, .. } => {
+            filter = shared.routes.stream_filter(*index, key);
+            Source::Keyed {
+                db: &shared.db,
+                filter: &filter,
+            }
         }
     };
     // One bounded window a page: a window with no match costs one cheap
@@ -439,15 +398,18 @@ async fn replay(
     );
     while let Some(page) = log.next_page().await.map_err(unavailable)? {
         shared.metrics.replay_rows.inc_by(page.rows as u64);
-        let frames: Vec<Message> = page
+        let frames: Vec<Frame> = page
             .events
             .iter()
             .filter(|e| visible(e))
-            .map(|e| Message::text(e.frame()))
+            .map(|e| Frame::Event {
+                id: e.id,
+                text: Utf8Bytes::from(e.frame()),
+            })
             .collect();
         let n = frames.len() as u64;
         if n > 0 {
-            write(ws, frames).await?;
+            peer.send(frames).await?;
             shared.metrics.deliveries.inc_by(n);
         }
     }
@@ -462,36 +424,31 @@ async fn replay(
             .map_err(unavailable)?
             .pruned_through;
         if pruned > resume.last_id {
-            send_reset(ws, Reset::CursorExpired).await?;
+            send_reset(peer, Reset::CursorExpired, upto).await?;
         }
     }
     Ok(resume.last_id.max(upto))
 }
 
-async fn send_reset(ws: &mut HyperWebsocketStream, why: Reset) -> Result<(), End> {
-    write(ws, [Message::text(wire::reset(why))]).await
+/// A `reset`; live delivery goes on from `position`.
+async fn send_reset<P: Peer>(peer: &mut P, why: Reset, position: i64) -> Result<(), End> {
+    let text = wire::reset(why);
+    peer.send(vec![Frame::Reset { text, position }]).await
 }
 
-/// Feeds the frames and flushes once, within [`WRITE_TIMEOUT`].
-async fn write(
-    ws: &mut HyperWebsocketStream,
-    frames: impl IntoIterator<Item = Message>,
+/// Runs `write` within [`WRITE_TIMEOUT`]: a failure or a stall is the end
+/// of the peer.
+pub async fn within_write_timeout<E: std::fmt::Display>(
+    write: impl std::future::Future<Output = Result<(), E>>,
 ) -> Result<(), End> {
-    let written = timeout(WRITE_TIMEOUT, async {
-        for frame in frames {
-            ws.feed(frame).await?;
-        }
-        ws.flush().await
-    })
-    .await;
-    match written {
+    match timeout(WRITE_TIMEOUT, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "socket write failed");
+            tracing::debug!(error = %e, "write failed");
             Err(End::Gone)
         }
         Err(_) => {
-            tracing::debug!("socket write stalled: dropping socket");
+            tracing::debug!("write stalled: dropping the client");
             Err(End::Gone)
         }
     }

@@ -10,19 +10,19 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Response};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{AdminLookup, Limits, Slots};
+use crate::admission::{Limits, Lookup, Slots};
 use crate::auth::{AuthConfig, Identity, KeyError, Verifier};
 use crate::db::{Db, DbError};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::replays::ReplayLimits;
 use crate::route::Routes;
+use crate::wire::Endpoint;
 
 /// Liveness facts the listener publishes and the server reads.
 #[derive(Debug, Default)]
@@ -54,12 +54,11 @@ impl Status {
 pub trait ExtraRoutes: Send + Sync {
     /// The answer to `method path`, or `None` when the path is not this
     /// program's (404).
-    fn answer(
-        &self,
-        method: &Method,
-        path: &str,
-    ) -> Option<BoxFuture<'static, Response<Full<Bytes>>>>;
+    fn answer(&self, method: &Method, path: &str) -> Option<BoxFuture<'static, Response<Body>>>;
 }
+
+/// Every HTTP response body pgrelay sends: a whole answer or an event stream.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
 /// What every connection and socket shares.
 pub struct Shared {
@@ -69,7 +68,13 @@ pub struct Shared {
     pub slots: Slots,
     pub limits: Limits,
     pub allowed_origins: Vec<String>,
-    pub admin_lookup: Option<AdminLookup>,
+    /// `--admin-query`.
+    pub admin_lookup: Option<Lookup>,
+    /// Each configured stream's `--stream-query`, by stream index (`None`:
+    /// super admins only).
+    pub stream_lookups: Vec<Option<Lookup>>,
+    /// `--token-cookie`.
+    pub token_cookie: Option<String>,
     pub hub: Arc<Hub>,
     pub db: Db,
     /// Caps on replays running at once (they share the read pool).
@@ -106,8 +111,32 @@ impl Shared {
     pub async fn is_admin(&self, identity: &Identity) -> Result<bool, DbError> {
         match &self.admin_lookup {
             _ if identity.admin => Ok(true),
-            Some(lookup) => lookup.is_admin(&identity.user).await,
+            Some(lookup) => lookup.ask(&[&identity.user]).await,
             None => Ok(false),
+        }
+    }
+
+    /// Whether this identity may open `endpoint`: anyone their own
+    /// notifications, super admins the dashboard and every stream key, a user
+    /// a stream key its `--stream-query` answers yes for. An error means
+    /// "cannot tell", never yes.
+    pub async fn may_open(
+        &self,
+        identity: &Identity,
+        endpoint: &Endpoint,
+    ) -> Result<bool, DbError> {
+        match endpoint {
+            Endpoint::Notifications => Ok(true),
+            Endpoint::Dashboard => self.is_admin(identity).await,
+            Endpoint::Stream { index, key, .. } => {
+                if self.is_admin(identity).await? {
+                    return Ok(true);
+                }
+                match self.stream_lookups.get(*index) {
+                    Some(Some(lookup)) => lookup.ask(&[&identity.user, key]).await,
+                    _ => Ok(false),
+                }
+            }
         }
     }
 }

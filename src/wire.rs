@@ -1,8 +1,10 @@
-//! The WebSocket contract, in one place: the endpoints ([`Endpoint`]), the
-//! resume parameters ([`Resume`]), the server's frames (`hello`, `event`,
-//! `reset`), the client's messages ([`ClientMessage`]) and the close codes
-//! with their reasons ([`Close`]). DESIGN.md's "WebSocket endpoints" is the
-//! prose of what is defined here.
+//! The wire contract, in one place: the endpoints and their paths
+//! ([`Endpoint`], [`Transport`]), the resume parameters ([`Resume`], from the
+//! query or an SSE `Last-Event-ID`), the server's frames (`hello`, `event`,
+//! `reset`) and their Server-Sent Events form ([`sse_event`]), the client's
+//! messages ([`ClientMessage`]) and the close codes with their reasons
+//! ([`Close`]). DESIGN.md's "WebSocket endpoints" is the prose of what is
+//! defined here.
 //!
 //! Pure: no I/O. The server, the session, `tail`, the bench and the tests
 //! name codes and frames from here instead of repeating numbers and JSON.
@@ -16,23 +18,78 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::parse::Event;
+use crate::route::Stream;
 
-/// A WebSocket endpoint: what a socket receives.
+/// An endpoint: what a socket or an event stream receives.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum Endpoint {
     /// `/ws/dashboard/`: every routed event with audience `dashboard`.
     Dashboard,
     /// `/ws/notifications/`: the events addressed to the socket's user.
     Notifications,
+    /// `/ws/NAME/KEY/`: the events of one key of configured stream `index`.
+    Stream {
+        index: usize,
+        name: String,
+        key: String,
+    },
 }
 
+/// How an endpoint is served: `/ws/...` or `/sse/...`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    ServerSentEvents,
+}
+
+/// The longest stream key a path may carry, in bytes.
+pub const MAX_KEY_BYTES: usize = 256;
+
 impl Endpoint {
-    /// The name clients see in `hello` and metrics carry as a label.
-    pub fn name(&self) -> &'static str {
+    /// The name clients see in `hello` and metrics carry as a label (a
+    /// stream's name, never its key).
+    pub fn name(&self) -> &str {
         match self {
             Endpoint::Dashboard => "dashboard",
             Endpoint::Notifications => "notifications",
+            Endpoint::Stream { name, .. } => name,
         }
+    }
+
+    /// The endpoint a request path names: `/ws/dashboard/`,
+    /// `/ws/notifications/`, `/ws/NAME/KEY/` for a configured stream, and the
+    /// same under `/sse/`; the trailing slash is optional. A key is one
+    /// percent-decoded path segment of 1 to [`MAX_KEY_BYTES`] bytes of UTF-8.
+    pub fn from_path(path: &str, streams: &[Stream]) -> Option<(Transport, Endpoint)> {
+        let (transport, rest) = if let Some(rest) = path.strip_prefix("/ws/") {
+            (Transport::WebSocket, rest)
+        } else if let Some(rest) = path.strip_prefix("/sse/") {
+            (Transport::ServerSentEvents, rest)
+        } else {
+            return None;
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let endpoint = match rest.split_once('/') {
+            None if rest == "dashboard" => Endpoint::Dashboard,
+            None if rest == "notifications" => Endpoint::Notifications,
+            None => return None,
+            Some((name, key)) => {
+                let index = streams.iter().position(|s| s.name == name)?;
+                if key.is_empty() || key.contains('/') {
+                    return None;
+                }
+                let key = percent_encoding::percent_decode_str(key)
+                    .decode_utf8()
+                    .ok()
+                    .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_BYTES)?;
+                Endpoint::Stream {
+                    index,
+                    name: name.to_owned(),
+                    key: key.into_owned(),
+                }
+            }
+        };
+        Some((transport, endpoint))
     }
 }
 
@@ -148,6 +205,8 @@ pub mod reason {
     pub const REFRESH_OTHER_USER: &str = "refresh refused: token is for another user";
     /// 4001: on the dashboard, the renewed token's user is no longer an admin.
     pub const REFRESH_NOT_ADMIN: &str = "refresh refused: not a super admin";
+    /// 4001: on a stream, the stream query no longer answers yes.
+    pub const REFRESH_NOT_ALLOWED: &str = "refresh refused: no longer allowed on this stream";
     /// 4001: on the dashboard, the admin query failed.
     pub const REFRESH_ADMIN_UNKNOWN: &str = "refresh refused: cannot check admin rights";
 }
@@ -163,18 +222,25 @@ pub enum ClientMessage {
 #[derive(Serialize)]
 struct HelloFrame<'a> {
     epoch: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
     last_id: i64,
-    stream: &'static str,
+    stream: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
     user: &'a str,
 }
 
-/// The `hello` frame: the endpoint, the user, the newest event id at
-/// connect time and the log's epoch.
+/// The `hello` frame: the endpoint (and a stream's key), the user, the
+/// newest event id at connect time and the log's epoch.
 pub fn hello(endpoint: &Endpoint, user: &str, last_id: i64, epoch: &str) -> String {
+    let key = match endpoint {
+        Endpoint::Stream { key, .. } => Some(key.as_str()),
+        _ => None,
+    };
     to_text(&HelloFrame {
         epoch,
+        key,
         last_id,
         stream: endpoint.name(),
         kind: "hello",
@@ -245,6 +311,71 @@ impl Event {
             data: &self.data,
         })
     }
+}
+
+/// The SSE event id of a position in the log: `EPOCH:ID`, so that a
+/// browser's `Last-Event-ID` carries the epoch and a cursor from another log
+/// gets a `reset`, never a silent gap.
+pub fn sse_id(epoch: &str, id: i64) -> String {
+    format!("{epoch}:{id}")
+}
+
+impl Resume {
+    /// A `Last-Event-ID` header: `EPOCH:ID` (as [`sse_id`] writes it) or a
+    /// bare id. `Err` is the 400's one-line body.
+    pub fn from_last_event_id(text: &str) -> Result<Resume, &'static str> {
+        let (epoch, id) = match text.trim().rsplit_once(':') {
+            Some((epoch, id)) => (Some(epoch), id),
+            None => (None, text.trim()),
+        };
+        let last_id = id
+            .parse::<i64>()
+            .ok()
+            .filter(|id| *id >= 0)
+            .ok_or("Last-Event-ID must be EPOCH:ID with a non-negative integer ID")?;
+        Ok(Resume {
+            last_id,
+            epoch: epoch.filter(|e| !e.is_empty()).map(str::to_owned),
+        })
+    }
+}
+
+/// One Server-Sent Event: `event: KIND`, an optional `id:`, and the frame's
+/// JSON as its one `data:` line (frames are single-line JSON), then the
+/// blank line that ends it.
+pub fn sse_event(kind: &str, id: Option<&str>, frame: &str) -> String {
+    let mut out = String::with_capacity(frame.len() + 64);
+    out.push_str("event: ");
+    out.push_str(kind);
+    out.push('\n');
+    if let Some(id) = id {
+        out.push_str("id: ");
+        out.push_str(id);
+        out.push('\n');
+    }
+    out.push_str("data: ");
+    out.push_str(frame);
+    out.push_str("\n\n");
+    out
+}
+
+/// Field order is the wire order: sorted.
+#[derive(Serialize)]
+struct CloseEvent<'a> {
+    code: u16,
+    reason: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+/// What an SSE stream sends where a socket would send a close frame
+/// (`event: close`), before it ends: the same code and reason.
+pub fn close_frame(close: Close, reason: &str) -> String {
+    to_text(&CloseEvent {
+        code: close.code(),
+        reason,
+        kind: "close",
+    })
 }
 
 /// Serialising borrowed strings, numbers and already-valid raw JSON cannot fail.

@@ -952,3 +952,133 @@ pub async fn resume(relay: &TestRelay, path: &str, token: &str, last_id: i64, ep
     ws.hello().await;
     ws
 }
+
+/// One Server-Sent Event as a client parses it.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: Value,
+}
+
+/// A Server-Sent Events client (hyper's, over one connection) that reads
+/// events with bounded waits, as a browser's `EventSource` would parse them.
+pub struct Sse {
+    pub head: hyper::http::response::Parts,
+    body: hyper::body::Incoming,
+    buffer: String,
+    /// Comment lines (heartbeats) seen so far.
+    pub comments: usize,
+}
+
+impl Sse {
+    /// `GET path` with `Accept: text/event-stream` and `headers`; the stream
+    /// on 200, else the status and the body's one line.
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Sse, (u16, String)> {
+        use http_body_util::BodyExt;
+        let opened = async {
+            let stream = TcpStream::connect(addr).await.expect("connect");
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .expect("http handshake");
+            tokio::spawn(connection);
+            let mut request = hyper::Request::get(path)
+                .header("host", addr.to_string())
+                .header("accept", "text/event-stream");
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let request = request
+                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                .expect("request");
+            let response = sender.send_request(request).await.expect("response");
+            let (head, body) = response.into_parts();
+            if head.status != 200 {
+                let bytes = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return Err((
+                    head.status.as_u16(),
+                    String::from_utf8_lossy(&bytes).trim().to_owned(),
+                ));
+            }
+            Ok(Sse {
+                head,
+                body,
+                buffer: String::new(),
+                comments: 0,
+            })
+        };
+        tokio::time::timeout(WAIT, opened)
+            .await
+            .unwrap_or_else(|_| panic!("GET {path} (SSE) timed out"))
+    }
+
+    /// The next event, or `None` when the stream ends; panics after [`WAIT`].
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        use http_body_util::BodyExt;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                if let Some(event) = self.parse(&block) {
+                    return Some(event);
+                }
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .expect("timed out waiting for an SSE event");
+            match frame {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.push_str(&String::from_utf8_lossy(&data));
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// One block: `event:`, `id:` and `data:` fields, or only comments.
+    fn parse(&mut self, block: &str) -> Option<SseEvent> {
+        let (mut event, mut id, mut data) = ("message".to_owned(), None, String::new());
+        let mut fields = 0;
+        for line in block.lines() {
+            if line.starts_with(':') {
+                self.comments += 1;
+                continue;
+            }
+            let (name, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            fields += 1;
+            match name {
+                "event" => event = value.to_owned(),
+                "id" => id = Some(value.to_owned()),
+                "data" => data.push_str(value),
+                _ => {}
+            }
+        }
+        (fields > 0).then(|| SseEvent {
+            event,
+            id,
+            data: serde_json::from_str(&data).unwrap_or(Value::Null),
+        })
+    }
+
+    /// The next event, which must be named `kind`.
+    pub async fn expect(&mut self, kind: &str) -> SseEvent {
+        let event = self
+            .next()
+            .await
+            .unwrap_or_else(|| panic!("the stream ended before an {kind} event"));
+        assert_eq!(event.event, kind, "expected {kind}, got {event:?}");
+        event
+    }
+}

@@ -14,5 +14,6 @@ mod relay;
 mod replay_bounds;
 mod resume;
 mod security;
+mod streams;
 mod tail;
 mod tls;

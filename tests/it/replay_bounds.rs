@@ -154,7 +154,7 @@ async fn sparse_users_replay_reads_only_their_rows_through_the_index() {
         .query(
             &format!(
                 "EXPLAIN {}",
-                pgrelay::db::USER_EVENTS_BETWEEN
+                pgrelay::db::KEYED_EVENTS_BETWEEN
                     .replace("$1", "0")
                     .replace("$2", "100000")
                     .replace(

@@ -1,0 +1,187 @@
+//! The WebSocket [`Peer`]: `/ws/...` after a successful upgrade. Frames go
+//! out as text messages, fed and flushed once per batch (the socket's IO is
+//! `coalesce`d, so a batch is one write). The client may send only
+//! `refresh` messages (rate-limited), pongs and pings; pgrelay pings every
+//! ping interval and drops a peer that has not answered the previous one.
+//!
+//! Every close the session starts is a close handshake bounded by
+//! [`CLOSE_TIMEOUT`] (see [`close_handshake`]): the peer's frames are read
+//! until its close frame before TCP is closed, or the kernel would reset the
+//! connection and the peer would never see the code.
+
+use std::time::Duration;
+
+use futures_util::stream::FusedStream;
+use futures_util::{SinkExt, StreamExt};
+use hyper_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::protocol::CloseFrame;
+use hyper_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio::time::{timeout, Instant};
+
+use crate::session::{within_write_timeout, End, Frame, Input, Peer, CLOSE_TIMEOUT, WRITE_TIMEOUT};
+use crate::wire::{reason, Close};
+
+/// An upgraded socket; writes are coalesced until flush (see `coalesce`).
+pub type HyperWebsocketStream = hyper_tungstenite::WebSocketStream<
+    crate::coalesce::Coalesce<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+>;
+
+/// A WebSocket as the session's peer.
+pub struct WebSocketPeer {
+    ws: HyperWebsocketStream,
+    rate: RateLimit,
+    awaiting_pong: bool,
+}
+
+impl WebSocketPeer {
+    pub fn new(ws: HyperWebsocketStream, client_messages_per_second: u32) -> WebSocketPeer {
+        WebSocketPeer {
+            ws,
+            rate: RateLimit::new(client_messages_per_second),
+            awaiting_pong: false,
+        }
+    }
+
+    /// Feeds the messages and flushes once, within [`WRITE_TIMEOUT`].
+    async fn write(&mut self, messages: impl IntoIterator<Item = Message>) -> Result<(), End> {
+        let ws = &mut self.ws;
+        within_write_timeout(async {
+            for message in messages {
+                ws.feed(message).await?;
+            }
+            ws.flush().await
+        })
+        .await
+    }
+}
+
+impl Peer for WebSocketPeer {
+    async fn send(&mut self, frames: Vec<Frame>) -> Result<(), End> {
+        self.write(frames.into_iter().map(|frame| match frame {
+            Frame::Event { text, .. } => Message::Text(text),
+            Frame::Hello { text, .. } | Frame::Reset { text, .. } => Message::text(text),
+        }))
+        .await
+    }
+
+    async fn input(&mut self) -> Input {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(ref m)) if !m.is_close() && !self.rate.allow() => {
+                    return Input::End(End::Close(Close::Unexpected, reason::TOO_MANY_MESSAGES));
+                }
+                None | Some(Ok(Message::Close(_))) => {
+                    // tungstenite queued the close reply: send it.
+                    let _ = timeout(Duration::from_secs(1), self.ws.flush()).await;
+                    return Input::End(End::Gone);
+                }
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                    return Input::End(Close::TooBig.into());
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "socket read failed");
+                    return Input::End(End::Gone);
+                }
+                Some(Ok(Message::Text(text))) => return Input::Text(text.to_string()),
+                Some(Ok(Message::Binary(_))) => return Input::End(Close::Binary.into()),
+                Some(Ok(Message::Pong(_))) => self.awaiting_pong = false,
+                Some(Ok(Message::Ping(_))) => {
+                    // tungstenite queued the pong: send it.
+                    let flushed = timeout(WRITE_TIMEOUT, self.ws.flush()).await;
+                    if flushed.map_or(true, |r| r.is_err()) {
+                        return Input::End(End::Gone);
+                    }
+                }
+                Some(Ok(Message::Frame(_))) => {}
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), End> {
+        if self.awaiting_pong {
+            tracing::debug!("no pong since the last ping: dropping socket");
+            return Err(End::Gone);
+        }
+        self.awaiting_pong = true;
+        self.write([Message::Ping(Default::default())]).await
+    }
+
+    async fn close(&mut self, kind: Close, reason: &'static str) {
+        close_handshake(&mut self.ws, kind, reason).await;
+    }
+}
+
+/// The whole of a close pgrelay starts, within [`CLOSE_TIMEOUT`]: the close
+/// frame, then whatever the peer still sends, read and discarded, until its
+/// close frame or EOF; only then is TCP closed. Dropping TCP with the peer's
+/// frames unread makes the kernel answer with a reset, and a peer that gets
+/// it (a browser whose send fails, a proxy) loses the close frame and
+/// reports 1006 with no reason. The one deadline covers a peer that does not
+/// read (4008: the write of the close frame itself may stall) and one that
+/// floods instead of answering.
+async fn close_handshake(ws: &mut HyperWebsocketStream, kind: Close, reason: &'static str) {
+    let frame = CloseFrame {
+        code: CloseCode::from(kind.code()),
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let handshake = async {
+        // After a read error (an oversized frame) tungstenite yields nothing
+        // more, and where the peer's next frame starts is lost.
+        let parseable = !ws.is_terminated();
+        if let Err(e) = ws.close(Some(frame)).await {
+            tracing::debug!(error = %e, "close frame not sent");
+            return;
+        }
+        if parseable {
+            // tungstenite now yields what the peer sent before it saw our
+            // close frame, then the peer's close frame, then the end.
+            loop {
+                match ws.next().await {
+                    None => return,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => break,
+                }
+            }
+        }
+        // What cannot be parsed is drained as bytes until the peer closes
+        // TCP. A peer that answered our close frame waits for us to close
+        // first: then the deadline ends it.
+        let _ = tokio::io::copy(ws.get_mut(), &mut tokio::io::sink()).await;
+    };
+    if timeout(CLOSE_TIMEOUT, handshake).await.is_err() {
+        tracing::debug!("peer did not finish the close handshake in time");
+    }
+}
+
+/// A token bucket for client frames: `rate` per second, bursts of ten times
+/// that. Clients have nothing to send but the odd `refresh`.
+struct RateLimit {
+    tokens: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> RateLimit {
+        let rate = f64::from(per_second.max(1));
+        RateLimit {
+            tokens: rate * 10.0,
+            rate,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate * 10.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
