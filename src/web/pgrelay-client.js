@@ -1,10 +1,12 @@
-// pgrelay-client.js: a dependency-free browser client for pgrelay's WebSocket
-// streams. Served by pgrelay at /pgrelay-client.js (embedded in the binary).
+// pgrelay-client.js: a dependency-free browser client for pgrelay's streams,
+// over WebSocket or Server-Sent Events. Served by pgrelay at /pgrelay-client.js
+// (embedded in the binary).
 //
 //   import { PgRelayClient } from "/pgrelay-client.js";
 //
 //   const client = new PgRelayClient({
-//     url: "/ws/notifications/",          // or "/ws/dashboard/", or a full ws(s):// URL
+//     url: "/ws/notifications/",          // or "/ws/dashboard/", "/ws/businesses/42/", a full URL
+//     transport: "sse",                   // optional: "websocket" (default) or "sse"
 //     getToken: async () => fetchAccessToken(),   // Promise<string>
 //     storageKey: "pgrelay:cursor:42",    // optional: keep the cursor in localStorage
 //   });
@@ -13,11 +15,18 @@
 //   client.start();
 //
 // Options (all but getToken/token optional):
-//   url          stream URL; a path is resolved against the page (http -> ws, https -> wss)
+//   url          stream URL; a path is resolved against the page. The transport
+//                picks the scheme (ws(s) or http(s)) and a leading /ws/ or /sse/
+//                in the path, so one url serves both: "/ws/businesses/42/" and
+//                "/sse/businesses/42/" name the same stream
+//   transport    "websocket" (default) or "sse" (EventSource: for networks whose
+//                proxies break WebSockets; the same events, the same resume)
 //   getToken()   returns a Promise<string> of a valid JWT. Called when there is no
-//                token yet, before the current one expires (the fresh token is sent
-//                in-band as {"type":"refresh","token":...}), after a 4001 close, and
-//                after repeated failed handshakes (a refused token looks like one)
+//                token yet, before the current one expires (WebSocket: the fresh
+//                token is sent in-band as {"type":"refresh","token":...}), after a
+//                4001 close, and after failed handshakes (a refused token looks
+//                like one: after two in a row over WebSocket, after one refused
+//                EventSource)
 //   token        an initial token (getToken is then only needed for refreshes)
 //   lastId       start cursor: replay every retained event after this id (0 = the
 //                whole retained log); default: none, i.e. start live at hello.last_id
@@ -27,8 +36,18 @@
 //   minDelayMs   first reconnect delay cap, default 500
 //   maxDelayMs   reconnect delay cap, default 30000 (full jitter: random in [0, cap])
 //   refreshLeadMs  how long before `exp` to refresh, default 60000 (at most half
-//                the token's remaining lifetime)
+//                the token's remaining lifetime; WebSocket only)
 //   WebSocket    a WebSocket constructor (default globalThis.WebSocket)
+//   EventSource  an EventSource constructor (default globalThis.EventSource)
+//
+// Over SSE the token travels as ?token= (an EventSource cannot set headers;
+// pgrelay redacts it from its logs) and the stream cannot be refreshed in-band:
+// pgrelay ends it at `exp` with a 4001 close event and the client reconnects
+// with a fresh token. While a stream is up, a lost connection is resumed by the
+// browser itself (EventSource sends Last-Event-ID, EPOCH:ID of the last event);
+// a close event or a refused EventSource (HTTP 401/403/..., which ends it) is
+// handled like a WebSocket close: the client opens a new one with
+// ?last_id=&epoch= from the last event it saw, so nothing is lost either way.
 //
 // Events (client.on(type, fn) returns an unsubscribe function; also off, once):
 //   connected     {hello, resumed}   after the server's hello; resumed = a cursor was sent
@@ -37,22 +56,29 @@
 //   reset         {reason, hello}    the cursor could not be honoured (epoch changed,
 //                 older than retention, unknown): reload your state, then keep going;
 //                 the cursor continues from hello.last_id
-//   disconnected  {code, reason, retryInMs, opened}  the socket closed; retryInMs is
-//                 null after stop(). opened = false when the handshake never succeeded
-//                 (network down, or HTTP 401/403, which browsers do not reveal)
+//   disconnected  {code, reason, retryInMs, opened}  the connection closed; retryInMs
+//                 is null after stop(). opened = false when the handshake never
+//                 succeeded (network down, or HTTP 401/403, which browsers do not
+//                 reveal). Over SSE, a connection the browser is retrying by itself
+//                 reports code 1006 and its usual retry delay (about 3 s)
 //   error         {kind, error}      kind "token": getToken failed or returned nothing
 //
-// Close codes: 4001 (token expired or refresh refused): a new token is fetched and
-// the client reconnects at once. 4008 (too slow): reconnects at once with last_id.
-// 1001 (server shutting down) and anything else: reconnects with capped
+// Close codes (a WebSocket close frame, or SSE's `event: close` with
+// {"type":"close","code":...,"reason":...}): 4001 (token expired or refresh
+// refused): a new token is fetched and the client reconnects at once. 4008 (too
+// slow): reconnects at once with last_id. 1001 (server shutting down), 1011/1013
+// (retry later), 1012 (log reset) and anything else: reconnects with capped
 // exponential backoff and full jitter. A connection that stayed up for 10 s
 // resets the backoff. The browser's "online" event cuts a pending wait short.
 //
 // Properties: state ("idle" | "connecting" | "open" | "waiting" | "stopped"),
-// lastId, epoch, hello (the latest hello frame). Methods: start(), stop(),
-// reconnectNow().
+// transport, lastId, epoch, hello (the latest hello frame). Methods: start(),
+// stop(), reconnectNow().
 
 const STABLE_MS = 10_000;
+/** What browsers wait before an EventSource reconnects by itself (Chromium: 3 s). */
+const SSE_RETRY_MS = 3_000;
+const TRANSPORTS = ["websocket", "sse"];
 
 /** The JWT payload, decoded without verification (display and `exp` only). */
 export function decodeJwt(token) {
@@ -74,18 +100,27 @@ function msUntilExpiry(token) {
   return typeof exp === "number" ? exp * 1000 - Date.now() : null;
 }
 
-/** The stream URL with the resume parameters (and without stale ones). */
-export function streamUrl(url, lastId, epoch) {
+/**
+ * The stream URL for a transport, with the resume parameters (and without
+ * stale ones): ws(s):// and /ws/... for "websocket", http(s):// and /sse/...
+ * for "sse", whichever of the two `url` names; `token` is added as ?token=
+ * (SSE only: a WebSocket sends it as a subprotocol).
+ */
+export function streamUrl(url, lastId, epoch, { transport = "websocket", token = null } = {}) {
   const base = globalThis.location?.href ?? "http://localhost/";
   const u = new URL(url, base);
-  if (u.protocol === "http:") u.protocol = "ws:";
-  if (u.protocol === "https:") u.protocol = "wss:";
+  const sse = transport === "sse";
+  const schemes = sse ? { "ws:": "http:", "wss:": "https:" } : { "http:": "ws:", "https:": "wss:" };
+  if (schemes[u.protocol]) u.protocol = schemes[u.protocol];
+  const [from, to] = sse ? ["/ws/", "/sse/"] : ["/sse/", "/ws/"];
+  if (u.pathname.startsWith(from)) u.pathname = to + u.pathname.slice(from.length);
   u.searchParams.delete("last_id");
   u.searchParams.delete("epoch");
   if (lastId !== null && lastId !== undefined) {
     u.searchParams.set("last_id", String(lastId));
     if (epoch) u.searchParams.set("epoch", epoch);
   }
+  if (token) u.searchParams.set("token", token);
   return u.toString();
 }
 
@@ -107,14 +142,20 @@ export class PgRelayClient {
       refreshLeadMs: 60_000,
       ...options,
     };
+    this.transport = options.transport ?? "websocket";
+    if (!TRANSPORTS.includes(this.transport)) {
+      throw new TypeError(`PgRelayClient: transport must be "websocket" or "sse", not ${JSON.stringify(this.transport)}`);
+    }
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.EventSource = options.EventSource ?? globalThis.EventSource;
     this.token = options.token ?? null;
     this.lastId = options.lastId ?? null;
     this.epoch = options.epoch ?? null;
     this.hello = null;
     this.state = "idle";
     this._listeners = new Map();
-    this._ws = null;
+    this._ws = null; // the WebSocket
+    this._es = null; // or the EventSource
     this._attempt = 0; // consecutive reconnects without a stable connection
     this._failedHandshakes = 0;
     this._needToken = !this.token;
@@ -178,37 +219,40 @@ export class PgRelayClient {
     globalThis.removeEventListener?.("online", this._onOnline);
     globalThis.removeEventListener?.("pagehide", this._onPageHide);
     this._saveCursor(true);
-    const ws = this._ws;
-    this._ws = null;
+    const hadConnection = this._dropConnection(1000, "client stopped");
     const wasOpen = this.state === "open";
     this.state = "stopped";
+    if (hadConnection && wasOpen) {
+      this._emit("disconnected", { code: 1000, reason: "client stopped", retryInMs: null, opened: true });
+    }
+  }
+
+  /** Closes the current WebSocket or EventSource without hearing from it again. */
+  _dropConnection(code, reason) {
+    const ws = this._ws;
+    const es = this._es;
+    this._ws = null;
+    this._es = null;
     if (ws) {
       ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
       try {
-        ws.close(1000, "client stopped");
+        ws.close(code, reason);
       } catch {
         // already closing
       }
-      if (wasOpen) {
-        this._emit("disconnected", { code: 1000, reason: "client stopped", retryInMs: null, opened: true });
-      }
     }
+    if (es) {
+      es.onopen = es.onerror = null;
+      es.close();
+    }
+    return Boolean(ws || es);
   }
 
   /** Skips a pending backoff wait (or drops the current socket) and connects now. */
   reconnectNow() {
     if (this.state === "stopped" || this.state === "idle") return;
     clearTimeout(this._timer);
-    if (this._ws) {
-      const ws = this._ws;
-      this._ws = null;
-      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
-      try {
-        ws.close(1000, "reconnecting");
-      } catch {
-        // already closing
-      }
-    }
+    this._dropConnection(1000, "reconnecting");
     this._connect();
   }
 
@@ -225,61 +269,30 @@ export class PgRelayClient {
       return;
     }
     if (generation !== this._generation) return;
-    let ws;
+    const url = streamUrl(this.options.url, this.lastId, this.epoch, {
+      transport: this.transport,
+      token: this.transport === "sse" ? token : null,
+    });
+    // What this one connection has seen.
+    const conn = { token, openedAt: null, helloSeen: false, resumed: this.lastId !== null };
     try {
-      ws = new this.WebSocket(streamUrl(this.options.url, this.lastId, this.epoch), ["bearer", token]);
+      if (this.transport === "sse") this._openEventSource(generation, url, conn);
+      else this._openWebSocket(generation, url, conn);
     } catch (error) {
       // A malformed URL will not fix itself; report it and stop.
       this.state = "stopped";
       this._emit("error", { kind: "url", error });
-      return;
     }
-    this._ws = ws;
-    let openedAt = null;
-    let helloSeen = false;
-    const resumed = this.lastId !== null;
+  }
 
+  _openWebSocket(generation, url, conn) {
+    const ws = new this.WebSocket(url, ["bearer", conn.token]);
+    this._ws = ws;
     ws.onopen = () => {
-      openedAt = Date.now();
+      conn.openedAt = Date.now();
     };
     ws.onmessage = (message) => {
-      if (generation !== this._generation) return;
-      let frame;
-      try {
-        frame = JSON.parse(message.data);
-      } catch {
-        return; // not ours to judge; pgrelay only sends JSON
-      }
-      switch (frame?.type) {
-        case "hello":
-          helloSeen = true;
-          this.hello = frame;
-          this.epoch = frame.epoch ?? this.epoch;
-          // No cursor yet: every event above hello.last_id will reach us.
-          if (this.lastId === null) this.lastId = frame.last_id;
-          this._failedHandshakes = 0;
-          this.state = "open";
-          this._saveCursor();
-          this._scheduleRefresh(token);
-          this._emit("connected", { hello: frame, resumed });
-          break;
-        case "reset":
-          // The server continues from hello.last_id; so do we (it may be lower
-          // than the old cursor after a restore: ids restart with the epoch).
-          if (this.hello) this.lastId = this.hello.last_id;
-          this._saveCursor();
-          this._emit("reset", { reason: frame.reason, hello: this.hello });
-          break;
-        case "event":
-          if (typeof frame.id !== "number") return;
-          if (this.lastId !== null && frame.id <= this.lastId) return; // duplicate
-          this.lastId = frame.id;
-          this._saveCursor();
-          this._emit("event", frame);
-          break;
-        default:
-          break;
-      }
+      if (generation === this._generation) this._frame(message.data, conn);
     };
     ws.onerror = () => {
       // Always followed by onclose, which decides what to do.
@@ -287,23 +300,122 @@ export class PgRelayClient {
     ws.onclose = (close) => {
       if (generation !== this._generation) return;
       this._ws = null;
-      clearTimeout(this._refreshTimer);
-      const opened = helloSeen;
-      if (openedAt !== null && Date.now() - openedAt >= STABLE_MS) this._attempt = 0;
-      let how = "backoff";
-      if (!opened) {
+      if (!conn.helloSeen) {
         // Network down, or a refusal (401/403) that browsers hide: after two
         // in a row, fetch a fresh token in case ours is the problem.
         this._failedHandshakes++;
         if (this._failedHandshakes >= 2 && this.options.getToken) this._needToken = true;
-      } else if (close.code === 4001) {
-        this._needToken = true;
-        how = "now";
-      } else if (close.code === 4008) {
-        how = "now";
       }
-      this._scheduleReconnect({ code: close.code, reason: close.reason, opened }, how);
+      this._closed(close.code, close.reason, conn);
     };
+  }
+
+  _openEventSource(generation, url, conn) {
+    const es = new this.EventSource(url);
+    this._es = es;
+    es.onopen = () => {
+      conn.openedAt = Date.now();
+    };
+    const onFrame = (message) => {
+      if (generation === this._generation && this._es === es) this._frame(message.data, conn);
+    };
+    for (const type of ["hello", "event", "reset"]) es.addEventListener(type, onFrame);
+    // Where a socket gets a close frame: the same code and reason, then the
+    // stream ends. Ours to act on, not the browser's silent retry.
+    es.addEventListener("close", (message) => {
+      if (generation !== this._generation || this._es !== es) return;
+      let frame = null;
+      try {
+        frame = JSON.parse(message.data);
+      } catch {
+        frame = null;
+      }
+      this._es = null;
+      es.onopen = es.onerror = null;
+      es.close();
+      this._closed(Number(frame?.code ?? 1005), String(frame?.reason ?? ""), conn);
+    });
+    es.onerror = () => {
+      if (generation !== this._generation || this._es !== es) return;
+      clearTimeout(this._refreshTimer);
+      if (es.readyState === 2) {
+        // CLOSED: the browser gave up, which it does on an HTTP refusal (401
+        // expired token, 403, 404, 503 busy). Ours to retry, with a fresh token.
+        this._es = null;
+        es.onopen = es.onerror = null;
+        es.close();
+        this._failedHandshakes++;
+        if (this.options.getToken) this._needToken = true;
+        this._closed(1006, "event stream refused or failed", conn, { refused: true });
+        return;
+      }
+      // CONNECTING: the browser reconnects by itself and sends Last-Event-ID,
+      // so nothing is lost; the next hello is a resume.
+      const opened = conn.helloSeen;
+      if (opened && conn.openedAt !== null && Date.now() - conn.openedAt >= STABLE_MS) this._attempt = 0;
+      conn.helloSeen = false;
+      conn.openedAt = null;
+      conn.resumed = true;
+      if (!opened) this._failedHandshakes++;
+      this.state = "waiting";
+      this._emit("disconnected", { code: 1006, reason: "connection lost: the browser reconnects", retryInMs: SSE_RETRY_MS, opened });
+    };
+  }
+
+  /** One frame's JSON from either transport. */
+  _frame(data, conn) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return; // not ours to judge; pgrelay only sends JSON
+    }
+    switch (frame?.type) {
+      case "hello":
+        conn.helloSeen = true;
+        if (conn.openedAt === null) conn.openedAt = Date.now();
+        this.hello = frame;
+        this.epoch = frame.epoch ?? this.epoch;
+        // No cursor yet: every event above hello.last_id will reach us.
+        if (this.lastId === null) this.lastId = frame.last_id;
+        this._failedHandshakes = 0;
+        this.state = "open";
+        this._saveCursor();
+        this._scheduleRefresh(conn.token);
+        this._emit("connected", { hello: frame, resumed: conn.resumed });
+        break;
+      case "reset":
+        // The server continues from hello.last_id; so do we (it may be lower
+        // than the old cursor after a restore: ids restart with the epoch).
+        if (this.hello) this.lastId = this.hello.last_id;
+        this._saveCursor();
+        this._emit("reset", { reason: frame.reason, hello: this.hello });
+        break;
+      case "event":
+        if (typeof frame.id !== "number") return;
+        if (this.lastId !== null && frame.id <= this.lastId) return; // duplicate
+        this.lastId = frame.id;
+        this._saveCursor();
+        this._emit("event", frame);
+        break;
+      default:
+        break;
+    }
+  }
+
+  /** A connection ended with `code`: decide how soon, and with which token, to come back. */
+  _closed(code, reason, conn, { refused = false } = {}) {
+    clearTimeout(this._refreshTimer);
+    const opened = conn.helloSeen;
+    if (conn.openedAt !== null && Date.now() - conn.openedAt >= STABLE_MS) this._attempt = 0;
+    let how = "backoff";
+    if (opened && !refused && code === 4001) {
+      this._needToken = true;
+      how = "now";
+    } else if (opened && !refused && code === 4008) {
+      how = "now";
+    }
+    this._scheduleReconnect({ code, reason, opened }, how);
   }
 
   _scheduleReconnect(detail, how) {
@@ -337,7 +449,9 @@ export class PgRelayClient {
 
   _scheduleRefresh(token) {
     clearTimeout(this._refreshTimer);
-    if (!this.options.getToken) return;
+    // An event stream cannot take a token in-band: it ends at `exp` with a
+    // 4001 close event and reconnects with a fresh one.
+    if (!this.options.getToken || this.transport !== "websocket") return;
     const left = msUntilExpiry(token);
     if (left === null) return;
     const lead = Math.min(this.options.refreshLeadMs, left / 2);

@@ -1,6 +1,7 @@
 // Unit tests for src/web/pgrelay-client.js (the page's JS client) in Node,
-// with a fake WebSocket and mocked timers: the paths the browser test cannot
-// provoke (close codes 4001/4008/1001, token refresh before exp, reset, backoff).
+// with a fake WebSocket, a fake EventSource and mocked timers: the paths the
+// browser test cannot provoke (close codes 4001/4008/1001, token refresh
+// before exp, reset, backoff), over both transports.
 // Run: cd tests/browser && node --test
 
 import { test, mock, beforeEach, afterEach } from "node:test";
@@ -33,6 +34,39 @@ class FakeWebSocket {
 }
 const last = () => FakeWebSocket.all.at(-1);
 
+/** An EventSource as the spec has it: named events, readyState 0/1/2, retries by itself. */
+class FakeEventSource {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.listeners = new Map();
+    FakeEventSource.all.push(this);
+  }
+  addEventListener(type, fn) {
+    if (!this.listeners.has(type)) this.listeners.set(type, []);
+    this.listeners.get(type).push(fn);
+  }
+  close() { this.readyState = 2; this.closed = true; }
+  dispatch(type, frame) {
+    for (const fn of this.listeners.get(type) ?? []) fn({ type, data: JSON.stringify(frame) });
+  }
+  // What the server (and the browser) do:
+  hello(last_id, epoch = "e1") {
+    this.readyState = 1;
+    this.onopen?.({});
+    this.dispatch("hello", { type: "hello", stream: "businesses", key: "42", user: "2", last_id, epoch });
+  }
+  event(id) { this.dispatch("event", { type: "event", id, channel: "c", table: "t", op: "INSERT", at: "x", data: {} }); }
+  serverClose(code, reason = "") { this.dispatch("close", { type: "close", code, reason }); }
+  /** The connection dropped: the browser will retry by itself. */
+  lost() { this.readyState = 0; this.onerror?.({}); }
+  /** An HTTP refusal (401/403/...): the browser gives up. */
+  refused() { this.readyState = 2; this.onerror?.({}); }
+}
+const lastEs = () => FakeEventSource.all.at(-1);
+const SSE_URL = "http://relay.test/sse/businesses/42/";
+
 function jwt(claims) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
   return `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}.sig`;
@@ -55,6 +89,7 @@ function client(options = {}) {
 
 beforeEach(() => {
   FakeWebSocket.all = [];
+  FakeEventSource.all = [];
   mock.timers.enable({ apis: ["setTimeout", "Date"], now: NOW });
   mock.method(Math, "random", () => 0.999);
 });
@@ -74,6 +109,14 @@ test("pure helpers", () => {
   assert.equal(backoffDelay(3, 500, 30_000, () => 0.5), 2000);
   assert.equal(backoffDelay(50, 500, 30_000, () => 0.5), 15_000);
   assert.equal(decodeJwt(jwt({ sub: "1", role: "super_admin" })).role, "super_admin");
+  // One url serves both transports: the transport picks scheme and prefix.
+  const sse = { transport: "sse" };
+  assert.equal(streamUrl("ws://h/ws/businesses/42/", 3, "e", sse), "http://h/sse/businesses/42/?last_id=3&epoch=e");
+  assert.equal(streamUrl("wss://h/ws/x/", null, null, sse), "https://h/sse/x/");
+  assert.equal(streamUrl("http://h/sse/businesses/42/", null, null, sse), "http://h/sse/businesses/42/");
+  assert.equal(streamUrl("http://h/sse/businesses/42/", null, null), "ws://h/ws/businesses/42/");
+  assert.equal(streamUrl("http://h/sse/x/?token=old", 1, "e", { transport: "sse", token: "t" }), "http://h/sse/x/?token=t&last_id=1&epoch=e");
+  assert.throws(() => new PgRelayClient({ url: URL_, token: "t", transport: "carrier pigeon" }), TypeError);
   assert.equal(decodeJwt("not a token"), null);
 });
 
@@ -224,4 +267,137 @@ test("storageKey keeps the cursor across clients; stop() does not reconnect", as
   } finally {
     delete globalThis.localStorage;
   }
+});
+
+// ------------------------------------------------------------------ SSE
+
+function sseClient(options = {}) {
+  return client({ url: SSE_URL, transport: "sse", EventSource: FakeEventSource, WebSocket: undefined, ...options });
+}
+
+test("sse: token and cursor in the URL, the same events, duplicates dropped", async () => {
+  const { c, seen } = sseClient({ lastId: 0 });
+  c.start();
+  await settle();
+  assert.equal(FakeWebSocket.all.length, 0);
+  assert.equal(lastEs().url, `${SSE_URL}?last_id=0&token=t0`);
+  lastEs().hello(10, "ep");
+  assert.equal(c.state, "open");
+  assert.equal(seen.connected[0].resumed, true);
+  assert.equal(seen.connected[0].hello.key, "42");
+  for (const id of [3, 4, 4, 2, 11]) lastEs().event(id);
+  assert.deepEqual(seen.events, [3, 4, 11]);
+  assert.deepEqual([c.lastId, c.epoch], [11, "ep"]);
+  c.stop();
+  assert.ok(lastEs().closed, "stop() closes the EventSource");
+  assert.equal(seen.disconnected.at(-1).retryInMs, null);
+});
+
+test("sse: a lost connection is the browser's to resume; the client waits for its hello", async () => {
+  const { c, seen } = sseClient();
+  c.start();
+  await settle();
+  assert.equal(lastEs().url, `${SSE_URL}?token=t0`);
+  lastEs().hello(10, "ep");
+  lastEs().event(11);
+  lastEs().lost();
+  assert.equal(c.state, "waiting");
+  assert.deepEqual(seen.disconnected.at(-1), { code: 1006, reason: "connection lost: the browser reconnects", retryInMs: 3000, opened: true });
+  mock.timers.tick(60_000);
+  assert.equal(FakeEventSource.all.length, 1, "no second EventSource: the browser retries with Last-Event-ID");
+  lastEs().lost(); // a retry that failed too
+  assert.equal(seen.disconnected.at(-1).opened, false);
+  lastEs().hello(12, "ep"); // resumed from Last-Event-ID: ep:11
+  assert.equal(c.state, "open");
+  assert.equal(seen.connected.at(-1).resumed, true);
+  for (const id of [11, 12]) lastEs().event(id);
+  assert.deepEqual(seen.events, [11, 12]);
+  c.stop();
+});
+
+test("sse: close 4001 reconnects at once with a fresh token and the last event's cursor", async () => {
+  let n = 0;
+  const getToken = mock.fn(async () => `t${++n}`);
+  const { c, seen } = sseClient({ token: undefined, getToken });
+  c.start();
+  await settle();
+  assert.equal(lastEs().url, `${SSE_URL}?token=t1`);
+  const first = lastEs();
+  first.hello(5, "ep");
+  first.event(6);
+  first.serverClose(4001, "token expired");
+  assert.ok(first.closed, "the ended stream is closed, not left to the browser's retry");
+  assert.deepEqual(seen.disconnected.at(-1), { code: 4001, reason: "token expired", opened: true, retryInMs: 0 });
+  mock.timers.tick(0);
+  await settle();
+  assert.equal(getToken.mock.callCount(), 2);
+  assert.equal(FakeEventSource.all.length, 2);
+  assert.equal(lastEs().url, `${SSE_URL}?last_id=6&epoch=ep&token=t2`);
+  lastEs().hello(9, "ep");
+  for (const id of [6, 7]) lastEs().event(id);
+  assert.deepEqual(seen.events, [6, 7]);
+  c.stop();
+});
+
+test("sse: 4008 at once; 1001, 1011, 1012, 1013 back off; all resume from the cursor", async () => {
+  const { c, seen } = sseClient();
+  c.start();
+  await settle();
+  lastEs().hello(0, "ep");
+  lastEs().event(1);
+  lastEs().serverClose(4008, "too slow: reconnect with last_id");
+  assert.equal(seen.disconnected.at(-1).retryInMs, 0);
+  mock.timers.tick(0);
+  await settle();
+  assert.equal(lastEs().url, `${SSE_URL}?last_id=1&epoch=ep&token=t0`);
+  for (const [i, code] of [1001, 1011, 1012, 1013].entries()) {
+    lastEs().hello(1, "ep");
+    lastEs().event(2 + i);
+    lastEs().serverClose(code, "later");
+    const wait = seen.disconnected.at(-1).retryInMs;
+    assert.ok(wait > 0, `${code} backs off (${wait} ms)`);
+    mock.timers.tick(wait);
+    await settle();
+    assert.equal(lastEs().url, `${SSE_URL}?last_id=${2 + i}&epoch=ep&token=t0`);
+  }
+  assert.deepEqual(seen.events, [1, 2, 3, 4, 5]);
+  c.stop();
+});
+
+test("sse: a refused EventSource (the browser gave up) backs off and asks for a new token", async () => {
+  const tokens = ["expired", "fresh"];
+  const getToken = mock.fn(async () => tokens.shift());
+  const { c, seen } = sseClient({ token: undefined, getToken, lastId: 7, epoch: "ep" });
+  c.start();
+  await settle();
+  assert.equal(lastEs().url, `${SSE_URL}?last_id=7&epoch=ep&token=expired`);
+  lastEs().refused();
+  assert.ok(lastEs().closed);
+  const { retryInMs, opened } = seen.disconnected.at(-1);
+  assert.equal(opened, false);
+  assert.equal(retryInMs, 499);
+  mock.timers.tick(retryInMs);
+  await settle();
+  assert.equal(getToken.mock.callCount(), 2);
+  assert.equal(lastEs().url, `${SSE_URL}?last_id=7&epoch=ep&token=fresh`);
+  lastEs().hello(9, "ep");
+  assert.equal(c.state, "open");
+  c.stop();
+});
+
+test("sse: reconnectNow replaces a retrying EventSource with one that carries the cursor", async () => {
+  const { c } = sseClient();
+  c.start();
+  await settle();
+  lastEs().hello(3, "ep");
+  lastEs().event(4);
+  lastEs().lost();
+  const retrying = lastEs();
+  c.reconnectNow();
+  await settle();
+  assert.ok(retrying.closed);
+  assert.equal(lastEs().url, `${SSE_URL}?last_id=4&epoch=ep&token=t0`);
+  retrying.hello(3, "ep"); // a late callback of the old one is ignored
+  assert.equal(c.state, "connecting");
+  c.stop();
 });
