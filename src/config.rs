@@ -326,9 +326,27 @@ pub struct DemoArgs {
 
 #[derive(Debug, Args)]
 pub struct TailArgs {
-    /// WebSocket URL, e.g. ws://127.0.0.1:8080/ws/notifications/
+    /// Stream URL, e.g. ws://127.0.0.1:8080/ws/notifications/, or
+    /// http://127.0.0.1:8080/sse/businesses/42/ with --transport sse (the
+    /// scheme and a leading /ws/ or /sse/ follow --transport).
     #[arg(long)]
     pub url: String,
+    /// How to read the stream: websocket, or sse (Server-Sent Events, for
+    /// networks whose proxies break WebSockets). The same output and the same
+    /// lossless resume either way.
+    #[arg(
+        long,
+        default_value = "websocket",
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::PossibleValuesParser::new(["websocket", "sse"]),
+            |s: String| if s == "sse" {
+                crate::wire::Transport::ServerSentEvents
+            } else {
+                crate::wire::Transport::WebSocket
+            },
+        )
+    )]
+    pub transport: crate::wire::Transport,
     /// Bearer token.
     #[arg(
         long,
@@ -381,8 +399,10 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
-    #[error("{0}")]
-    Route(#[from] crate::route::RouteError),
+    #[error("--route: {0}")]
+    Route(#[source] crate::route::RouteError),
+    #[error("--stream: {0}")]
+    Stream(#[source] crate::route::RouteError),
     #[error("{0}")]
     Watch(#[from] WatchSpecError),
     #[error("{0}")]
@@ -625,7 +645,10 @@ impl ServeArgs {
             admin_claims,
         };
         let defaults_in_use = o.route.is_empty() && o.stream.is_empty();
-        let routes = Routes::parse(&o.route)?.with_streams(&o.stream)?;
+        let routes = Routes::parse(&o.route)
+            .map_err(ConfigError::Route)?
+            .with_streams(&o.stream)
+            .map_err(ConfigError::Stream)?;
         let stream_queries = stream_queries(&routes, &o.stream_query, defaults_in_use)?;
         let token_cookie = o.token_cookie.filter(|c| !c.trim().is_empty());
         if let Some(cookie) = &token_cookie {
@@ -936,6 +959,12 @@ mod tests {
             "250ms",
             "--client-rate",
             "7",
+            "--stream",
+            "buyers=orders:buyer_id",
+            "--stream-query",
+            "buyers=SELECT $1 = $2",
+            "--token-cookie",
+            "t",
         ])
         .resolve()
         .expect("resolves");
@@ -961,6 +990,46 @@ mod tests {
         assert_eq!(again.auth.leeway, Duration::from_secs(90));
         assert_eq!(again.limits.handshake_timeout, Duration::from_millis(250));
         assert_eq!(again.admin_query.as_deref(), Some("SELECT $1 = 'x\"y'"));
+        assert_eq!(
+            again.routes.streams()[0].to_string(),
+            "buyers=orders:buyer_id"
+        );
+        assert_eq!(
+            again.stream_queries,
+            [("buyers".into(), "SELECT $1 = $2".into())]
+        );
+        // The defaults print whole, and read back with their stream.
+        let defaults = serve(&["--jwt-secret", "s"]).resolve().expect("defaults");
+        assert_eq!(defaults.routes.streams().len(), 1);
+        assert_eq!(defaults.stream_queries, [default_stream_query()]);
+    }
+
+    #[test]
+    fn stream_queries_name_a_configured_stream_once() {
+        let resolve = |args: &[&str]| {
+            serve(&[&["--jwt-secret", "s"], args].concat())
+                .resolve()
+                .map(|c| c.stream_queries)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            resolve(&["--route", "a=dashboard"]),
+            Ok(vec![]),
+            "own routes: no default stream"
+        );
+        assert!(resolve(&["--stream-query", "shops=SELECT true"])
+            .expect_err("no such stream")
+            .contains("names no configured --stream"));
+        assert!(resolve(&["--stream-query", "businesses"]).is_err());
+        assert!(resolve(&[
+            "--stream-query",
+            "businesses=SELECT true",
+            "--stream-query",
+            "businesses=SELECT false"
+        ])
+        .is_err());
+        assert!(resolve(&["--token-cookie", "a;b"]).is_err());
+        assert!(resolve(&["--stream", "dashboard=a:b"]).is_err());
     }
 
     #[test]

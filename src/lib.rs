@@ -12,25 +12,28 @@
 //!   -> listen    one dedicated LISTEN connection: wake-up ids (parse::parse_wakeup), then reads
 //!                the log on that same connection (db::LogReader); reconnects, catches up,
 //!                probes that it hears other connections' NOTIFYs, re-reads every heartbeat
-//!   -> route     Event -> audiences: dashboard, user:<id> (pure)
+//!   -> route     Event -> audiences: dashboard, user:<id>, stream key (pure)
 //!   -> hub       audience -> subscribers; each frame built once, bounded rings
-//!   -> session   one task per WebSocket: hello, replay, live, refresh, close
+//!   -> session   one task per client: hello, replay, live, refresh, close,
+//!                over a Peer: websocket (`/ws/...`) or sse (`/sse/...`)
 //! ```
 //!
 //! Who owns what, in one step:
 //!
 //! | behaviour | file |
 //! |---|---|
-//! | frames (`hello`, `event`, `reset`), client messages, close codes (`Close`: 1001, 1003, 1008, 1009, 1011, 1012, 1013, 4001, 4008), endpoints, resume parameters | `wire` |
+//! | frames (`hello`, `event`, `reset`) and their SSE form, client messages, close codes (`Close`: 1001, 1003, 1008, 1009, 1011, 1012, 1013, 4001, 4008), endpoints and their paths, resume parameters and `Last-Event-ID` | `wire` |
 //! | the event row, the NOTIFY payload's id | `parse` |
 //! | the replay and catch-up stop rule, every read of the log, the statement timeout | `db` (`LogReader`, `Cursor`) |
 //! | a flag, env var or TOML key; `--print-config` | `config` (`ServeOptions`, one field per option) |
 //! | JWT checks, where a token is read from | `auth` |
-//! | who gets an event; the user-id rule | `route` |
+//! | who gets an event; the user-id rule; `--stream` specs | `route` |
 //! | slow-socket rings, `last_id` | `hub` |
-//! | a socket's life: replay, live, refresh, closing | `session` |
+//! | a client's life: replay, live, refresh, when to close | `session` |
+//! | WebSocket frames out, client messages, pings, the close handshake | `websocket` |
+//! | the event-stream response, SSE ids, heartbeats, `event: close` | `sse` |
 //! | the door: paths, upgrade, refusals, `/healthz` `/readyz` `/metrics` | `server` |
-//! | origin, socket and pre-auth caps, the admin query | `admission` |
+//! | origin, socket and pre-auth caps, the admin and stream queries (cached) | `admission` |
 //! | replays at once | `replays` |
 //! | one write per batch of frames | `coalesce` |
 //! | what server, sessions and listener share (`Shared`, `Status`, `ExtraRoutes`) | `shared` |
@@ -41,7 +44,7 @@
 //!
 //! Invariants: data flows one way; the listener never waits on a socket;
 //! nothing downstream of the listener touches PostgreSQL except replay reads
-//! and the admin query (at upgrade and on refresh) through the pool; every
+//! and the admin and stream queries (at the door and on refresh) through the pool; every
 //! spawned task is tracked and ends on the one cancellation token. No module
 //! imports one that imports it back.
 

@@ -648,6 +648,78 @@ mod tests {
     }
 
     #[test]
+    fn streams_route_by_their_key_field() {
+        let routes = Routes::parse::<&str>(&[]).expect("defaults");
+        assert_eq!(
+            routes.streams().len(),
+            1,
+            "the demo's stream comes with the default routes"
+        );
+        let business = routes.route(&event("business_events", r#"{"id":42,"owner_id":2}"#));
+        assert_eq!(business.streams, [(0, "42".to_owned())]);
+        assert_eq!(business.users, ["2"]);
+        let booking = routes.route(&event(
+            "reservation_events",
+            r#"{"id":7,"business_id":"42","customer_id":3}"#,
+        ));
+        assert_eq!(booking.streams, [(0, "42".to_owned())]);
+        let nobody = routes.route(&event("reservation_events", r#"{"business_id":4.2}"#));
+        assert!(nobody.streams.is_empty());
+        // A stream may carry a channel no route names: it is listened to.
+        let routes = Routes::parse(&["a=dashboard"])
+            .expect("routes")
+            .with_streams(&["things=b:thing_id"])
+            .expect("streams");
+        assert_eq!(routes.channels(), ["a", "b"]);
+        let thing = routes.route(&event("b", r#"{"thing_id":"x"}"#));
+        assert_eq!(
+            thing,
+            Targets {
+                dashboard: false,
+                users: vec![],
+                streams: vec![(0, "x".into())]
+            }
+        );
+        assert!(Routes::parse(&["a=dashboard"])
+            .expect("routes")
+            .streams()
+            .is_empty());
+        let filter = routes.stream_filter(0, "7");
+        assert_eq!(
+            (filter.channels, filter.fields),
+            (vec!["b".into()], vec!["thing_id".into()])
+        );
+        assert_eq!(
+            filter.patterns,
+            [r#"{"thing_id":"7"}"#, r#"{"thing_id":7}"#]
+        );
+        assert_eq!(routes.stream_channels(0), ["b"]);
+    }
+
+    #[test]
+    fn stream_specs() {
+        let stream: Stream = "s=a:x, b:y".parse().expect("parses");
+        assert_eq!(stream.to_string(), "s=a:x,b:y");
+        for bad in [
+            "s",
+            "s=",
+            "s=a",
+            "s=a:",
+            "=a:x",
+            "dashboard=a:x",
+            "notifications=a:x",
+            "a/b=a:x",
+            "s=a b:x",
+        ] {
+            assert!(bad.parse::<Stream>().is_err(), "{bad}");
+        }
+        let twice = Routes::parse(&["a=dashboard"])
+            .expect("routes")
+            .with_streams(&["s=a:x", "s=a:y"]);
+        assert_eq!(twice, Err(RouteError::StreamDuplicate("s".into())));
+    }
+
+    #[test]
     fn parse_errors() {
         let cases: &[(&str, &str)] = &[
             ("nochannel", "not CHANNEL=AUDIENCE"),

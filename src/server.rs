@@ -292,6 +292,11 @@ async fn handle(
         }
         other => match Endpoint::from_path(other, shared.routes.streams()) {
             Some(found) => found,
+            // A stream key's own page (`/businesses/42`): the same page,
+            // which reads the stream and key from its address.
+            None if req.method() == Method::GET && is_stream_page(other, shared) => {
+                return asset(INDEX_HTML, "text/html; charset=utf-8")
+            }
             None => return extra_or_not_found(&req, shared, other).await,
         },
     };
@@ -537,6 +542,15 @@ async fn handle(
         .instrument(span),
     );
     response
+}
+
+/// `/NAME/KEY` (or with a trailing slash) for a configured stream NAME.
+fn is_stream_page(path: &str, shared: &Shared) -> bool {
+    let ws_path = format!("/ws{path}");
+    matches!(
+        Endpoint::from_path(&ws_path, shared.routes.streams()),
+        Some((_, Endpoint::Stream { .. }))
+    )
 }
 
 /// A path none of the relay's own: a program's extra route, or 404.

@@ -388,6 +388,77 @@ mod tests {
     use super::*;
 
     #[test]
+    fn paths_name_endpoints_and_stream_keys() {
+        let streams: Vec<Stream> = vec!["businesses=business_events:id".parse().expect("stream")];
+        let at = |path: &str| Endpoint::from_path(path, &streams);
+        assert_eq!(
+            at("/ws/dashboard/"),
+            Some((Transport::WebSocket, Endpoint::Dashboard))
+        );
+        assert_eq!(
+            at("/ws/dashboard"),
+            Some((Transport::WebSocket, Endpoint::Dashboard))
+        );
+        assert_eq!(
+            at("/sse/notifications/"),
+            Some((Transport::ServerSentEvents, Endpoint::Notifications))
+        );
+        let business = |key: &str| Endpoint::Stream {
+            index: 0,
+            name: "businesses".into(),
+            key: key.into(),
+        };
+        assert_eq!(
+            at("/ws/businesses/42/"),
+            Some((Transport::WebSocket, business("42")))
+        );
+        assert_eq!(
+            at("/sse/businesses/a%20b"),
+            Some((Transport::ServerSentEvents, business("a b")))
+        );
+        for path in [
+            "/ws/businesses/",
+            "/ws/businesses//",
+            "/ws/businesses/1/2/",
+            "/ws/shops/1/",
+            "/ws/",
+            "/sse",
+            "/businesses/1/",
+            "/ws/businesses/%FF/",
+        ] {
+            assert_eq!(at(path), None, "{path}");
+        }
+        let long = format!("/ws/businesses/{}/", "k".repeat(MAX_KEY_BYTES + 1));
+        assert_eq!(at(&long), None);
+    }
+
+    #[test]
+    fn last_event_ids_carry_the_epoch() {
+        assert_eq!(
+            Resume::from_last_event_id(&sse_id("abc", 42)),
+            Ok(Resume {
+                last_id: 42,
+                epoch: Some("abc".into())
+            })
+        );
+        assert_eq!(
+            Resume::from_last_event_id("7"),
+            Ok(Resume {
+                last_id: 7,
+                epoch: None
+            })
+        );
+        for bad in ["", "abc:", "abc:-1", "abc:x", ":1.5"] {
+            assert!(Resume::from_last_event_id(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            sse_event("event", Some("e:1"), r#"{"a":1}"#),
+            "event: event\nid: e:1\ndata: {\"a\":1}\n\n"
+        );
+        assert_eq!(sse_event("hello", None, "{}"), "event: hello\ndata: {}\n\n");
+    }
+
+    #[test]
     fn resume_parameters() {
         let q = |s: &str| crate::server::query_params(Some(s));
         assert_eq!(Resume::from_query(&q("")), Ok(None));

@@ -1121,7 +1121,7 @@ async fn tokens_stay_out_of_the_log(test: &str, level: &str) {
         log.lines().count() > 10,
         "{level} logging was on, yet the log is nearly empty:\n{log}"
     );
-    for expected in ["refused", "upgrading", "refresh refused"] {
+    for expected in ["refused", "admitted", "refresh refused"] {
         assert!(log.contains(expected), "no {expected:?} in the log:\n{log}");
     }
     // ...and never with whom: no token, not even its signature.
