@@ -1,7 +1,8 @@
 //! `pgrelay tail`: prints events as JSON lines, resumes across a server
 //! restart with nothing lost or doubled, exits 0 on Ctrl-C, and refuses in
-//! one line with exit 2.
+//! one line with exit 2; over WebSocket and over Server-Sent Events alike.
 
+use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -35,19 +36,33 @@ async fn interrupt_and_wait(mut child: Child) -> std::process::ExitStatus {
         .expect("wait for tail")
 }
 
-#[tokio::test]
-async fn tail_prints_events_and_resumes_across_a_server_restart_without_loss_or_duplicate() {
-    let db = TestDb::demo("tail_resume").await;
+/// Tail over `transport` with `--url url`, resuming after `last_id`.
+fn spawn_tail(url: &str, token: &str, transport: &str) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let mut child = tail_command(&[
+        "--url",
+        url,
+        "--token",
+        token,
+        "--last-id",
+        "0",
+        "--transport",
+        transport,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn pgrelay tail");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    (child, lines)
+}
+
+/// A, then a restart with B committed while no relay runs, then C: tail
+/// prints A, B, C, each once, in order, and exits 0 on Ctrl-C.
+async fn resumes_across_a_restart(test: &str, transport: &str, url: fn(SocketAddr) -> String) {
+    let db = TestDb::demo(test).await;
     let first = TestRelay::start(&db).await;
     let addr = first.relay.addr();
-    let url = format!("ws://{addr}/ws/dashboard/");
-    let admin = token("1", true);
-    let mut child = tail_command(&["--url", &url, "--token", &admin, "--last-id", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn pgrelay tail");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (child, mut lines) = spawn_tail(&url(addr), &token("1", true), transport);
 
     let a = db.business(2, "A").await;
     assert_eq!(next_event(&mut lines).await["data"]["id"], a);
@@ -66,10 +81,58 @@ async fn tail_prints_events_and_resumes_across_a_server_restart_without_loss_or_
     );
     assert_eq!(got_c["data"]["id"], c, "then C, once");
     assert_eq!(got_b["type"], "event");
+    assert_eq!(
+        got_c["table"], "businesses",
+        "the same frame as over a socket"
+    );
 
     let status = interrupt_and_wait(child).await;
     assert_eq!(status.code(), Some(0), "Ctrl-C exits 0");
     drop(second);
+}
+
+#[tokio::test]
+async fn tail_prints_events_and_resumes_across_a_server_restart_without_loss_or_duplicate() {
+    resumes_across_a_restart("tail_resume", "websocket", |addr| {
+        format!("ws://{addr}/ws/dashboard/")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tail_over_sse_resumes_across_a_server_restart_without_loss_or_duplicate() {
+    resumes_across_a_restart("tail_sse_resume", "sse", |addr| {
+        format!("http://{addr}/sse/dashboard/")
+    })
+    .await;
+}
+
+/// A business's stream over SSE, named by its WebSocket URL: its owner sees
+/// its reservations and not another business's.
+#[tokio::test]
+async fn tail_over_sse_follows_one_business() {
+    let db = TestDb::demo("tail_sse_business").await;
+    let relay = TestRelay::start(&db).await;
+    let mine = db.business(2, "Mine").await;
+    let other = db.business(2, "Other").await;
+    let url = format!("ws://{}/ws/businesses/{mine}/", relay.relay.addr());
+    let (child, mut lines) = spawn_tail(&url, &token("2", false), "sse");
+    let created = next_event(&mut lines).await;
+    assert_eq!(
+        (&created["table"], &created["data"]["id"]),
+        (&Value::from("businesses"), &Value::from(mine)),
+        "the replay starts with the business itself"
+    );
+    let elsewhere = db.reservation(other, 3).await;
+    let here = db.reservation(mine, 3).await;
+    let got = next_event(&mut lines).await;
+    assert_eq!(
+        got["data"]["id"], here,
+        "the reservation at {mine}, not #{elsewhere} at {other}"
+    );
+    assert_eq!(got["data"]["business_id"], mine);
+    let status = interrupt_and_wait(child).await;
+    assert_eq!(status.code(), Some(0), "Ctrl-C exits 0");
 }
 
 #[tokio::test]
@@ -78,8 +141,16 @@ async fn tail_refusals_are_one_line_and_exit_2() {
     let relay = TestRelay::start(&db).await;
     let dashboard = format!("ws://{}/ws/dashboard/", relay.relay.addr());
     let owner = token("2", false);
-    let cases: [(Vec<&str>, &str); 3] = [
+    let cases: [(Vec<&str>, &str); 5] = [
         (vec!["--url", &dashboard, "--token", &owner], "403"),
+        (
+            vec!["--url", &dashboard, "--token", &owner, "--transport", "sse"],
+            "403",
+        ),
+        (
+            vec!["--url", &dashboard, "--transport", "carrier-pigeon"],
+            "transport",
+        ),
         (vec!["--url", &dashboard], "token"),
         (
             vec!["--url", "http://example.invalid/ws/", "--token", &owner],

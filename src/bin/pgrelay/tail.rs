@@ -1,6 +1,10 @@
-//! `pgrelay tail`: a command-line client for one stream. Prints each event as
-//! one JSON line on stdout (or pretty-printed with `--pretty`); `hello`,
-//! `reset` and connection news go to stderr, so stdout stays machine-readable.
+//! `pgrelay tail`: a command-line client for one stream, over WebSocket or
+//! (`--transport sse`) Server-Sent Events. Prints each event as one JSON line
+//! on stdout (or pretty-printed with `--pretty`); `hello`, `reset` and
+//! connection news go to stderr, so stdout stays machine-readable. Both
+//! transports carry the same frames, so everything past the connection (the
+//! cursor, printing, close codes) is shared; an SSE `event: close` is read as
+//! the close frame it stands for.
 //!
 //! It reconnects on its own with capped exponential backoff and full jitter,
 //! resuming with `?last_id=&epoch=` from the last event printed, and drops any
@@ -10,8 +14,13 @@
 //! `--token-file` is re-read at every reconnect, which is how a long-running
 //! tail picks up a renewed token after a `Close::TokenExpired` (4001) close.
 //!
+//! Over SSE the tail reconnects itself, like over WebSocket, with
+//! `?last_id=&epoch=` from its own cursor (it ignores the stream's `id:`
+//! lines, which say the same); the SSE reading is hyper's HTTP/1 client and a
+//! small line parser ([`SseParser`]).
+//!
 //! Not here: TLS (`wss://` works only if tokio-tungstenite is built with a TLS
-//! feature), and sending `refresh` frames.
+//! feature; `https://` not at all), and sending `refresh` frames.
 
 use std::future::Future;
 use std::io::{self, Write};
@@ -20,7 +29,12 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ACCEPT, CONTENT_TYPE, HOST};
+use hyper_util::rt::TokioIo;
 use rand::Rng;
+use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, UrlError};
@@ -31,7 +45,7 @@ use tokio_tungstenite::tungstenite::Message;
 use url::Url;
 
 use pgrelay::config::TailArgs;
-use pgrelay::wire::Close;
+use pgrelay::wire::{Close, Transport};
 
 /// First reconnect delay cap; doubles per failed attempt up to [`MAX_DELAY`].
 const MIN_DELAY: Duration = Duration::from_millis(500);
@@ -40,8 +54,11 @@ const MAX_DELAY: Duration = Duration::from_secs(30);
 const STABLE: Duration = Duration::from_secs(10);
 /// pgrelay pings every 30 s: silence this long means the link is dead.
 const IDLE: Duration = Duration::from_secs(75);
-/// Bound on the TCP connect plus the WebSocket handshake.
+/// Bound on the TCP connect plus the WebSocket handshake (or the SSE response head).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest SSE line kept while waiting for its end (pgrelay caps its
+/// events far below this): a longer one is a broken stream, not memory to spend.
+const MAX_SSE_LINE: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
@@ -62,17 +79,19 @@ pub enum TailError {
     #[error("refused: HTTP {status}: {body}")]
     Refused { status: u16, body: String },
     #[error(
-        "wss:// needs TLS support, which this build of pgrelay lacks: \
-         connect to the ws:// address behind the TLS proxy"
+        "wss:// and https:// need TLS support, which this build of pgrelay lacks: \
+         connect to the ws:// or http:// address behind the TLS proxy"
     )]
     NoTls,
+    #[error("{url}: not an event stream (Content-Type {content_type:?}): use a /sse/... path")]
+    NotEventStream { url: String, content_type: String },
     #[error("writing to stdout: {0}")]
     Output(#[source] io::Error),
 }
 
 /// Runs until `until` resolves (Ctrl-C), or a refusal that retrying cannot fix.
 pub async fn run(args: TailArgs, until: impl Future<Output = ()>) -> Result<(), TailError> {
-    let base = stream_url(&args.url)?;
+    let base = stream_url(&args.url, args.transport)?;
     let in_url = base.query_pairs().any(|(k, _)| k == "token");
     // Checked before the first connect, so a typo fails at once.
     let token = match token(&args)? {
@@ -157,6 +176,17 @@ impl Tail {
     /// One connection, from the handshake to its end.
     async fn connection<F: Future<Output = ()>>(
         &mut self,
+        until: Pin<&mut F>,
+    ) -> Result<Ended, TailError> {
+        match self.args.transport {
+            Transport::WebSocket => self.websocket(until).await,
+            Transport::ServerSentEvents => self.event_stream(until).await,
+        }
+    }
+
+    /// One WebSocket connection.
+    async fn websocket<F: Future<Output = ()>>(
+        &mut self,
         mut until: Pin<&mut F>,
     ) -> Result<Ended, TailError> {
         let url = resume_url(
@@ -223,23 +253,277 @@ impl Tail {
                 // Pongs are queued by tungstenite and sent on the next read.
                 _ => continue,
             };
-            let written = match self.cursor.apply(&text) {
-                Step::Print(value) => print(&mut self.out, &text, &value, self.args.pretty),
-                Step::Info(line) => {
-                    eprintln!("pgrelay tail: {line}");
-                    Ok(())
-                }
-                Step::Skip => Ok(()),
-            };
-            match written {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                    let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
-                    return Ok(Ended::Stop);
-                }
-                Err(e) => return Err(TailError::Output(e)),
+            if self.frame(&text)? == Printed::Stop {
+                let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+                return Ok(Ended::Stop);
             }
         }
+    }
+
+    /// One Server-Sent Events response, from the request to its end.
+    async fn event_stream<F: Future<Output = ()>>(
+        &mut self,
+        mut until: Pin<&mut F>,
+    ) -> Result<Ended, TailError> {
+        let url = resume_url(
+            &self.base,
+            self.cursor.last_id,
+            self.cursor.epoch.as_deref(),
+        );
+        let connecting = timeout(
+            CONNECT_TIMEOUT,
+            request_event_stream(&url, self.token.as_deref()),
+        );
+        let opened = tokio::select! {
+            _ = until.as_mut() => return Ok(Ended::Stop),
+            opened = connecting => opened,
+        };
+        let (response, _connection) = match opened {
+            Err(_) => return Ok(Ended::Backoff("connect timed out".into())),
+            Ok(Err(Opening::Failed(why))) => return Ok(Ended::Backoff(why)),
+            Ok(Err(Opening::Fatal(e))) => return Err(e),
+            Ok(Ok(opened)) => opened,
+        };
+        let status = response.status().as_u16();
+        if status != 200 {
+            let body = Limited::new(response.into_body(), 4096).collect();
+            let body = match timeout(Duration::from_secs(5), body).await {
+                Ok(Ok(body)) => one_line(&String::from_utf8_lossy(&body.to_bytes())),
+                _ => String::new(),
+            };
+            // As for a WebSocket: retrying cannot fix a bad path, request,
+            // token or right; 429/503 (caps, a query down) and 5xx can pass.
+            if matches!(status, 400 | 401 | 403 | 404 | 405 | 406) {
+                return Err(TailError::Refused { status, body });
+            }
+            return Ok(Ended::Backoff(format!("HTTP {status}: {body}")));
+        }
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        if !content_type.starts_with("text/event-stream") {
+            return Err(TailError::NotEventStream {
+                url: redact(url.as_str()),
+                content_type,
+            });
+        }
+        let mut body = response.into_body();
+        let mut parser = SseParser::default();
+        loop {
+            let next = tokio::select! {
+                _ = until.as_mut() => return Ok(Ended::Stop),
+                // Heartbeats are comment lines: any chunk shows the link lives.
+                next = timeout(IDLE, body.frame()) => next,
+            };
+            let chunk = match next {
+                Err(_) => return Ok(Ended::Backoff("no event or heartbeat for 75s".into())),
+                Ok(None) => return Ok(Ended::Backoff("event stream ended".into())),
+                Ok(Some(Err(e))) => return Ok(Ended::Backoff(format!("connection lost: {e}"))),
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(chunk) => chunk,
+                    Err(_) => continue, // trailers
+                },
+            };
+            let events = match parser.push(&chunk) {
+                Ok(events) => events,
+                Err(why) => return Ok(Ended::Backoff(why.into())),
+            };
+            for event in events {
+                match event.kind.as_str() {
+                    "hello" | "event" | "reset" => {
+                        if self.frame(&event.data)? == Printed::Stop {
+                            return Ok(Ended::Stop);
+                        }
+                    }
+                    // Where a socket gets a close frame: the same code and reason.
+                    "close" => return Ok(close_event(&event.data)),
+                    other => eprintln!("pgrelay tail: ignoring an unknown event {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// One frame's JSON, from either transport: printed, noted or skipped.
+    fn frame(&mut self, text: &str) -> Result<Printed, TailError> {
+        let written = match self.cursor.apply(text) {
+            Step::Print(value) => print(&mut self.out, text, &value, self.args.pretty),
+            Step::Info(line) => {
+                eprintln!("pgrelay tail: {line}");
+                Ok(())
+            }
+            Step::Skip => Ok(()),
+        };
+        match written {
+            Ok(()) => Ok(Printed::Go),
+            // stdout is gone (`| head`): stop quietly.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Printed::Stop),
+            Err(e) => Err(TailError::Output(e)),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Printed {
+    Go,
+    Stop,
+}
+
+/// Why an event stream could not be opened.
+enum Opening {
+    /// Worth retrying (refused connection, reset, a broken response).
+    Failed(String),
+    /// Not worth it (a token that cannot be a header).
+    Fatal(TailError),
+}
+
+/// Aborts the task driving an HTTP/1 connection when the stream is done with it.
+struct Driver(tokio::task::JoinHandle<()>);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `GET url` with `Accept: text/event-stream` over a fresh HTTP/1 connection
+/// (one stream per connection, as pgrelay serves them): the response head,
+/// and the connection's driver, which must live as long as the body is read.
+async fn request_event_stream(
+    url: &Url,
+    token: Option<&str>,
+) -> Result<(hyper::Response<Incoming>, Driver), Opening> {
+    let host = match url.host() {
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        Some(host) => host.to_string(),
+        None => return Err(Opening::Failed("no host".into())),
+    };
+    let port = url.port_or_known_default().unwrap_or(80);
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| Opening::Failed(format!("cannot connect: {e}")))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| Opening::Failed(format!("cannot connect: {e}")))?;
+    let driver = Driver(tokio::spawn(async move {
+        let _ = connection.await;
+    }));
+    let mut request =
+        hyper::Request::get(&url[url::Position::BeforePath..url::Position::AfterQuery])
+            .header(
+                HOST,
+                &url[url::Position::BeforeHost..url::Position::AfterPort],
+            )
+            .header(ACCEPT, "text/event-stream");
+    if let Some(token) = token {
+        let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| Opening::Fatal(TailError::BadToken))?;
+        request = request.header(AUTHORIZATION, value);
+    }
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| Opening::Fatal(url_error(url.as_str(), &e.to_string())))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| Opening::Failed(format!("cannot connect: {e}")))?;
+    Ok((response, driver))
+}
+
+/// One dispatched Server-Sent Event: its `event:` name and its `data:`.
+#[derive(Debug, PartialEq)]
+struct SseEvent {
+    kind: String,
+    data: String,
+}
+
+/// The event-stream format, fed chunks as they come: lines end with LF, CRLF
+/// or CR; `:` starts a comment (pgrelay's heartbeat); `event:` names an
+/// event, `data:` lines are joined by LF, a blank line dispatches. `id:` and
+/// `retry:` are the browser's business; the tail keeps its own cursor.
+#[derive(Default)]
+struct SseParser {
+    pending: Vec<u8>,
+    kind: String,
+    data: String,
+    has_data: bool,
+}
+
+impl SseParser {
+    fn push(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, &'static str> {
+        self.pending.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        let mut start = 0;
+        while let Some(at) = self.pending[start..]
+            .iter()
+            .position(|b| *b == b'\n' || *b == b'\r')
+        {
+            let end = start + at;
+            let width = match (self.pending[end], self.pending.get(end + 1)) {
+                (b'\r', Some(b'\n')) => 2,
+                // A CR that ends the chunk may be the first half of a CRLF.
+                (b'\r', None) => break,
+                _ => 1,
+            };
+            let line = String::from_utf8_lossy(&self.pending[start..end]).into_owned();
+            start = end + width;
+            if let Some(event) = self.line(&line) {
+                events.push(event);
+            }
+        }
+        self.pending.drain(..start);
+        if self.pending.len() > MAX_SSE_LINE {
+            return Err("an event stream line over 16 MiB");
+        }
+        Ok(events)
+    }
+
+    fn line(&mut self, line: &str) -> Option<SseEvent> {
+        if line.is_empty() {
+            let kind = std::mem::take(&mut self.kind);
+            let data = std::mem::take(&mut self.data);
+            if !std::mem::take(&mut self.has_data) {
+                return None;
+            }
+            let kind = if kind.is_empty() {
+                "message".into()
+            } else {
+                kind
+            };
+            return Some(SseEvent { kind, data });
+        }
+        if line.starts_with(':') {
+            return None;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => self.kind = value.to_owned(),
+            "data" => {
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(value);
+                self.has_data = true;
+            }
+            _ => {}
+        }
+        None
+    }
+}
+
+/// What an SSE `event: close` asks of us: `{"type":"close","code":N,"reason":...}`.
+fn close_event(data: &str) -> Ended {
+    let value: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+    match value.get("code").and_then(|c| c.as_u64()) {
+        Some(code) => closed_with(
+            u16::try_from(code).unwrap_or(0),
+            value.get("reason").and_then(|r| r.as_str()).unwrap_or(""),
+        ),
+        None => Ended::Backoff(format!("closed without a code: {}", one_line(data))),
     }
 }
 
@@ -248,8 +532,13 @@ fn closed(frame: Option<CloseFrame>) -> Ended {
     let Some(frame) = frame else {
         return Ended::Backoff("closed without a code".into());
     };
-    let why = format!("closed {}: {}", u16::from(frame.code), frame.reason);
-    match Close::from_code(frame.code.into()) {
+    closed_with(frame.code.into(), &frame.reason)
+}
+
+/// What a close code asks of us, whichever transport carried it.
+fn closed_with(code: u16, reason: &str) -> Ended {
+    let why = format!("closed {code}: {reason}");
+    match Close::from_code(code) {
         // Token expired or refresh refused: the token file may hold a new one
         // (a static token that expired gets a 401 next, which ends the tail).
         // Too slow: resuming at once loses nothing.
@@ -338,26 +627,46 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// Validates `--url`: ws:// or wss:// with a host.
-fn stream_url(url: &str) -> Result<Url, TailError> {
-    let parsed = Url::parse(url).map_err(|e| url_error(url, &e.to_string()))?;
-    match parsed.scheme() {
-        "ws" | "wss" => {}
-        "http" | "https" => {
+/// Validates `--url` for the transport: ws:// or wss:// with a host for a
+/// WebSocket, http:// (or ws://, read as http://) for SSE. A leading `/ws/`
+/// or `/sse/` in the path follows the transport, so one URL names a stream
+/// for both.
+fn stream_url(url: &str, transport: Transport) -> Result<Url, TailError> {
+    let mut parsed = Url::parse(url).map_err(|e| url_error(url, &e.to_string()))?;
+    let sse = transport == Transport::ServerSentEvents;
+    match (sse, parsed.scheme()) {
+        (false, "ws" | "wss") | (true, "http") => {}
+        (false, "http" | "https") => {
             return Err(url_error(
                 url,
-                "use ws:// or wss://, e.g. ws://127.0.0.1:8080/ws/notifications/",
+                "use ws:// or wss://, e.g. ws://127.0.0.1:8080/ws/notifications/ \
+                 (or --transport sse)",
             ))
         }
-        other => {
+        (true, "ws") => {
+            // Both special schemes: the url crate allows the swap.
+            let _ = parsed.set_scheme("http");
+        }
+        (true, "https" | "wss") => return Err(TailError::NoTls),
+        (_, other) => {
+            let want = if sse { "http://" } else { "ws:// or wss://" };
             return Err(url_error(
                 url,
-                &format!("unsupported scheme {other:?}: use ws:// or wss://"),
-            ))
+                &format!("unsupported scheme {other:?}: use {want}"),
+            ));
         }
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(url_error(url, "no host"));
+    }
+    let (from, to) = if sse {
+        ("/ws/", "/sse/")
+    } else {
+        ("/sse/", "/ws/")
+    };
+    if let Some(rest) = parsed.path().strip_prefix(from) {
+        let path = format!("{to}{rest}");
+        parsed.set_path(&path);
     }
     Ok(parsed)
 }
@@ -591,7 +900,7 @@ mod tests {
     use super::*;
 
     fn check_url(base: &str, last_id: Option<i64>, epoch: Option<&str>, want: &str) {
-        let base = stream_url(base).expect("valid url");
+        let base = stream_url(base, Transport::WebSocket).expect("valid url");
         assert_eq!(resume_url(&base, last_id, epoch).as_str(), want);
     }
 
@@ -634,14 +943,118 @@ mod tests {
             "ws://",
         ] {
             assert!(
-                matches!(stream_url(url), Err(TailError::Url { .. })),
+                matches!(
+                    stream_url(url, Transport::WebSocket),
+                    Err(TailError::Url { .. })
+                ),
                 "{url:?}"
             );
         }
-        let e = stream_url("http://h/?token=secret")
+        let e = stream_url("http://h/?token=secret", Transport::WebSocket)
             .unwrap_err()
             .to_string();
         assert!(!e.contains("secret"), "{e}");
+        for url in ["", "ftp://x/", "http://", "127.0.0.1:8080"] {
+            assert!(
+                matches!(
+                    stream_url(url, Transport::ServerSentEvents),
+                    Err(TailError::Url { .. })
+                ),
+                "{url:?}"
+            );
+        }
+        for url in ["https://h/sse/dashboard/", "wss://h/ws/dashboard/"] {
+            assert!(matches!(
+                stream_url(url, Transport::ServerSentEvents),
+                Err(TailError::NoTls)
+            ));
+        }
+    }
+
+    /// One URL names a stream for both transports.
+    #[test]
+    fn transports_pick_scheme_and_prefix() {
+        let check = |url: &str, transport: Transport, want: &str| {
+            let got = stream_url(url, transport).expect("valid url");
+            assert_eq!(got.as_str(), want, "{url} over {transport:?}");
+        };
+        let sse = Transport::ServerSentEvents;
+        let ws = Transport::WebSocket;
+        check(
+            "ws://h:1/ws/businesses/42/",
+            sse,
+            "http://h:1/sse/businesses/42/",
+        );
+        check(
+            "http://h/sse/dashboard/?token=t",
+            sse,
+            "http://h/sse/dashboard/?token=t",
+        );
+        check("ws://h/sse/notifications/", ws, "ws://h/ws/notifications/");
+        check("ws://h/relay/ws/x/", sse, "http://h/relay/ws/x/");
+        check(
+            "ws://[::1]:8080/ws/dashboard/",
+            ws,
+            "ws://[::1]:8080/ws/dashboard/",
+        );
+    }
+
+    fn parse(chunks: &[&str]) -> Vec<(String, String)> {
+        let mut parser = SseParser::default();
+        let mut events = Vec::new();
+        for chunk in chunks {
+            for e in parser.push(chunk.as_bytes()).expect("parse") {
+                events.push((e.kind, e.data));
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn sse_parsing() {
+        let ev = |k: &str, d: &str| (k.to_owned(), d.to_owned());
+        // pgrelay's own shape, with a heartbeat between events.
+        assert_eq!(
+            parse(&["event: hello\nid: e:5\ndata: {\"a\":1}\n\n:\n\nevent: event\ndata: x\n\n"]),
+            [ev("hello", r#"{"a":1}"#), ev("event", "x")]
+        );
+        // Any split, CRLF and CR line ends, a CRLF split across chunks.
+        assert_eq!(
+            parse(&[
+                "eve",
+                "nt: reset\r",
+                "\ndata: y\r\r",
+                "\n",
+                "data:z\rdata:  two\n\n"
+            ]),
+            [ev("reset", "y"), ev("message", "z\n two")]
+        );
+        // No data, no event; a name does not leak into the next event.
+        assert_eq!(
+            parse(&["event: close\n\ndata: d\n\n", "event: e\ndata\n\n"]),
+            [ev("message", "d"), ev("e", "")]
+        );
+        assert_eq!(parse(&["data: never ended"]), []);
+    }
+
+    #[test]
+    fn sse_close_events() {
+        let data =
+            |code: Close| format!(r#"{{"code":{},"reason":"r","type":"close"}}"#, code.code());
+        assert!(matches!(
+            close_event(&data(Close::TokenExpired)),
+            Ended::Now(_)
+        ));
+        assert!(matches!(close_event(&data(Close::TooSlow)), Ended::Now(_)));
+        for code in [
+            Close::Shutdown,
+            Close::ReplayFailed,
+            Close::LogWentBack,
+            Close::ReplayBusy,
+        ] {
+            assert!(matches!(close_event(&data(code)), Ended::Backoff(_)));
+        }
+        assert!(matches!(close_event("junk"), Ended::Backoff(_)));
     }
 
     #[test]
@@ -743,6 +1156,7 @@ mod tests {
             token_file: file,
             last_id: None,
             pretty: false,
+            transport: Transport::WebSocket,
         };
         assert_eq!(
             token(&args(Some(" t \n"), None)).ok().flatten().as_deref(),
