@@ -19,7 +19,12 @@
 // whose network is cut (a TCP proxy in between drops and refuses connections)
 // shows that it reconnects, then resumes with last_id and shows what was
 // committed meanwhile, once; the read state survives a reload; under `pgrelay
-// serve` the page works without demo buttons.
+// serve` the page works without demo buttons. A business's own page
+// (/businesses/{id}) shows its owner that business's reservations and updates
+// live, and no other business's, over WebSocket and over Server-Sent Events;
+// the owner's notifications link to it; over SSE a page whose network is cut
+// (the browser's EventSource retrying against a refusing proxy) resumes and
+// shows every row inserted meanwhile exactly once.
 // One `pgrelay demo` and one Chromium are shared (before/after); each case
 // opens its tabs in a fresh browser context (its own localStorage: nothing
 // read yet), reads the counts it starts from, and fails on uncaught page
@@ -196,8 +201,12 @@ async function shot(page, name) {
 async function cuttableProxy(port) {
   const sockets = new Set();
   let down = false;
+  let refused = 0;
   const server = createServer((client) => {
-    if (down) return client.destroy();
+    if (down) {
+      refused++;
+      return client.destroy();
+    }
     const upstream = connect(port, "127.0.0.1");
     for (const s of [client, upstream]) {
       sockets.add(s);
@@ -216,6 +225,8 @@ async function cuttableProxy(port) {
       for (const s of sockets) s.destroy();
     },
     restore() { down = false; },
+    /** Connections refused while cut (a browser retrying). */
+    get refused() { return refused; },
     close() { down = true; for (const s of sockets) s.destroy(); server.close(); },
   };
 }
@@ -227,6 +238,41 @@ async function markAllRead(page) {
   await page.click("#mark-all-read");
   await expectBadge(page, 0);
   await page.keyboard.press("Escape");
+}
+
+/** The id an INSERT ... RETURNING id printed (psql adds its command tag below). */
+async function insertedId(statement) {
+  const id = Number((await sql(statement)).split("\n")[0]);
+  assert.ok(Number.isInteger(id), `no id from ${statement}`);
+  return id;
+}
+
+/** Inserts a business owned by user 2 (the demo's owner) with psql; returns its id. */
+async function newBusiness(name) {
+  return insertedId(`INSERT INTO businesses (owner_id, name) VALUES (2, '${name}') RETURNING id`);
+}
+
+/** Inserts a reservation at `business` (customer user 3) with psql; returns its id. */
+async function reserve(business) {
+  return insertedId(
+    `INSERT INTO reservations (business_id, customer_id, starts_at, party_size) VALUES (${business}, 3, now() + interval '1 day', 2) RETURNING id`);
+}
+
+/** The owner's (user 2) link to a business's own page, over `transport`. */
+function businessPage(base, id, transport) {
+  const token = new URLSearchParams(new URL(links.owner).hash.slice(1)).get("token");
+  return `${base}/businesses/${id}#token=${token}&transport=${transport}`;
+}
+
+/** Waits until `page` lists reservation `id` on its business view; asserts it is listed once. */
+async function expectReservationOnce(page, id) {
+  const rows = page.locator(`#stream-reservations li[data-id="${id}"]`);
+  try {
+    await rows.first().waitFor({ timeout: WAIT });
+  } catch {
+    assert.fail(`${page.label}: reservation #${id} not shown: ${await page.locator("#stream-reservations").textContent()}`);
+  }
+  assert.equal(await rows.count(), 1, `${page.label}: reservation #${id} shown once`);
 }
 
 /** Inserts a business with psql and waits until `page` shows it. */
@@ -467,4 +513,86 @@ scenario("under pgrelay serve the page works and has no demo buttons", async ({ 
   // The page's probe has been answered (404), and the buttons stayed hidden.
   await page.waitForFunction(() => performance.getEntriesByName(`${location.origin}/demo/`).length > 0, null, { timeout: WAIT });
   assert.ok(await page.locator("#demo-actions").isHidden(), "no demo buttons on serve");
+});
+
+for (const transport of ["websocket", "sse"]) {
+  scenario(`an owner's business page shows its own reservations live, no other's (${transport})`, async ({ open }) => {
+    const tag = transport === "sse" ? "SSE" : "WS";
+    const mine = await newBusiness(`Own Page ${tag}`);
+    const other = await newBusiness(`Elsewhere ${tag}`);
+    const page = await open(businessPage(links.base, mine, transport), `owner's page of #${mine} (${transport})`);
+    assert.equal(new URL(page.url()).pathname, `/businesses/${mine}`, "the page keeps its address, not the token");
+    assert.equal(await page.locator("#transport").getAttribute("data-transport"), transport, "the transport asked for");
+    await expectText(page, "#footer", transport === "sse" ? /Server-Sent Events/ : /WebSocket/, "footer names the transport");
+    assert.ok(await page.locator("#stream-view").isVisible(), "the business's own view");
+    assert.ok(await page.locator("#dashboard").isHidden(), "not the dashboard");
+    await expectText(page, "#stream-title", `Own Page ${tag}`, "the business's name, from its stream");
+    await expectText(page, "#stream-reservation-count", "0", "no reservations yet");
+
+    // Elsewhere first: once this business's own reservation shows, the other
+    // one has had every chance to show too.
+    const elsewhere = await reserve(other);
+    const here = await reserve(mine);
+    await expectReservationOnce(page, here);
+    await expectText(page, "#stream-reservation-count", "1", "one reservation here");
+    assert.equal(await page.locator(`#stream-reservations li[data-id="${elsewhere}"]`).count(), 0,
+      `reservation #${elsewhere} at business #${other} is not on #${mine}'s page`);
+    // Beside it, the owner's notifications (the bell) have both: both businesses are hers.
+    await expectText(page, "#stream-notes", new RegExp(`New reservation at Own Page ${tag}`), "the owner's notification");
+    await expectText(page, "#stream-notes", new RegExp(`New reservation at Elsewhere ${tag}`), "the other business's notification, in the bell only");
+
+    await sql(`UPDATE businesses SET name = 'Own Page ${tag} renamed' WHERE id = ${mine}`);
+    await sql(`UPDATE businesses SET name = 'Elsewhere ${tag} renamed' WHERE id = ${other}`);
+    const later = await reserve(mine);
+    await expectReservationOnce(page, later);
+    await expectText(page, "#stream-title", `Own Page ${tag} renamed`, "an update shows live");
+    await expectText(page, "#stream-event-count", "4", "created, reserved, renamed, reserved: this business's events only");
+    await expectText(page, "#stream-activity", /Business updated: Own Page .* renamed/, "updates list");
+    for (const part of ["#stream-title", "#stream-reservations", "#stream-activity"]) {
+      assert.doesNotMatch(await page.locator(part).textContent(), /Elsewhere/, `${part}: nothing of the other business`);
+    }
+    await shot(page, `browser-business-page-${transport}.png`);
+  });
+}
+
+scenario("the owner's notifications link to her business's page", async ({ open }) => {
+  const id = await newBusiness("Linked Lunchroom");
+  const home = await open(links.owner, "owner's notifications");
+  const link = home.locator(`#my-businesses a[href="/businesses/${id}"]`);
+  await link.waitFor({ timeout: WAIT });
+  await link.click();
+  await home.waitForURL(`**/businesses/${id}`, { timeout: WAIT });
+  await expectConnected(home);
+  await expectText(home, "#stream-title", "Linked Lunchroom", "the linked page (signed in from the tab's token)");
+});
+
+scenario("over SSE, a business page whose network is cut reconnects and misses nothing", async ({ open }) => {
+  const mine = await newBusiness("Cut Stream Cafe");
+  proxy = await cuttableProxy(Number(new URL(links.base).port));
+  try {
+    const page = await open(businessPage(proxy.base, mine, "sse"), "owner's page over SSE, through a proxy");
+    const first = await reserve(mine);
+    await expectReservationOnce(page, first);
+    proxy.cut();
+    await page.locator('#status:not([data-state="connected"])').waitFor({ timeout: WAIT });
+    const during = [];
+    for (let i = 0; i < 3; i++) during.push(await reserve(mine));
+    // Down until the browser's EventSource has retried and been refused.
+    const deadline = Date.now() + WAIT;
+    while (proxy.refused === 0) {
+      assert.ok(Date.now() < deadline, "the page retried within 15 s");
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.equal(await page.locator("#stream-reservations li").count(), 1, "nothing arrives while cut");
+    await shot(page, "browser-sse-network-cut.png");
+    proxy.restore();
+    await expectConnected(page);
+    for (const id of [first, ...during]) await expectReservationOnce(page, id);
+    await expectText(page, "#stream-reservation-count", String(1 + during.length), "every reservation counted once");
+    await expectText(page, "#stream-event-count", String(2 + during.length), "created and each reservation, once");
+    await page.close();
+  } finally {
+    proxy.close();
+    proxy = null;
+  }
 });
