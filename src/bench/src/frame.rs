@@ -59,7 +59,8 @@ fn parse_int(b: &[u8]) -> Option<(i64, &[u8])> {
 
 /// An RFC 3339 UTC timestamp up to the closing quote (pgrelay.format_at
 /// writes `YYYY-MM-DDTHH:MM:SS.ffffffZ`; `+00:00` is read too) -> µs since
-/// the Unix epoch.
+/// the Unix epoch. About 55 ns a frame (the hand-written parser it replaced
+/// took about 18): 0.1 s of CPU a second at 2M frames/s.
 fn parse_at_us(b: &[u8]) -> Option<i64> {
     let end = b.iter().position(|&c| c == b'"').unwrap_or(b.len());
     let text = std::str::from_utf8(&b[..end]).ok()?;
