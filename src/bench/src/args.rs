@@ -1,0 +1,161 @@
+//! The command line: which scenario, how many sockets at what rate, and the
+//! pgrelay to measure. Everything the flags cannot say by their types is
+//! checked in [`Args::check`] before anything starts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::error::{BenchError, Result};
+use crate::resume;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Scenario {
+    /// N sockets, R inserts/s: deliveries, latency, loss, memory (the default).
+    Load,
+    /// One user's resume over a 1,000,000-event log, then 1,000 at once (issue 10).
+    SparseResume,
+    /// N sockets resume at once after a pgrelay restart (issue 10).
+    ResumeStorm,
+    /// Waves of refused handshakes (bad tokens): does the RSS come back? (issue 10)
+    HandshakeStorm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum StreamKind {
+    /// Every socket on /ws/dashboard/ (each gets every event).
+    Dashboard,
+    /// Every socket on /ws/notifications/, one user each (each event goes to one user).
+    Notifications,
+    /// Half dashboard, half notifications.
+    Mixed,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgrelay-bench",
+    about = "Load generator for pgrelay: N sockets, R inserts/s, latency, loss, memory"
+)]
+pub(crate) struct Args {
+    /// What to measure (see BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = Scenario::Load)]
+    pub(crate) scenario: Scenario,
+    #[command(flatten)]
+    pub(crate) resume: resume::ResumeArgs,
+    /// handshake-storm: handshakes in all.
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) storm_handshakes: usize,
+    /// handshake-storm: handshakes open at once (one wave).
+    #[arg(long, default_value_t = 3_000)]
+    pub(crate) storm_concurrency: usize,
+    /// WebSocket clients to open.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) sockets: usize,
+    /// Rows inserted per second (one row per transaction).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) rate: u32,
+    /// How long the measured phase inserts (after the warm-up).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// Inserting at the same rate before measuring (not in the figures).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub(crate) warmup: Duration,
+    /// Which endpoint the sockets use.
+    #[arg(long, value_enum, default_value_t = StreamKind::Dashboard)]
+    pub(crate) stream: StreamKind,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Target a running pgrelay (ws://HOST:PORT) instead of starting one; needs
+    /// --database-url (demo schema installed) and --jwt-secret.
+    #[arg(long)]
+    pub(crate) url: Option<String>,
+    /// The target's database (with --url).
+    #[arg(long, hide_env_values = true)]
+    pub(crate) database_url: Option<String>,
+    /// The target's HS256 secret (with --url).
+    #[arg(long, hide_env_values = true)]
+    pub(crate) jwt_secret: Option<String>,
+    /// The target's process id, for its RSS and CPU (with --url).
+    #[arg(long)]
+    pub(crate) pid: Option<u32>,
+    /// Database connections inserting rows.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) writers: usize,
+    /// Socket handshakes in flight at once.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) connect_concurrency: usize,
+    /// How long to wait, at most, for in-flight deliveries after the last
+    /// insert (the wait also ends after 5 s without any delivery).
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub(crate) drain_timeout: Duration,
+    /// The pgrelay binary to start [default: `pgrelay` next to this executable].
+    #[arg(long)]
+    pub(crate) pgrelay_bin: Option<PathBuf>,
+    /// Extra argument for `pgrelay serve` (repeatable), e.g. --server-arg=--dashboard-queue=8192.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub(crate) server_args: Vec<String>,
+    /// Tokio worker threads of the bench (1 or 2).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) threads: usize,
+}
+
+impl Args {
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.sockets == 0 {
+            return Err(BenchError::Usage("--sockets must be at least 1"));
+        }
+        if self.rate == 0 {
+            return Err(BenchError::Usage("--rate must be at least 1"));
+        }
+        if self.duration.is_zero() {
+            return Err(BenchError::Usage("--duration must be positive"));
+        }
+        if !(1..=2).contains(&self.threads) {
+            return Err(BenchError::Usage("--threads must be 1 or 2"));
+        }
+        if !(1..=64).contains(&self.writers) {
+            return Err(BenchError::Usage("--writers must be between 1 and 64"));
+        }
+        if self.storm_handshakes == 0 || self.storm_concurrency == 0 {
+            return Err(BenchError::Usage(
+                "--storm-handshakes and --storm-concurrency must be at least 1",
+            ));
+        }
+        if self.connect_concurrency == 0 {
+            return Err(BenchError::Usage(
+                "--connect-concurrency must be at least 1",
+            ));
+        }
+        if self.url.is_some() && (self.database_url.is_none() || self.jwt_secret.is_none()) {
+            return Err(BenchError::Usage(
+                "--url needs --database-url and --jwt-secret",
+            ));
+        }
+        if self.url.is_none() && (self.database_url.is_some() || self.jwt_secret.is_some()) {
+            return Err(BenchError::Usage(
+                "--database-url and --jwt-secret are for --url (a running pgrelay)",
+            ));
+        }
+        if matches!(
+            self.scenario,
+            Scenario::SparseResume | Scenario::ResumeStorm
+        ) {
+            if self.url.is_some() {
+                return Err(BenchError::Usage("--scenario sparse-resume and resume-storm start their own pgrelay and PostgreSQL: drop --url"));
+            }
+            self.resume.check()?;
+        }
+        Ok(())
+    }
+
+    /// (dashboard sockets, notification sockets).
+    pub(crate) fn split(&self) -> (usize, usize) {
+        match self.stream {
+            StreamKind::Dashboard => (self.sockets, 0),
+            StreamKind::Notifications => (0, self.sockets),
+            StreamKind::Mixed => (self.sockets - self.sockets / 2, self.sockets / 2),
+        }
+    }
+}

@@ -1,0 +1,552 @@
+//! The WebSocket client the scenarios run by the thousand: the handshake by
+//! hand (the token in `Authorization`, the `hello` frame), the read loop,
+//! and one client's whole life (first connect, reading, resuming losslessly
+//! from its last id after a close) with what it received kept as id ranges.
+//!
+//! A client costs little: a 4 KiB read buffer, no write buffer, frames read
+//! by [`crate::frame`] without deserialising them.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hyper_tungstenite::tungstenite::handshake::client::generate_key;
+use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use hyper_tungstenite::tungstenite::Message;
+use hyper_tungstenite::WebSocketStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{BenchError, Result};
+use crate::frame::{self, find, Frame};
+use crate::server::Server;
+use crate::stats::{count_delivery, lock, Window};
+
+pub(crate) type Ws = WebSocketStream<TcpStream>;
+
+/// What every client shares.
+pub(crate) struct Ctx {
+    addr: SocketAddr,
+    host: String,
+    ws_config: WebSocketConfig,
+    connect_gate: Semaphore,
+    pub(crate) stop: CancellationToken,
+    pub(crate) connected: AtomicUsize,
+    pub(crate) failed: AtomicUsize,
+    first_errors: Mutex<Vec<String>>,
+    /// (dashboard, user, hello.last_id) of every connected client, for the
+    /// drain target.
+    pub(crate) hellos: Mutex<Vec<(bool, String, i64)>>,
+    pub(crate) window: Window,
+}
+
+impl Ctx {
+    pub(crate) fn new(server: &Server, connect_concurrency: usize, sockets: usize) -> Ctx {
+        Ctx {
+            addr: server.addr,
+            host: server.host.clone(),
+            // Small buffers: 10,000 sockets must fit in the bench comfortably.
+            ws_config: WebSocketConfig::default()
+                .read_buffer_size(4 * 1024)
+                .write_buffer_size(0)
+                .max_message_size(Some(1 << 20))
+                .max_frame_size(Some(1 << 20)),
+            connect_gate: Semaphore::new(connect_concurrency),
+            stop: CancellationToken::new(),
+            connected: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            first_errors: Mutex::new(Vec::new()),
+            hellos: Mutex::new(Vec::with_capacity(sockets)),
+            window: Window::new(),
+        }
+    }
+
+    /// The lowest `hello.last_id` of the connected clients (`none` if none).
+    pub(crate) fn min_hello(&self, none: i64) -> i64 {
+        lock(&self.hellos).iter().map(|h| h.2).min().unwrap_or(none)
+    }
+}
+
+pub(crate) struct ClientSpec {
+    pub(crate) dashboard: bool,
+    pub(crate) user: String,
+    token: String,
+}
+
+impl ClientSpec {
+    /// A notification client of `user`.
+    pub(crate) fn user(secret: &str, user: &str) -> Result<ClientSpec> {
+        let token = pgrelay::auth::mint(secret, user, None, TOKEN_TTL)?;
+        Ok(ClientSpec {
+            dashboard: false,
+            user: user.to_owned(),
+            token,
+        })
+    }
+
+    fn path(&self) -> &'static str {
+        if self.dashboard {
+            "/ws/dashboard/"
+        } else {
+            "/ws/notifications/"
+        }
+    }
+}
+
+const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Dashboard clients (super admins 1,000,001, 1,000,002, ...), then
+/// notification clients (users 1, 2, ...), each with its own token.
+pub(crate) fn client_specs(
+    secret: &str,
+    dashboards: usize,
+    notifications: usize,
+) -> Result<Vec<ClientSpec>> {
+    let mut specs = Vec::with_capacity(dashboards + notifications);
+    for i in 0..dashboards {
+        let user = (1_000_001 + i).to_string();
+        let token = pgrelay::auth::mint(secret, &user, Some("super_admin"), TOKEN_TTL)?;
+        specs.push(ClientSpec {
+            dashboard: true,
+            user,
+            token,
+        });
+    }
+    for i in 0..notifications {
+        specs.push(ClientSpec::user(secret, &(1 + i).to_string())?);
+    }
+    Ok(specs)
+}
+
+/// One client's account of the run.
+#[derive(Default)]
+pub(crate) struct ClientReport {
+    pub(crate) dashboard: bool,
+    pub(crate) user: String,
+    pub(crate) connected: bool,
+    pub(crate) error: Option<String>,
+    /// `hello.last_id` of the first connection: everything routed to this
+    /// client above it must arrive.
+    pub(crate) hello_last_id: i64,
+    /// Ids received, strictly increasing, as inclusive ranges.
+    pub(crate) ranges: Vec<(i64, i64)>,
+    pub(crate) received: u64,
+    /// Frames whose id was not above the previous one.
+    pub(crate) duplicates: u64,
+    pub(crate) resets: u64,
+    pub(crate) reconnects: u64,
+    /// Close codes the server sent before the end of the run.
+    pub(crate) closes: Vec<u16>,
+}
+
+impl ClientReport {
+    fn on_text(&mut self, frame: &[u8], ctx: &Ctx) {
+        let (id, rest) = match Frame::parse(frame) {
+            Frame::Event { id, rest } => (id, rest),
+            Frame::Reset => {
+                self.resets += 1;
+                return;
+            }
+            Frame::Other => return,
+        };
+        if id <= self.last_id() {
+            self.duplicates += 1;
+            return;
+        }
+        match self.ranges.last_mut() {
+            Some(last) if last.1 + 1 == id => last.1 = id,
+            _ => self.ranges.push((id, id)),
+        }
+        self.received += 1;
+        count_delivery(frame::at_us(rest), &ctx.window);
+    }
+
+    pub(crate) fn last_id(&self) -> i64 {
+        self.ranges.last().map_or(self.hello_last_id, |r| r.1)
+    }
+}
+
+/// How a connection's reading ended.
+pub(crate) enum Outcome {
+    Stop,
+    /// The frame handler had all it wanted.
+    Done,
+    Closed(Option<u16>),
+    Failed(String),
+}
+
+impl Outcome {
+    /// The close code this ending stands for (1005: a close frame without
+    /// one, 1006: no close frame at all).
+    pub(crate) fn close_code(&self) -> u16 {
+        match self {
+            Outcome::Closed(code) => code.unwrap_or(1005),
+            _ => 1006,
+        }
+    }
+}
+
+/// What a client does besides reading and resuming: the load run's clients
+/// nothing ([`Plain`]); the resume storm's keep count of the restart.
+pub(crate) trait Watch: Send {
+    /// After every text frame.
+    fn on_frame(&mut self, _report: &ClientReport) {}
+
+    /// The server closed the connection (its code is in `report.closes`):
+    /// waits before reconnecting. Returns the attempts to count as made
+    /// already, or `None` to end the client.
+    fn closed(&mut self, report: &ClientReport) -> impl Future<Output = Option<u32>> + Send;
+
+    /// Before reconnection attempt `attempt` (0 for the first after
+    /// [`Self::closed`] said 0).
+    fn attempting(&mut self, _attempt: u32) {}
+
+    /// Reconnection attempt `attempt` (1-based), started at `began`,
+    /// failed: how long to wait before the next, or `None` to give up.
+    fn retry_after(&mut self, attempt: u32, began: Instant) -> Option<Duration>;
+
+    /// A reconnection succeeded.
+    fn resumed(&mut self, _report: &ClientReport) {}
+
+    /// The run ended while the client was reading.
+    fn stopped(&mut self) {}
+}
+
+/// The load run's client: reconnects at once, 20 attempts at most, 100 ms
+/// more between each (up to 1 s).
+pub(crate) struct Plain;
+
+impl Watch for Plain {
+    async fn closed(&mut self, _report: &ClientReport) -> Option<u32> {
+        Some(0)
+    }
+
+    fn retry_after(&mut self, attempt: u32, _began: Instant) -> Option<Duration> {
+        (attempt < 20).then(|| Duration::from_millis(100 * u64::from(attempt.min(10))))
+    }
+}
+
+/// A client's life: its first handshake, then reading until the run stops;
+/// when the server closes it (4008 too slow, say), it resumes losslessly from
+/// the last id, as a real client would.
+pub(crate) async fn client<W: Watch>(
+    spec: ClientSpec,
+    ctx: Arc<Ctx>,
+    mut watch: W,
+) -> (ClientReport, W) {
+    let mut report = ClientReport {
+        dashboard: spec.dashboard,
+        user: spec.user.clone(),
+        ..ClientReport::default()
+    };
+    let (mut ws, hello) = match first_connect(&ctx, &spec).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            report.error = Some(e.to_string());
+            return (report, watch);
+        }
+    };
+    report.connected = true;
+    report.hello_last_id = hello.last_id;
+    let epoch = hello.epoch;
+    lock(&ctx.hellos).push((spec.dashboard, spec.user.clone(), hello.last_id));
+    ctx.connected.fetch_add(1, Relaxed);
+
+    loop {
+        let outcome = tokio::select! {
+            biased;
+            _ = ctx.stop.cancelled() => Outcome::Stop,
+            outcome = read_loop(&mut ws, |text| {
+                report.on_text(text, &ctx);
+                watch.on_frame(&report);
+                ControlFlow::Continue(())
+            }) => outcome,
+        };
+        match outcome {
+            Outcome::Stop => {
+                close_normally(&mut ws).await;
+                watch.stopped();
+                return (report, watch);
+            }
+            _ if ctx.stop.is_cancelled() => return (report, watch),
+            Outcome::Failed(e) => {
+                report.closes.push(1006);
+                report.error.get_or_insert(e);
+            }
+            outcome => report.closes.push(outcome.close_code()),
+        }
+        let Some(mut attempt) = watch.closed(&report).await else {
+            return (report, watch);
+        };
+        let began = Instant::now();
+        ws = loop {
+            watch.attempting(attempt);
+            attempt += 1;
+            let resumed = connect_gated(&ctx, &spec, Some((report.last_id(), &epoch))).await;
+            let e = match resumed {
+                Ok((ws, _hello)) => break ws,
+                Err(e) => e.to_string(),
+            };
+            let wait = if ctx.stop.is_cancelled() {
+                None
+            } else {
+                watch.retry_after(attempt, began)
+            };
+            match wait {
+                Some(wait) => {
+                    report.error.get_or_insert(e);
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    report.error = Some(format!("could not resume: {e}"));
+                    return (report, watch);
+                }
+            }
+        };
+        report.reconnects += 1;
+        watch.resumed(&report);
+    }
+}
+
+/// Waits until every client has connected or failed (the clients' own
+/// handshakes are bounded); any failure stops the run, naming the first
+/// errors. Returns the seconds it took, and the clients' tasks.
+pub(crate) async fn all_connected<T>(
+    ctx: &Ctx,
+    handles: Vec<JoinHandle<T>>,
+    sockets: usize,
+    began: Instant,
+) -> Result<(f64, Vec<JoinHandle<T>>)> {
+    while ctx.connected.load(Relaxed) + ctx.failed.load(Relaxed) < sockets {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = began.elapsed().as_secs_f64();
+    if ctx.failed.load(Relaxed) > 0 {
+        ctx.stop.cancel();
+        for handle in handles {
+            let _ = handle.await;
+        }
+        return Err(BenchError::run(format!(
+            "{} of {} sockets failed to connect; first errors: {}",
+            ctx.failed.load(Relaxed),
+            sockets,
+            lock(&ctx.first_errors).join("; ")
+        )));
+    }
+    Ok((took, handles))
+}
+
+/// Stops the clients and collects their reports.
+pub(crate) async fn finish<T>(ctx: &Ctx, handles: Vec<JoinHandle<T>>) -> Result<Vec<T>> {
+    ctx.stop.cancel();
+    let mut reports = Vec::with_capacity(handles.len());
+    for handle in handles {
+        match tokio::time::timeout(Duration::from_secs(30), handle).await {
+            Ok(Ok(report)) => reports.push(report),
+            _ => {
+                return Err(BenchError::run(
+                    "a client did not finish within 30 s of the end",
+                ))
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// A client's first handshake, through the connect gate, retried a few
+/// times when the connection itself fails (a full backlog), never when it is
+/// refused; a failure is counted and its text kept (the first five).
+async fn first_connect(ctx: &Ctx, spec: &ClientSpec) -> Result<(Ws, Hello)> {
+    let _permit = ctx.connect_gate.acquire().await;
+    let mut attempt = 0;
+    let first = loop {
+        attempt += 1;
+        // Boxed: the handshake's state would otherwise sit in every
+        // client's task for the whole run.
+        match Box::pin(connect(ctx, spec, None)).await {
+            Ok(ok) => break Ok(ok),
+            // Refusals are final; a connect error may be a full backlog.
+            Err(e) if attempt < 5 && !e.is_refusal() => {
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    if let Err(e) = &first {
+        let mut errors = lock(&ctx.first_errors);
+        if errors.len() < 5 {
+            errors.push(e.to_string());
+        }
+        drop(errors);
+        ctx.failed.fetch_add(1, Relaxed);
+    }
+    first
+}
+
+/// Reads frames until the socket ends or `on_text` breaks, handing each text
+/// frame to `on_text` and answering pings.
+pub(crate) async fn read_loop(
+    ws: &mut Ws,
+    mut on_text: impl FnMut(&[u8]) -> ControlFlow<()>,
+) -> Outcome {
+    while let Some(message) = ws.next().await {
+        match message {
+            Ok(Message::Text(text)) => {
+                if on_text(text.as_bytes()).is_break() {
+                    return Outcome::Done;
+                }
+            }
+            // tungstenite queued the pong: send it.
+            Ok(Message::Ping(_)) => {
+                if let Err(e) = ws.flush().await {
+                    return Outcome::Failed(e.to_string());
+                }
+            }
+            Ok(Message::Close(frame)) => return Outcome::Closed(frame.map(|f| u16::from(f.code))),
+            Ok(_) => {}
+            Err(e) => return Outcome::Failed(e.to_string()),
+        }
+    }
+    Outcome::Failed("connection closed without a close frame".into())
+}
+
+/// A close handshake from our side, bounded.
+pub(crate) async fn close_normally(ws: &mut Ws) {
+    let close = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bench done".into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = ws.close(Some(close)).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+#[derive(serde::Deserialize)]
+pub(crate) struct Hello {
+    #[serde(rename = "type")]
+    kind: String,
+    pub(crate) last_id: i64,
+    pub(crate) epoch: String,
+}
+
+/// Through the connect gate: TCP connect, the HTTP upgrade and `hello`.
+pub(crate) async fn connect_gated(
+    ctx: &Ctx,
+    spec: &ClientSpec,
+    resume: Option<(i64, &str)>,
+) -> Result<(Ws, Hello)> {
+    let _permit = ctx.connect_gate.acquire().await;
+    Box::pin(connect(ctx, spec, resume)).await
+}
+
+/// TCP connect, the HTTP upgrade by hand (the token in `Authorization`), and
+/// the `hello` frame.
+pub(crate) async fn connect(
+    ctx: &Ctx,
+    spec: &ClientSpec,
+    resume: Option<(i64, &str)>,
+) -> Result<(Ws, Hello)> {
+    let handshake = async {
+        let mut stream = TcpStream::connect(ctx.addr)
+            .await
+            .map_err(BenchError::io(format!("connect {}", ctx.addr)))?;
+        let _ = stream.set_nodelay(true);
+        let key = generate_key();
+        let path = match resume {
+            None => spec.path().to_owned(),
+            Some((last_id, epoch)) => format!("{}?last_id={last_id}&epoch={epoch}", spec.path()),
+        };
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
+             Authorization: Bearer {token}\r\n\r\n",
+            host = ctx.host,
+            token = spec.token,
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(BenchError::io("sending the upgrade request"))?;
+        let mut buf = Vec::with_capacity(512);
+        let end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            if buf.len() > 16 * 1024 {
+                return Err(BenchError::run("upgrade response headers over 16 KiB"));
+            }
+            let mut chunk = [0u8; 1024];
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .map_err(BenchError::io("reading the upgrade response"))?;
+            if n == 0 {
+                return Err(BenchError::run("connection closed during the upgrade"));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let status = head.split(' ').nth(1).unwrap_or("?");
+        if status != "101" {
+            let body = String::from_utf8_lossy(&buf[end..]);
+            return Err(BenchError::Refused {
+                status: status.to_owned(),
+                body: body.trim().to_owned(),
+            });
+        }
+        let accept = derive_accept_key(key.as_bytes());
+        let accepted = head.lines().any(|line| {
+            line.split_once(':').is_some_and(|(name, value)| {
+                name.eq_ignore_ascii_case("sec-websocket-accept") && value.trim() == accept
+            })
+        });
+        if !accepted {
+            return Err(BenchError::run(
+                "upgrade response lacks the right Sec-WebSocket-Accept",
+            ));
+        }
+        let rest = buf[end..].to_vec();
+        let mut ws =
+            WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(ctx.ws_config))
+                .await;
+        let hello = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let hello: Hello = serde_json::from_str(&text).map_err(|e| {
+                        BenchError::run(format!("first frame is not hello: {e}: {text}"))
+                    })?;
+                    if hello.kind != "hello" {
+                        return Err(BenchError::run(format!("first frame is not hello: {text}")));
+                    }
+                    break hello;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(BenchError::run(format!("closed before hello: {frame:?}")));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(source)) => {
+                    return Err(BenchError::Ws {
+                        what: "reading hello",
+                        source,
+                    })
+                }
+                None => return Err(BenchError::run("closed before hello")),
+            }
+        };
+        Ok((ws, hello))
+    };
+    tokio::time::timeout(Duration::from_secs(15), handshake)
+        .await
+        .map_err(|_| BenchError::run("handshake timed out after 15 s"))?
+}

@@ -1,0 +1,529 @@
+//! The load scenario (the default): N sockets, R inserts/s through real
+//! transactions for D seconds after a warm-up; deliveries/s, commit-to-receipt
+//! latency, lost, duplicated and misrouted deliveries, and what pgrelay,
+//! PostgreSQL, the bench and the machine spent meanwhile.
+//!
+//! "Commit" is the event's `at` field: `clock_timestamp()` taken by the
+//! deferred capture trigger while the transaction commits (inside the
+//! ordering lock, just before the event row and the NOTIFY are written), so
+//! the latency includes the rest of the commit, the NOTIFY, pgrelay's read of
+//! the log, routing, fan-out and the socket write. Both clocks are this
+//! machine's wall clock.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::args::Args;
+use crate::client::{self, all_connected, client_specs, ClientReport, Ctx, Plain};
+use crate::error::Result;
+use crate::expected::{Expected, Tally};
+use crate::procfs::{mib, proc_sample};
+use crate::server::{connect_db, Server, Shutdown};
+use crate::stats::{codes_json, codes_line, delivered_total, drain, latency_merged, lock, ms, row};
+use crate::writer::{WriterCounts, Writers};
+
+/// The drain ends after this long without any delivery.
+const DRAIN_QUIET: Duration = Duration::from_secs(5);
+
+pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
+    let (dashboards, notifications) = args.split();
+    let owners = notifications.max(1) as u64;
+    let specs = client_specs(&server.secret, dashboards, notifications)?;
+    let ctx = Arc::new(Ctx::new(server, args.connect_concurrency, args.sockets));
+    let counts = Arc::new(WriterCounts::default());
+    let progress = Arc::new(Progress {
+        phase: Mutex::new(Phase::Connect),
+        started: Instant::now(),
+    });
+    let progress_task = tokio::spawn(progress_loop(
+        Arc::clone(&progress),
+        Arc::clone(&ctx),
+        Arc::clone(&counts),
+        server.pid,
+        args.sockets,
+    ));
+    // Stop the progress line whatever happens below.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _progress_guard = AbortOnDrop(progress_task);
+
+    let rss_before_connect = proc_sample(server.pid);
+    let connect_began = Instant::now();
+    let handles: Vec<_> = specs
+        .into_iter()
+        .map(|spec| tokio::spawn(client::client(spec, Arc::clone(&ctx), Plain)))
+        .collect();
+    let (connect_s, handles) = all_connected(&ctx, handles, args.sockets, connect_began).await?;
+    // Let the last handshakes' allocations settle before reading RSS.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_connected = proc_sample(server.pid);
+
+    // Writers: connect first, then start the clock.
+    let (start, writer_tasks) = Writers::connect(&server.database, args.writers)
+        .await?
+        .start(args.rate, args.warmup + args.duration, owners, &counts);
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    *lock(&progress.phase) = Phase::Warmup;
+
+    tokio::time::sleep_until(measure_from).await;
+    ctx.window.open();
+    *lock(&progress.phase) = Phase::Measure;
+    let window_began = Instant::now();
+    let delivered_at_start = delivered_total();
+    let inserted_at_start = counts.inserted.load(Relaxed);
+    let at_start = server.usage();
+
+    tokio::time::sleep_until(end).await;
+    ctx.window.close();
+    let window_s = window_began.elapsed().as_secs_f64();
+    let delivered_in_window = delivered_total() - delivered_at_start;
+    let at_end = server.usage();
+    *lock(&progress.phase) = Phase::Drain;
+    for task in writer_tasks {
+        let _ = task.await;
+    }
+    let inserted_in_window = counts.inserted.load(Relaxed) - inserted_at_start;
+
+    // What each client should have got: the log, routed with the default routes.
+    let db = connect_db(&server.database).await?;
+    let end_id = Expected::head(&db).await?;
+    let hellos = lock(&ctx.hellos).clone();
+    let expected = Expected::load(&db, ctx.min_hello(end_id), end_id).await?;
+
+    // Drain: wait (bounded) until every expected delivery has arrived.
+    let drain_began = Instant::now();
+    let expected_total = expected.total(&hellos);
+    let last_delivery = drain(expected_total, args.drain_timeout, DRAIN_QUIET).await;
+    let drain_s = drain_began.elapsed().as_secs_f64();
+    let drain_cut = delivered_total() < expected_total && last_delivery.elapsed() < DRAIN_QUIET;
+    let pgrelay_final = proc_sample(server.pid);
+
+    let reports: Vec<(ClientReport, Plain)> = client::finish(&ctx, handles).await?;
+    let tally = Tally::new(&expected, reports.iter().map(|r| &r.0), end_id);
+    let pgrelay = match (at_start.pgrelay_s, at_end.pgrelay_s, pgrelay_final) {
+        (Some(a), Some(b), Some(f)) => Some(ProcReport {
+            cpu_s: b - a,
+            cpu_total_s: f.cpu_s,
+            hwm_kib: f.hwm_kib,
+            rss_end_kib: f.rss_kib,
+            rss_before_connect_kib: rss_before_connect.map_or(0, |s| s.rss_kib),
+            rss_connected_kib: rss_connected.map_or(0, |s| s.rss_kib),
+        }),
+        _ => None,
+    };
+    let insert_first_error = lock(&counts.first_error).clone();
+    Ok(Report {
+        description: server.description.clone(),
+        dashboards,
+        notifications,
+        connect_s,
+        window_s,
+        inserted_in_window,
+        insert_errors: counts.errors.load(Relaxed),
+        insert_first_error,
+        deliveries_in_window: delivered_in_window,
+        latency: latency_merged(),
+        expected_total,
+        drain_s,
+        drain_cut,
+        end_id,
+        tally,
+        pgrelay,
+        pgrelay_shutdown: None,
+        bench_cpu_s: at_end.bench_s - at_start.bench_s,
+        bench_hwm_kib: proc_sample(None).map_or(0, |s| s.hwm_kib),
+        machine_busy_s: at_end.machine_s - at_start.machine_s,
+        postgres_cpu_s: at_start
+            .postgres_s
+            .zip(at_end.postgres_s)
+            .map(|(a, b)| b - a),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Connect,
+    Warmup,
+    Measure,
+    Drain,
+}
+
+struct Progress {
+    phase: Mutex<Phase>,
+    started: Instant,
+}
+
+async fn progress_loop(
+    progress: Arc<Progress>,
+    ctx: Arc<Ctx>,
+    counts: Arc<WriterCounts>,
+    pid: Option<u32>,
+    sockets: usize,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last_delivered = delivered_total();
+    let mut last_inserted = counts.inserted.load(Relaxed);
+    let mut last_cpu = pid.and_then(|p| proc_sample(Some(p))).map(|s| s.cpu_s);
+    loop {
+        tick.tick().await;
+        let phase = *lock(&progress.phase);
+        let delivered = delivered_total();
+        let inserted = counts.inserted.load(Relaxed);
+        let sample = pid.and_then(|p| proc_sample(Some(p)));
+        let cpu = match (sample, last_cpu) {
+            (Some(s), Some(l)) => format!("{:.0}%", (s.cpu_s - l) * 100.0),
+            _ => "-".into(),
+        };
+        last_cpu = sample.map(|s| s.cpu_s);
+        let line = match phase {
+            Phase::Connect => format!(
+                "connected {}/{sockets} (failed {})",
+                ctx.connected.load(Relaxed),
+                ctx.failed.load(Relaxed)
+            ),
+            _ => {
+                let h = latency_merged();
+                let lat = if h.is_empty() {
+                    "-".to_owned()
+                } else {
+                    format!(
+                        "p50 {} p99 {} max {}",
+                        ms(h.value_at_quantile(0.5)),
+                        ms(h.value_at_quantile(0.99)),
+                        ms(h.max())
+                    )
+                };
+                format!(
+                    "inserts {:>5}/s  deliveries {:>8}/s  latency {lat}",
+                    inserted - last_inserted,
+                    delivered - last_delivered,
+                )
+            }
+        };
+        eprintln!(
+            "[{:>6.1}s] {:<8} {line}  pgrelay rss {} cpu {cpu}",
+            progress.started.elapsed().as_secs_f64(),
+            format!("{phase:?}").to_lowercase(),
+            sample.map_or("-".into(), |s| format!("{:.1} MiB", mib(s.rss_kib))),
+        );
+        last_delivered = delivered;
+        last_inserted = inserted;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ProcReport {
+    /// CPU seconds in the measured window.
+    cpu_s: f64,
+    /// CPU seconds since the process started, at the end.
+    cpu_total_s: f64,
+    hwm_kib: u64,
+    rss_end_kib: u64,
+    rss_before_connect_kib: u64,
+    rss_connected_kib: u64,
+}
+
+pub(crate) struct Report {
+    description: String,
+    dashboards: usize,
+    notifications: usize,
+    connect_s: f64,
+    window_s: f64,
+    inserted_in_window: u64,
+    insert_errors: u64,
+    insert_first_error: Option<String>,
+    deliveries_in_window: u64,
+    latency: Histogram<u64>,
+    expected_total: u64,
+    drain_s: f64,
+    /// The drain hit --drain-timeout while deliveries were still arriving.
+    drain_cut: bool,
+    end_id: i64,
+    /// The clients' reports, checked against the log.
+    tally: Tally,
+    pgrelay: Option<ProcReport>,
+    pub(crate) pgrelay_shutdown: Shutdown,
+    bench_cpu_s: f64,
+    bench_hwm_kib: u64,
+    machine_busy_s: f64,
+    /// Our throwaway PostgreSQL's CPU seconds in the window.
+    postgres_cpu_s: Option<f64>,
+}
+
+impl Report {
+    pub(crate) fn passed(&self) -> bool {
+        let t = &self.tally;
+        t.lost == 0 && t.duplicates == 0 && t.unexpected == 0 && self.insert_errors == 0
+    }
+
+    fn quantile_us(&self, q: f64) -> u64 {
+        if self.latency.is_empty() {
+            0
+        } else {
+            self.latency.value_at_quantile(q)
+        }
+    }
+
+    pub(crate) fn table(&self, args: &Args) -> String {
+        use std::fmt::Write as _;
+        let mut t = String::new();
+        let w = self.window_s.max(f64::EPSILON);
+        let _ = writeln!(
+            t,
+            "pgrelay-bench: {} sockets ({} dashboard, {} notifications), {} rows/s for {} (warm-up {}), {} writer connections",
+            args.sockets,
+            self.dashboards,
+            self.notifications,
+            args.rate,
+            humantime::format_duration(args.duration),
+            humantime::format_duration(args.warmup),
+            args.writers,
+        );
+        let _ = writeln!(t, "target: {}", self.description);
+        let _ = writeln!(t);
+        row(
+            &mut t,
+            "sockets connected",
+            format!("{} in {:.2} s", args.sockets, self.connect_s),
+        );
+        row(
+            &mut t,
+            "rows inserted",
+            format!(
+                "{} in {:.2} s = {:.1}/s ({} errors{})",
+                self.inserted_in_window,
+                w,
+                self.inserted_in_window as f64 / w,
+                self.insert_errors,
+                self.insert_first_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+        );
+        row(
+            &mut t,
+            "deliveries",
+            format!(
+                "{} in the window = {:.0}/s",
+                self.deliveries_in_window,
+                self.deliveries_in_window as f64 / w
+            ),
+        );
+        row(
+            &mut t,
+            "commit-to-receipt",
+            format!(
+                "p50 {}  p99 {}  p99.9 {}  max {}  ({} samples)",
+                ms(self.quantile_us(0.5)),
+                ms(self.quantile_us(0.99)),
+                ms(self.quantile_us(0.999)),
+                ms(self.latency.max()),
+                self.latency.len()
+            ),
+        );
+        row(
+            &mut t,
+            "",
+            "(commit = the event's `at`: clock_timestamp() in the deferred capture trigger at commit)".into(),
+        );
+        row(
+            &mut t,
+            "lost",
+            if self.drain_cut {
+                format!(
+                    "{} (not arrived when --drain-timeout ended the wait, deliveries still arriving: late, maybe not lost)",
+                    self.tally.lost
+                )
+            } else {
+                self.tally.lost.to_string()
+            },
+        );
+        row(&mut t, "duplicated", self.tally.duplicates.to_string());
+        row(
+            &mut t,
+            "misrouted/unexpected",
+            self.tally.unexpected.to_string(),
+        );
+        row(
+            &mut t,
+            "whole-run check",
+            format!(
+                "{} of {} expected deliveries (events up to id {}), drained in {:.2} s",
+                self.tally.received, self.expected_total, self.end_id, self.drain_s
+            ),
+        );
+        row(
+            &mut t,
+            "server closes",
+            format!(
+                "{} (resumed {} times), resets {}, client errors {}{}",
+                codes_line(&self.tally.closes),
+                self.tally.reconnects,
+                self.tally.resets,
+                self.tally.errors,
+                self.tally
+                    .first_error
+                    .as_deref()
+                    .map(|e| format!(" (first: {e})"))
+                    .unwrap_or_default()
+            ),
+        );
+        match &self.pgrelay {
+            Some(p) => {
+                row(
+                    &mut t,
+                    "pgrelay peak RSS",
+                    format!(
+                        "{:.1} MiB (VmHWM); {:.1} MiB before the sockets, {:.1} MiB with them idle ({:.1} KiB/socket)",
+                        mib(p.hwm_kib),
+                        mib(p.rss_before_connect_kib),
+                        mib(p.rss_connected_kib),
+                        p.rss_connected_kib.saturating_sub(p.rss_before_connect_kib) as f64
+                            / args.sockets as f64
+                    ),
+                );
+                row(
+                    &mut t,
+                    "pgrelay CPU",
+                    format!(
+                        "{:.2} s in the window ({:.0}% of one core, {:.2} µs/delivery); {:.2} s since start",
+                        p.cpu_s,
+                        p.cpu_s / w * 100.0,
+                        p.cpu_s * 1e6 / self.deliveries_in_window.max(1) as f64,
+                        p.cpu_total_s
+                    ),
+                );
+            }
+            None => row(
+                &mut t,
+                "pgrelay",
+                "no pid (pass --pid) for RSS and CPU".into(),
+            ),
+        }
+        row(
+            &mut t,
+            "bench itself",
+            format!(
+                "{:.2} s CPU in the window ({:.0}% of one core), peak RSS {:.1} MiB",
+                self.bench_cpu_s,
+                self.bench_cpu_s / w * 100.0,
+                mib(self.bench_hwm_kib)
+            ),
+        );
+        if let Some(pg) = self.postgres_cpu_s {
+            row(
+                &mut t,
+                "PostgreSQL",
+                format!(
+                    "{:.2} s CPU in the window ({:.0}% of one core)",
+                    pg,
+                    pg / w * 100.0
+                ),
+            );
+        }
+        let others = self.machine_busy_s
+            - self.bench_cpu_s
+            - self.pgrelay.map_or(0.0, |p| p.cpu_s)
+            - self.postgres_cpu_s.unwrap_or(0.0);
+        row(
+            &mut t,
+            "machine",
+            format!(
+                "{:.0}% busy of {}00% in the window; everything else (kernel threads, other processes) {:.0}%",
+                self.machine_busy_s / w * 100.0,
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                others.max(0.0) / w * 100.0,
+            ),
+        );
+        if let Some((code, secs)) = self.pgrelay_shutdown {
+            row(
+                &mut t,
+                "pgrelay shutdown",
+                format!(
+                    "exit {} {:.2} s after SIGTERM",
+                    code.map_or("signal".into(), |c| c.to_string()),
+                    secs
+                ),
+            );
+        }
+        let _ = writeln!(
+            t,
+            "\n{}",
+            if self.passed() {
+                "PASS: 0 lost, 0 duplicated"
+            } else {
+                "FAIL: lost, duplicated or misrouted deliveries, or insert errors"
+            }
+        );
+        t
+    }
+
+    pub(crate) fn json(&self, args: &Args) -> String {
+        let w = self.window_s.max(f64::EPSILON);
+        let pgrelay = self.pgrelay.map(|p| {
+            serde_json::json!({
+                "peak_rss_kib": p.hwm_kib,
+                "rss_before_connect_kib": p.rss_before_connect_kib,
+                "rss_connected_kib": p.rss_connected_kib,
+                "rss_end_kib": p.rss_end_kib,
+                "cpu_s": p.cpu_s,
+                "cpu_total_s": p.cpu_total_s,
+            })
+        });
+        serde_json::json!({
+            "sockets": args.sockets,
+            "dashboard_sockets": self.dashboards,
+            "notification_sockets": self.notifications,
+            "stream": format!("{:?}", args.stream).to_lowercase(),
+            "rate": args.rate,
+            "duration_s": args.duration.as_secs_f64(),
+            "warmup_s": args.warmup.as_secs_f64(),
+            "writers": args.writers,
+            "target": self.description,
+            "connect_s": self.connect_s,
+            "window_s": self.window_s,
+            "inserted": self.inserted_in_window,
+            "inserts_per_s": self.inserted_in_window as f64 / w,
+            "insert_errors": self.insert_errors,
+            "deliveries": self.deliveries_in_window,
+            "deliveries_per_s": self.deliveries_in_window as f64 / w,
+            "latency_us": {
+                "commit": "event `at` = clock_timestamp() in the deferred capture trigger",
+                "count": self.latency.len(),
+                "p50": self.quantile_us(0.5),
+                "p99": self.quantile_us(0.99),
+                "p999": self.quantile_us(0.999),
+                "max": self.latency.max(),
+            },
+            "lost": self.tally.lost,
+            "duplicated": self.tally.duplicates,
+            "unexpected": self.tally.unexpected,
+            "expected_total": self.expected_total,
+            "received_total": self.tally.received,
+            "drain_s": self.drain_s,
+            "drain_cut": self.drain_cut,
+            "reconnects": self.tally.reconnects,
+            "resets": self.tally.resets,
+            "server_closes": codes_json(&self.tally.closes),
+            "client_errors": self.tally.errors,
+            "pgrelay": pgrelay,
+            "pgrelay_shutdown_s": self.pgrelay_shutdown.map(|(_, s)| s),
+            "bench_cpu_s": self.bench_cpu_s,
+            "bench_peak_rss_kib": self.bench_hwm_kib,
+            "machine_busy_s": self.machine_busy_s,
+            "postgres_cpu_s": self.postgres_cpu_s,
+            "passed": self.passed(),
+        })
+        .to_string()
+    }
+}

@@ -1,0 +1,215 @@
+//! What the clients count, and the small sums the reports make of it.
+//!
+//! Each worker thread counts deliveries and records latencies in its own
+//! histogram (an uncontended lock), registered once and merged on demand, so
+//! that counting costs the read loop next to nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::frame::now_us;
+
+/// Latencies are recorded in microseconds, up to a minute, 3 significant digits.
+const LATENCY_MAX_US: u64 = 60_000_000;
+
+struct ThreadStats {
+    delivered: AtomicU64,
+    latency: Mutex<Histogram<u64>>,
+}
+
+static REGISTRY: Mutex<Vec<Arc<ThreadStats>>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static LOCAL: Arc<ThreadStats> = {
+        let stats = Arc::new(ThreadStats {
+            delivered: AtomicU64::new(0),
+            latency: Mutex::new(new_histogram()),
+        });
+        lock(&REGISTRY).push(Arc::clone(&stats));
+        stats
+    };
+}
+
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).unwrap_or_else(|_| unreachable!())
+}
+
+/// A lock that a panicking holder does not poison for the others.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The measured window: events whose `at` is in [from, to) (µs since the
+/// Unix epoch) go into the latency histogram.
+pub(crate) struct Window {
+    from_us: AtomicI64,
+    to_us: AtomicI64,
+}
+
+impl Window {
+    /// Not open yet.
+    pub(crate) fn new() -> Window {
+        Window {
+            from_us: AtomicI64::new(i64::MAX),
+            to_us: AtomicI64::new(i64::MAX),
+        }
+    }
+
+    pub(crate) fn open(&self) {
+        self.from_us.store(now_us(), Relaxed);
+    }
+
+    pub(crate) fn close(&self) {
+        self.to_us.store(now_us(), Relaxed);
+    }
+
+    fn contains(&self, at: i64) -> bool {
+        at >= self.from_us.load(Relaxed) && at < self.to_us.load(Relaxed)
+    }
+}
+
+/// Counts one delivery on this thread, and its latency if its `at` is in
+/// the window.
+pub(crate) fn count_delivery(at: Option<i64>, window: &Window) {
+    LOCAL.with(|stats| {
+        stats.delivered.fetch_add(1, Relaxed);
+        if let Some(at) = at {
+            if window.contains(at) {
+                let latency = (now_us() - at).max(1) as u64;
+                lock(&stats.latency).saturating_record(latency.min(LATENCY_MAX_US));
+            }
+        }
+    });
+}
+
+pub(crate) fn delivered_total() -> u64 {
+    lock(&REGISTRY)
+        .iter()
+        .map(|s| s.delivered.load(Relaxed))
+        .sum()
+}
+
+pub(crate) fn latency_merged() -> Histogram<u64> {
+    let mut merged = new_histogram();
+    for stats in lock(&REGISTRY).iter() {
+        let _ = merged.add(&*lock(&stats.latency));
+    }
+    merged
+}
+
+/// Waits until the clients' deliveries reach `total`, `limit` at most, and
+/// no longer than `quiet` without any delivery. Returns when the last
+/// delivery was seen to arrive.
+pub(crate) async fn drain(total: u64, limit: Duration, quiet: Duration) -> Instant {
+    let began = Instant::now();
+    let mut last = (delivered_total(), Instant::now());
+    loop {
+        let delivered = delivered_total();
+        if delivered >= total {
+            break;
+        }
+        if delivered != last.0 {
+            last = (delivered, Instant::now());
+        }
+        if began.elapsed() > limit || last.1.elapsed() > quiet {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last.1
+}
+
+/// A latency in µs as milliseconds, for the tables.
+pub(crate) fn ms(us: u64) -> String {
+    format!("{:.2}ms", us as f64 / 1000.0)
+}
+
+/// A duration in milliseconds.
+pub(crate) fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// (median, max) of `v`, which it sorts; (0, 0) when it is empty.
+pub(crate) fn median_max(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[n - 1])
+}
+
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// How many times each close code (or HTTP status) occurs.
+pub(crate) fn code_counts(codes: impl IntoIterator<Item = u16>) -> BTreeMap<u16, u64> {
+    let mut counts = BTreeMap::new();
+    for code in codes {
+        *counts.entry(code).or_default() += 1;
+    }
+    counts
+}
+
+/// `1008x3 4008x1`, or `none`.
+pub(crate) fn codes_line(counts: &BTreeMap<u16, u64>) -> String {
+    if counts.is_empty() {
+        return "none".into();
+    }
+    counts
+        .iter()
+        .map(|(c, n)| format!("{c}x{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `{"1008": 3, "4008": 1}`.
+pub(crate) fn codes_json<N: Copy + serde::Serialize>(
+    counts: &BTreeMap<u16, N>,
+) -> serde_json::Value {
+    serde_json::json!(counts
+        .iter()
+        .map(|(c, n)| (c.to_string(), *n))
+        .collect::<HashMap<_, _>>())
+}
+
+/// A row of a report's table: `  key                    value`.
+pub(crate) fn row(t: &mut String, key: &str, value: String) {
+    use std::fmt::Write as _;
+    let _ = writeln!(t, "  {key:<22} {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median_max(&mut [3.0, 1.0, 2.0]), (2.0, 3.0));
+        assert_eq!(median_max(&mut [4.0, 1.0, 2.0, 3.0]), (2.5, 4.0));
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.0);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.99), 4.0);
+    }
+
+    #[test]
+    fn codes() {
+        let counts = code_counts([4008, 1008, 4008]);
+        assert_eq!(codes_line(&counts), "1008x1 4008x2");
+        assert_eq!(codes_line(&BTreeMap::new()), "none");
+        assert_eq!(codes_json(&counts).to_string(), r#"{"1008":1,"4008":2}"#);
+    }
+}
