@@ -94,3 +94,61 @@ BEGIN
     RETURN v_count;
 END
 $$;
+
+-- Read state (the bell): per user and stream, how far the user has read
+-- (`read_up_to`), the ids read one by one above it (the newest 100 at most),
+-- and up to where they cleared their history. One row per user and stream,
+-- written only through pgrelay.mark_read: it never grows.
+CREATE TABLE IF NOT EXISTS pgrelay.read_state (
+    user_id          text     NOT NULL,
+    stream           text     NOT NULL,
+    read_up_to       bigint   NOT NULL DEFAULT 0,
+    read_ids         bigint[] NOT NULL DEFAULT '{}',
+    cleared_through  bigint   NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, stream)
+);
+
+-- Moves a user's read state on `p_stream` forward (never back): read up to
+-- `p_up_to`, the ids `p_ids` one by one, or, with `p_clear`, everything up to
+-- the newest event, which history then hides. An id beyond the newest event
+-- is refused (22023). The new state goes into the log as an event on channel
+-- `pgrelay_read` (routed to the user), so every socket of that user, on any
+-- replica, hears it, and a device that was away replays it.
+CREATE OR REPLACE FUNCTION pgrelay.mark_read(
+    p_user text, p_stream text, p_up_to bigint, p_ids bigint[], p_clear boolean)
+RETURNS pgrelay.read_state
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_head bigint;
+    v_up_to bigint := coalesce(p_up_to, 0);
+    v_row pgrelay.read_state;
+BEGIN
+    SELECT coalesce(max(id), 0) INTO v_head FROM pgrelay.events;
+    IF v_up_to > v_head OR EXISTS (SELECT 1 FROM unnest(p_ids) AS i WHERE i > v_head) THEN
+        RAISE EXCEPTION 'read beyond the newest event (%)', v_head USING ERRCODE = '22023';
+    END IF;
+    IF p_clear THEN
+        v_up_to := v_head;
+    END IF;
+    INSERT INTO pgrelay.read_state (user_id, stream) VALUES (p_user, p_stream)
+    ON CONFLICT (user_id, stream) DO NOTHING;
+    UPDATE pgrelay.read_state AS r SET
+        read_up_to = greatest(r.read_up_to, v_up_to),
+        cleared_through = CASE WHEN p_clear THEN greatest(r.cleared_through, v_up_to)
+                               ELSE r.cleared_through END,
+        read_ids = ARRAY(
+            SELECT DISTINCT i FROM unnest(r.read_ids || coalesce(p_ids, '{}')) AS i
+            WHERE i > greatest(r.read_up_to, v_up_to)
+            ORDER BY i DESC LIMIT 100)
+    WHERE r.user_id = p_user AND r.stream = p_stream
+    RETURNING * INTO v_row;
+    PERFORM pgrelay.emit('pgrelay_read', 'read_state', 'UPDATE', jsonb_build_object(
+        'user_id', p_user, 'stream', p_stream, 'up_to', v_row.read_up_to,
+        'ids', to_jsonb(v_row.read_ids), 'cleared_through', v_row.cleared_through));
+    RETURN v_row;
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgrelay.mark_read(text, text, bigint, bigint[], boolean) FROM PUBLIC;

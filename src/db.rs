@@ -31,6 +31,7 @@ use tokio_postgres::Row;
 
 use crate::parse::{check_object, truncated, Event};
 use crate::route::{is_integer_id, KeyFilter};
+use crate::wire::ReadState;
 
 /// The largest payload delivered whole, as JSON text. Capture already logs a
 /// stub for rows above its own cap (`install --max-event-size`); this is the
@@ -55,6 +56,8 @@ pub enum DbError {
     Timeout(&'static str),
     #[error("event {id} has a malformed payload: {reason}")]
     BadRow { id: i64, reason: String },
+    #[error("read beyond the newest event")]
+    ReadBeyondHead,
 }
 
 /// One line for a database error: the server's own message when there is one,
@@ -271,16 +274,63 @@ pub const EVENTS_BETWEEN: &str =
 /// written the same), so a keyed replay ships only that key's events. `$3` holds the same as containment patterns
 /// (`{"field": "42"}`, `{"field": 42}`), which the GIN index on the payload
 /// answers without reading other users' rows.
-pub const KEYED_EVENTS_BETWEEN: &str = "SELECT id, channel, table_name, op, \
-     pgrelay.format_at(created_at), payload::text FROM pgrelay.events e \
-     WHERE id > $1 AND id <= $2 AND e.payload @> ANY ($3::text[]::jsonb[]) \
-     AND EXISTS ( \
-         SELECT 1 FROM unnest($4::text[], $5::text[]) AS r(ch, f) \
-         WHERE r.ch = e.channel \
-           AND CASE jsonb_typeof(e.payload -> r.f) \
-                   WHEN 'string' THEN true WHEN 'number' THEN $7 ELSE false END \
-           AND e.payload ->> r.f = $6) \
-     ORDER BY id LIMIT $8";
+pub const KEYED_EVENTS_BETWEEN: &str = concat!(
+    "SELECT id, channel, table_name, op, pgrelay.format_at(created_at), payload::text \
+     FROM pgrelay.events e WHERE id > $1 AND id <= $2 AND ",
+    keyed!(),
+    " ORDER BY id LIMIT $8"
+);
+
+/// The rows of one key ($3 to $7 as in [`KEYED_EVENTS_BETWEEN`]).
+macro_rules! keyed {
+    () => {
+        "e.payload @> ANY ($3::text[]::jsonb[]) \
+         AND EXISTS ( \
+             SELECT 1 FROM unnest($4::text[], $5::text[]) AS r(ch, f) \
+             WHERE r.ch = e.channel \
+               AND CASE jsonb_typeof(e.payload -> r.f) \
+                       WHEN 'string' THEN true WHEN 'number' THEN $7 ELSE false END \
+               AND e.payload ->> r.f = $6)"
+    };
+}
+use keyed;
+
+/// History, newest first: up to `$8` events of one key with
+/// `$2 <= id < $1`, read-state changes left out.
+const KEYED_HISTORY: &str = concat!(
+    "SELECT id, channel, table_name, op, pgrelay.format_at(created_at), payload::text \
+     FROM pgrelay.events e WHERE id < $1 AND id >= $2 AND channel <> 'pgrelay_read' AND ",
+    keyed!(),
+    " ORDER BY id DESC LIMIT $8"
+);
+
+/// History on channels (the dashboard), newest first: up to `$4` events
+/// with `$2 <= id < $1` on channels `$3`.
+const CHANNEL_HISTORY: &str = "SELECT id, channel, table_name, op, \
+     pgrelay.format_at(created_at), payload::text FROM pgrelay.events \
+     WHERE id < $1 AND id >= $2 AND channel = ANY($3) ORDER BY id DESC LIMIT $4";
+
+/// Unread events of one key with `$1 < id <= $2`, not among `$9`, counted
+/// up to `$8`.
+const KEYED_UNREAD: &str = concat!(
+    "SELECT count(*) FROM (SELECT 1 FROM pgrelay.events e \
+     WHERE id > $1 AND id <= $2 AND channel <> 'pgrelay_read' AND NOT (id = ANY($9)) AND ",
+    keyed!(),
+    " LIMIT $8) AS unread"
+);
+
+/// Unread events on channels `$3` with `$1 < id <= $2`, not among `$5`,
+/// counted up to `$4`.
+const CHANNEL_UNREAD: &str = "SELECT count(*) FROM (SELECT 1 FROM pgrelay.events \
+     WHERE id > $1 AND id <= $2 AND channel = ANY($3) AND NOT (id = ANY($5)) LIMIT $4) AS unread";
+
+/// Which rows of the log a stream shows: the dashboard's channels, or the
+/// rows one key's filter matches (a user's notifications, a stream key).
+#[derive(Clone, Copy)]
+pub enum Visible<'a> {
+    Channels(&'a [String]),
+    Keyed(&'a KeyFilter),
+}
 
 /// One page of the log: its readable events, and how far it went.
 #[derive(Debug, Default)]
@@ -463,6 +513,176 @@ fn event_from_row(row: &Row) -> Result<Event, DbError> {
         at: row.try_get(4)?,
         data,
     })
+}
+
+impl Db {
+    /// One window of history, newest first: up to `limit` events that
+    /// `visible` shows with `floor <= id < before`. The caller bounds
+    /// `before - floor` (one [`REPLAY_WINDOW`] a call), as a replay does.
+    pub async fn history(
+        &self,
+        visible: Visible<'_>,
+        before: i64,
+        floor: i64,
+        limit: i64,
+    ) -> Result<Page, DbError> {
+        self.timed("history", async {
+            let mut client = self.pool.get().await?;
+            let tx = bounded(&mut client).await?;
+            let rows = match visible {
+                Visible::Channels(channels) => {
+                    tx.query_typed(
+                        CHANNEL_HISTORY,
+                        &[
+                            (&before, Type::INT8),
+                            (&floor, Type::INT8),
+                            (&channels, Type::TEXT_ARRAY),
+                            (&limit, Type::INT8),
+                        ],
+                    )
+                    .await?
+                }
+                Visible::Keyed(filter) => {
+                    let range = [before, floor];
+                    tx.query_typed(KEYED_HISTORY, &keyed_params(&range, filter, &limit))
+                        .await?
+                }
+            };
+            tx.commit().await?;
+            page_from_rows(&rows)
+        })
+        .await
+    }
+
+    /// A user's read state on `stream` (all zero when they have none).
+    pub async fn read_state(&self, user: &str, stream: &str) -> Result<ReadState, DbError> {
+        self.timed("read state", async {
+            let mut client = self.pool.get().await?;
+            let tx = bounded(&mut client).await?;
+            let row = tx
+                .query_typed_opt(
+                    "SELECT read_up_to, read_ids, cleared_through FROM pgrelay.read_state \
+                     WHERE user_id = $1 AND stream = $2",
+                    &[(&user, Type::TEXT), (&stream, Type::TEXT)],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(match row {
+                None => ReadState::default(),
+                Some(row) => ReadState {
+                    up_to: row.try_get(0)?,
+                    ids: row.try_get(1)?,
+                    cleared_through: row.try_get(2)?,
+                },
+            })
+        })
+        .await
+    }
+
+    /// How many events `visible` shows with `after < id <= upto` that are
+    /// not in `read_ids`, counted up to `cap`. The caller bounds
+    /// `upto - after` (one [`REPLAY_WINDOW`]).
+    pub async fn unread(
+        &self,
+        visible: Visible<'_>,
+        after: i64,
+        upto: i64,
+        read_ids: &[i64],
+        cap: i64,
+    ) -> Result<i64, DbError> {
+        self.timed("unread count", async {
+            let mut client = self.pool.get().await?;
+            let tx = bounded(&mut client).await?;
+            let read_ids = read_ids.to_vec();
+            let row = match visible {
+                Visible::Channels(channels) => {
+                    tx.query_typed_one(
+                        CHANNEL_UNREAD,
+                        &[
+                            (&after, Type::INT8),
+                            (&upto, Type::INT8),
+                            (&channels, Type::TEXT_ARRAY),
+                            (&cap, Type::INT8),
+                            (&read_ids, Type::INT8_ARRAY),
+                        ],
+                    )
+                    .await?
+                }
+                Visible::Keyed(filter) => {
+                    let range = [after, upto];
+                    let mut params = keyed_params(&range, filter, &cap);
+                    params.push((&read_ids, Type::INT8_ARRAY));
+                    tx.query_typed_one(KEYED_UNREAD, &params).await?
+                }
+            };
+            tx.commit().await?;
+            Ok(row.try_get(0)?)
+        })
+        .await
+    }
+
+    /// `pgrelay.mark_read`: moves `user`'s read state on `stream` forward
+    /// and puts the change in the log. An id beyond the newest event is
+    /// [`DbError::ReadBeyondHead`].
+    pub async fn mark_read(
+        &self,
+        user: &str,
+        stream: &str,
+        up_to: Option<i64>,
+        ids: &[i64],
+        clear: bool,
+    ) -> Result<ReadState, DbError> {
+        self.timed("mark read", async {
+            let mut client = self.pool.get().await?;
+            let tx = bounded(&mut client).await?;
+            let ids = ids.to_vec();
+            let row = tx
+                .query_typed_one(
+                    "SELECT read_up_to, read_ids, cleared_through \
+                     FROM pgrelay.mark_read($1, $2, $3, $4, $5)",
+                    &[
+                        (&user, Type::TEXT),
+                        (&stream, Type::TEXT),
+                        (&up_to, Type::INT8),
+                        (&ids, Type::INT8_ARRAY),
+                        (&clear, Type::BOOL),
+                    ],
+                )
+                .await
+                .map_err(|e| match e.code() {
+                    Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) => {
+                        DbError::ReadBeyondHead
+                    }
+                    _ => DbError::Query(e),
+                })?;
+            tx.commit().await?;
+            Ok(ReadState {
+                up_to: row.try_get(0)?,
+                ids: row.try_get(1)?,
+                cleared_through: row.try_get(2)?,
+            })
+        })
+        .await
+    }
+}
+
+/// The first eight parameters of the keyed queries: the id range, then
+/// [`KEYED_EVENTS_BETWEEN`]'s `$3` to `$7`, then `limit`.
+fn keyed_params<'a>(
+    ids: &'a [i64; 2],
+    filter: &'a KeyFilter,
+    limit: &'a i64,
+) -> Vec<(&'a (dyn tokio_postgres::types::ToSql + Sync), Type)> {
+    vec![
+        (&ids[0], Type::INT8),
+        (&ids[1], Type::INT8),
+        (&filter.patterns, Type::TEXT_ARRAY),
+        (&filter.channels, Type::TEXT_ARRAY),
+        (&filter.fields, Type::TEXT_ARRAY),
+        (&filter.key, Type::TEXT),
+        (&filter.integer, Type::BOOL),
+        (limit, Type::INT8),
+    ]
 }
 
 impl Db {

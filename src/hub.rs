@@ -30,6 +30,8 @@ use crate::route::Targets;
 pub struct Delivery {
     pub id: i64,
     pub frame: Utf8Bytes,
+    /// A `read` frame (a read-state change), not an `event`.
+    pub read: bool,
 }
 
 impl Delivery {
@@ -37,6 +39,7 @@ impl Delivery {
         Delivery {
             id: event.id,
             frame: Utf8Bytes::from(event.frame()),
+            read: event.is_read_state(),
         }
     }
 }

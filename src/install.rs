@@ -193,6 +193,11 @@ impl FromStr for WatchSpec {
                 "channel {channel:?} must be 1 to 63 letters, digits and _ . - :"
             )));
         }
+        if channel == crate::route::READ_CHANNEL {
+            return Err(fail(format!(
+                "channel {channel:?} is pgrelay's own (read state)"
+            )));
+        }
         let mut watch = WatchSpec {
             table: table.to_owned(),
             channel: channel.to_owned(),

@@ -50,6 +50,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod bell;
 pub mod coalesce;
 pub mod config;
 pub mod db;

@@ -110,7 +110,14 @@ pub enum RouteError {
     StreamName(String),
     #[error("stream {0:?} is defined twice")]
     StreamDuplicate(String),
+    #[error("{0:?}: channel pgrelay_read is pgrelay's own (read state)")]
+    Reserved(String),
 }
+
+/// The channel read-state changes travel on through the log (see
+/// `pgrelay.mark_read`): always routed to the user named in its `user_id`
+/// field, framed as `read` (see `wire`), never shown as an event.
+pub const READ_CHANNEL: &str = "pgrelay_read";
 
 /// The demo domain's stream, used when neither `--route` nor `--stream` is
 /// given: `/ws/businesses/{id}/` carries the business's own rows and its
@@ -176,6 +183,9 @@ impl Routes {
                     route: spec.to_owned(),
                     name: channel.to_owned(),
                 });
+            }
+            if channel == READ_CHANNEL {
+                return Err(RouteError::Reserved(spec.to_owned()));
             }
             let mut parsed: Vec<Audience> = Vec::new();
             for audience in audiences.split(',') {
@@ -253,6 +263,10 @@ impl Routes {
                 }
             }
         }
+        // Built in: a user's read state follows them to every socket.
+        let read = plans.entry(READ_CHANNEL.to_owned()).or_default();
+        let i = field(read, "user_id");
+        read.users.push(i);
         for (s, stream) in self.streams.iter().enumerate() {
             for (channel, name) in &stream.carries {
                 let plan = plans.entry(channel.clone()).or_default();
@@ -296,7 +310,10 @@ impl Routes {
     /// What a replay of `user`'s notifications filters on: every
     /// `user:FIELD` (channel, field) pair.
     pub fn user_filter(&self, user: &str) -> KeyFilter {
-        key_filter(self.user_fields(), user)
+        let (mut channels, mut fields) = self.user_fields();
+        channels.push(READ_CHANNEL.to_owned());
+        fields.push("user_id".to_owned());
+        key_filter((channels, fields), user)
     }
 
     /// What a replay of one key of stream `index` filters on: the pairs it
@@ -406,6 +423,9 @@ impl FromStr for Stream {
             let (channel, field) = (channel.trim(), field.trim());
             if channel.len() > 63 || !is_name(channel) || !is_name(field) {
                 return Err(syntax());
+            }
+            if channel == READ_CHANNEL {
+                return Err(RouteError::Reserved(spec.to_owned()));
             }
             let pair = (channel.to_owned(), field.to_owned());
             if !pairs.contains(&pair) {
@@ -670,7 +690,7 @@ mod tests {
             .expect("routes")
             .with_streams(&["things=b:thing_id"])
             .expect("streams");
-        assert_eq!(routes.channels(), ["a", "b"]);
+        assert_eq!(routes.channels(), ["a", "b", READ_CHANNEL]);
         let thing = routes.route(&event("b", r#"{"thing_id":"x"}"#));
         assert_eq!(
             thing,
@@ -752,7 +772,11 @@ mod tests {
             "business_events=dashboard,user:owner_id \
              reservation_events=dashboard,user:business_owner_id,user:customer_id"
         );
-        assert_eq!(routes.channels(), ["business_events", "reservation_events"]);
+        assert_eq!(
+            routes.channels(),
+            ["business_events", READ_CHANNEL, "reservation_events"],
+            "read-state changes are always listened to"
+        );
         assert_eq!(routes.dashboard_channels().len(), 2);
         assert_eq!(
             routes.user_fields(),
@@ -779,13 +803,15 @@ mod tests {
                 r#"{"business_owner_id":42}"#,
                 r#"{"customer_id":"42"}"#,
                 r#"{"customer_id":42}"#,
+                r#"{"user_id":"42"}"#,
+                r#"{"user_id":42}"#,
             ]
         );
         assert!(filter.integer);
         let filter = routes.user_filter("0\"1");
         assert!(!filter.integer);
         assert_eq!(filter.patterns[0], r#"{"owner_id":"0\"1"}"#);
-        assert_eq!(filter.patterns.len(), 3);
+        assert_eq!(filter.patterns.len(), 4);
         let routes = Routes::parse(&["a=dashboard", "b=user:x"]).expect("parse");
         assert_eq!(routes.dashboard_channels(), ["a"]);
         assert_eq!(

@@ -49,14 +49,16 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::admission::{client_key, origin_allowed, Limits, NoSlot, Pending, ADMIN_QUERY_TIMEOUT};
-use crate::auth::{presented_token, Presented};
+use crate::auth::{presented_token, Identity, Presented};
+use crate::bell;
 use crate::coalesce::Coalesce;
+use crate::db::DbError;
 use crate::metrics::Format;
 use crate::session;
 use crate::shared::Shared;
 use crate::sse;
 use crate::websocket::WebSocketPeer;
-use crate::wire::{Endpoint, Resume, Transport};
+use crate::wire::{self, ClientMessage, Endpoint, Resume, Transport, MAX_READ_IDS};
 
 /// The dashboard page and the JS client, embedded: no build step, no
 /// external URL.
@@ -290,6 +292,9 @@ async fn handle(
         "/healthz" | "/readyz" | "/metrics" => {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use GET")
         }
+        bell if bell.starts_with("/history/") || bell.starts_with("/read/") => {
+            return bell_route(req, shared, bell).await
+        }
         other => match Endpoint::from_path(other, shared.routes.streams()) {
             Some(found) => found,
             // A stream key's own page (`/businesses/42`): the same page,
@@ -344,86 +349,12 @@ async fn handle(
         _ => {}
     }
     let query = query_params(req.uri().query());
-    let presented = presented_token(req.headers(), &query).or_else(|| {
-        let cookie = shared.token_cookie.as_deref()?;
-        (transport == Transport::ServerSentEvents)
-            .then(|| cookie_token(req.headers(), cookie))
-            .flatten()
-    });
-    let Some(presented) = presented else {
-        return refuse(
-            shared,
-            StatusCode::UNAUTHORIZED,
-            "no_token",
-            "missing token",
-            &path,
-        );
-    };
-    let mut identity = match shared.verifier().verify(&presented.token) {
-        Ok(identity) => {
-            // On the connection's span: the socket's task runs in it too.
-            tracing::Span::current().record("user", tracing::field::display(&identity.user));
-            identity
-        }
-        Err(e) => {
-            let reason = match e {
-                crate::auth::AuthError::Expired => "expired_token",
-                _ => "invalid_token",
-            };
-            return refuse(
-                shared,
-                StatusCode::UNAUTHORIZED,
-                reason,
-                &e.to_string(),
-                &path,
-            );
-        }
-    };
-    match shared.may_open(&identity, &endpoint).await {
-        Ok(true) => {
-            if endpoint == Endpoint::Dashboard {
-                identity.admin = true;
-            }
-        }
-        Ok(false) if endpoint == Endpoint::Dashboard => {
-            return refuse(
-                shared,
-                StatusCode::FORBIDDEN,
-                "not_admin",
-                "the dashboard is for super admins only",
-                &path,
-            );
-        }
-        Ok(false) => {
-            return refuse(
-                shared,
-                StatusCode::FORBIDDEN,
-                "not_allowed",
-                "not allowed on this stream",
-                &path,
-            );
-        }
-        Err(e) if endpoint == Endpoint::Dashboard => {
-            tracing::warn!(error = %e, "admin query failed; refusing");
-            return refuse(
-                shared,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "admin_query",
-                "cannot check admin rights right now: retry later",
-                &path,
-            );
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "stream query failed; refusing");
-            return refuse(
-                shared,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "stream_query",
-                "cannot check access to this stream right now: retry later",
-                &path,
-            );
-        }
-    }
+    let cookie_allowed = transport == Transport::ServerSentEvents;
+    let (presented, identity) =
+        match authorize(&req, shared, &endpoint, &query, cookie_allowed, &path).await {
+            Ok(admitted) => admitted,
+            Err(refused) => return refused,
+        };
     // A reconnecting EventSource repeats its first URL, whose `last_id` is
     // older than the `Last-Event-ID` it sends: the header wins.
     let last_event_id = (transport == Transport::ServerSentEvents)
@@ -551,6 +482,238 @@ fn is_stream_page(path: &str, shared: &Shared) -> bool {
         Endpoint::from_path(&ws_path, shared.routes.streams()),
         Some((_, Endpoint::Stream { .. }))
     )
+}
+
+/// The door every stream and the bell's routes share: a token (header,
+/// `?token=`, or the `--token-cookie` cookie where `cookie_allowed`), valid,
+/// for someone who may open `endpoint`. `Err` is the refusal to send.
+async fn authorize(
+    req: &Request<Incoming>,
+    shared: &Shared,
+    endpoint: &Endpoint,
+    query: &HashMap<String, String>,
+    cookie_allowed: bool,
+    path: &str,
+) -> Result<(Presented, Identity), Response<Body>> {
+    let presented = presented_token(req.headers(), query).or_else(|| {
+        let cookie = shared.token_cookie.as_deref()?;
+        cookie_allowed
+            .then(|| cookie_token(req.headers(), cookie))
+            .flatten()
+    });
+    let Some(presented) = presented else {
+        return Err(refuse(
+            shared,
+            StatusCode::UNAUTHORIZED,
+            "no_token",
+            "missing token",
+            path,
+        ));
+    };
+    let mut identity = match shared.verifier().verify(&presented.token) {
+        Ok(identity) => {
+            // On the connection's span: the socket's task runs in it too.
+            tracing::Span::current().record("user", tracing::field::display(&identity.user));
+            identity
+        }
+        Err(e) => {
+            let reason = match e {
+                crate::auth::AuthError::Expired => "expired_token",
+                _ => "invalid_token",
+            };
+            return Err(refuse(
+                shared,
+                StatusCode::UNAUTHORIZED,
+                reason,
+                &e.to_string(),
+                path,
+            ));
+        }
+    };
+    match shared.may_open(&identity, endpoint).await {
+        Ok(true) => {
+            if *endpoint == Endpoint::Dashboard {
+                identity.admin = true;
+            }
+        }
+        Ok(false) if *endpoint == Endpoint::Dashboard => {
+            return Err(refuse(
+                shared,
+                StatusCode::FORBIDDEN,
+                "not_admin",
+                "the dashboard is for super admins only",
+                path,
+            ));
+        }
+        Ok(false) => {
+            return Err(refuse(
+                shared,
+                StatusCode::FORBIDDEN,
+                "not_allowed",
+                "not allowed on this stream",
+                path,
+            ));
+        }
+        Err(e) if *endpoint == Endpoint::Dashboard => {
+            tracing::warn!(error = %e, "admin query failed; refusing");
+            return Err(refuse(
+                shared,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "admin_query",
+                "cannot check admin rights right now: retry later",
+                path,
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "stream query failed; refusing");
+            return Err(refuse(
+                shared,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stream_query",
+                "cannot check access to this stream right now: retry later",
+                path,
+            ));
+        }
+    }
+    Ok((presented, identity))
+}
+
+/// The largest `POST /read/...` body.
+const MAX_READ_BODY: usize = 4096;
+
+/// `GET /history/STREAM` (the bell's past events, newest first) and
+/// `POST /read/STREAM` (read state, for clients without a socket): the
+/// stream's own door (origin, token, who may open it), then `bell`.
+async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Response<Body> {
+    let (history, rest) = match path.strip_prefix("/history/") {
+        Some(rest) => (true, rest),
+        None => (false, path.strip_prefix("/read/").unwrap_or_default()),
+    };
+    let Some(endpoint) = Endpoint::from_name(rest, shared.routes.streams()) else {
+        return not_found(shared, path);
+    };
+    let method = if history { Method::GET } else { Method::POST };
+    if req.method() != method {
+        let why = if history { "use GET" } else { "use POST" };
+        return refuse(shared, StatusCode::METHOD_NOT_ALLOWED, "method", why, path);
+    }
+    let origin = req
+        .headers()
+        .get(ORIGIN)
+        .map(|o| o.to_str().unwrap_or("(not ASCII)"));
+    if !origin_allowed(&shared.allowed_origins, origin) {
+        return refuse(
+            shared,
+            StatusCode::FORBIDDEN,
+            "origin",
+            "origin not allowed",
+            path,
+        );
+    }
+    let query = query_params(req.uri().query());
+    // A cookie may read history, never write read state (another site's
+    // form would carry it).
+    let (_, identity) = match authorize(&req, shared, &endpoint, &query, history, path).await {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
+    };
+    if history {
+        return history_answer(shared, &endpoint, &identity, &query, path).await;
+    }
+    let body = http_body_util::Limited::new(req.into_body(), MAX_READ_BODY);
+    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+        let why = "body too large or cut short";
+        return refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
+    };
+    let mark = match serde_json::from_slice::<ClientMessage>(&body) {
+        Ok(ClientMessage::Read {
+            up_to: Some(n),
+            ids,
+        }) if ids.is_empty() => bell::Mark::UpTo(n),
+        Ok(ClientMessage::Read { up_to: None, ids })
+            if !ids.is_empty() && ids.len() <= MAX_READ_IDS =>
+        {
+            bell::Mark::Ids(ids)
+        }
+        Ok(ClientMessage::Clear {}) => bell::Mark::Clear,
+        _ => {
+            let why = r#"expected {"type":"read","up_to":N}, {"type":"read","ids":[...]} or {"type":"clear"}"#;
+            return refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
+        }
+    };
+    match bell::mark(shared, &endpoint, &identity, mark).await {
+        Ok(state) => json(StatusCode::OK, &wire::read_state_frame(&endpoint, &state)),
+        Err(DbError::ReadBeyondHead) => refuse(
+            shared,
+            StatusCode::BAD_REQUEST,
+            "bad_read",
+            wire::reason::READ_BEYOND_HEAD,
+            path,
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "marking read failed");
+            let why = "cannot save read state right now: retry later";
+            refuse(
+                shared,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "read_state",
+                why,
+                path,
+            )
+        }
+    }
+}
+
+/// `GET /history/...?before=ID&limit=N`: `{"events":[...],"next_before":ID|null,"read":{...}}`.
+async fn history_answer(
+    shared: &Shared,
+    endpoint: &Endpoint,
+    identity: &Identity,
+    query: &HashMap<String, String>,
+    path: &str,
+) -> Response<Body> {
+    let number = |name: &str| {
+        query
+            .get(name)
+            .map(|v| v.parse::<i64>().ok().filter(|n| *n > 0))
+    };
+    let (before, limit) = match (number("before"), number("limit")) {
+        (Some(None), _) | (_, Some(None)) => {
+            let why = "before and limit must be positive integers";
+            return refuse(shared, StatusCode::BAD_REQUEST, "bad_history", why, path);
+        }
+        (before, limit) => (
+            before.flatten(),
+            limit.flatten().unwrap_or(bell::HISTORY_LIMIT_DEFAULT),
+        ),
+    };
+    match bell::history(shared, endpoint, &identity.user, before, limit).await {
+        Ok(page) => json(
+            StatusCode::OK,
+            &wire::history(&page.events, page.next_before, &page.read),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "history failed");
+            let why = "history unavailable right now: retry later";
+            refuse(
+                shared,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "history",
+                why,
+                path,
+            )
+        }
+    }
+}
+
+/// A JSON answer.
+fn json(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())).boxed());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// A path none of the relay's own: a program's extra route, or 404.

@@ -24,13 +24,15 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::Identity;
+use crate::bell;
+use crate::db::DbError;
 use crate::db::{Cursor, LogReader, Source, REPLAY_WINDOW};
 use crate::hub::{Ring, Subscription};
 use crate::metrics::CloseLabels;
 use crate::parse::Event;
 use crate::replays::Busy;
 use crate::shared::Shared;
-use crate::wire::{self, reason, ClientMessage, Close, Endpoint, Reset, Resume};
+use crate::wire::{self, reason, ClientMessage, Close, Endpoint, Reset, Resume, MAX_READ_IDS};
 
 /// A stalled peer is dropped after this long.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,9 +69,20 @@ impl From<Close> for End {
 /// text: the log position its `id:` names (`None`: no `id:`, the client
 /// keeps the one it has).
 pub enum Frame {
-    Hello { text: String, position: Option<i64> },
-    Event { id: i64, text: Utf8Bytes },
-    Reset { text: String, position: i64 },
+    Hello {
+        text: String,
+        position: Option<i64>,
+    },
+    /// An `event` frame, or a `read` frame when `read`.
+    Event {
+        id: i64,
+        text: Utf8Bytes,
+        read: bool,
+    },
+    Reset {
+        text: String,
+        position: i64,
+    },
 }
 
 impl Frame {
@@ -145,12 +158,27 @@ async fn session<P: Peer>(
             shared.hub.subscribe(Ring::Stream(*index, key.clone()))
         }
     };
+    // The bell's badge before anything else arrives; without it (the
+    // database cannot say right now) the hello goes out plain.
+    let read = match endpoint {
+        Endpoint::Notifications => {
+            match bell::unread(shared, endpoint, &identity.user, sub.last_id).await {
+                Ok(read) => Some(read),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unread count failed; hello without it");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let hello = Frame::Hello {
-        text: wire::hello(
+        text: wire::hello_with_read(
             endpoint,
             &identity.user,
             sub.last_id,
             &shared.status.epoch(),
+            read,
         ),
         // A resuming client keeps its own position until replay moves it.
         position: resume.is_none().then_some(sub.last_id),
@@ -194,12 +222,38 @@ async fn session<P: Peer>(
             input = peer.input() => match input {
                 Input::End(end) => return end,
                 Input::Text(text) => {
-                    match Box::pin(refresh(shared, endpoint, &identity, &text)).await {
-                        Ok(renewed) => {
-                            identity = renewed;
-                            deadline = expiry(&identity, shared);
+                    let message = match serde_json::from_str(&text) {
+                        Ok(message) => message,
+                        Err(_) => return End::Close(Close::Unexpected, reason::UNEXPECTED_MESSAGE),
+                    };
+                    match message {
+                        ClientMessage::Refresh { token } => {
+                            match Box::pin(refresh(shared, endpoint, &identity, &token)).await {
+                                Ok(renewed) => {
+                                    identity = renewed;
+                                    deadline = expiry(&identity, shared);
+                                }
+                                Err(end) => return end,
+                            }
                         }
-                        Err(end) => return end,
+                        ClientMessage::Read { up_to, ids } => {
+                            let mark = match (up_to, ids) {
+                                (Some(n), ids) if ids.is_empty() => bell::Mark::UpTo(n),
+                                (None, ids) if !ids.is_empty() && ids.len() <= MAX_READ_IDS => {
+                                    bell::Mark::Ids(ids)
+                                }
+                                _ => return End::Close(Close::Unexpected, reason::BAD_READ),
+                            };
+                            if let Err(end) = Box::pin(mark_read(shared, endpoint, &identity, mark)).await {
+                                return end;
+                            }
+                        }
+                        ClientMessage::Clear {} => {
+                            let cleared = mark_read(shared, endpoint, &identity, bell::Mark::Clear);
+                            if let Err(end) = Box::pin(cleared).await {
+                                return end;
+                            }
+                        }
                     }
                 }
             },
@@ -216,7 +270,11 @@ async fn session<P: Peer>(
                 while let Some(delivery) = next.take() {
                     if delivery.id > cursor {
                         cursor = delivery.id;
-                        batch.push(Frame::Event { id: delivery.id, text: delivery.frame });
+                        batch.push(Frame::Event {
+                            id: delivery.id,
+                            text: delivery.frame,
+                            read: delivery.read,
+                        });
                     }
                     if batch.len() >= MAX_BATCH {
                         break;
@@ -270,11 +328,9 @@ async fn refresh(
     shared: &Shared,
     endpoint: &Endpoint,
     current: &Identity,
-    text: &str,
+    token: &str,
 ) -> Result<Identity, End> {
-    let ClientMessage::Refresh { token } = serde_json::from_str(text)
-        .map_err(|_| End::Close(Close::Unexpected, reason::UNEXPECTED_MESSAGE))?;
-    let mut renewed = shared.verifier().verify(&token).map_err(|e| {
+    let mut renewed = shared.verifier().verify(token).map_err(|e| {
         tracing::debug!(error = %e, "refresh refused");
         End::Close(Close::TokenExpired, reason::REFRESH_INVALID)
     })?;
@@ -301,6 +357,28 @@ async fn refresh(
     }
     tracing::debug!(exp = renewed.exp, "token refreshed");
     Ok(renewed)
+}
+
+/// A `read` or `clear` message: the new state reaches this socket (and every
+/// other of the user's) as a `read` frame through the log. A read beyond
+/// the newest event closes with 1008; a database that cannot take it now is
+/// logged, and the socket goes on (the client may send it again).
+async fn mark_read(
+    shared: &Shared,
+    endpoint: &Endpoint,
+    identity: &Identity,
+    mark: bell::Mark,
+) -> Result<(), End> {
+    match bell::mark(shared, endpoint, identity, mark).await {
+        Ok(_) => Ok(()),
+        Err(DbError::ReadBeyondHead) => {
+            Err(End::Close(Close::Unexpected, reason::READ_BEYOND_HEAD))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "marking read failed");
+            Ok(())
+        }
+    }
 }
 
 /// Replays the events after `resume.last_id` up to `upto` (the hub's `last_id`
@@ -405,6 +483,7 @@ async fn replay<P: Peer>(
             .map(|e| Frame::Event {
                 id: e.id,
                 text: Utf8Bytes::from(e.frame()),
+                read: e.is_read_state(),
             })
             .collect();
         let n = frames.len() as u64;

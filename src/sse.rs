@@ -79,7 +79,7 @@ impl Peer for SsePeer {
         for frame in &frames {
             let (kind, position) = match frame {
                 Frame::Hello { position, .. } => ("hello", *position),
-                Frame::Event { id, .. } => ("event", Some(*id)),
+                Frame::Event { id, read, .. } => (if *read { "read" } else { "event" }, Some(*id)),
                 Frame::Reset { position, .. } => ("reset", Some(*position)),
             };
             let id = position.map(|p| self.id(p));

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::parse::Event;
-use crate::route::Stream;
+use crate::route::{Stream, READ_CHANNEL};
 
 /// An endpoint: what a socket or an event stream receives.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -68,6 +68,13 @@ impl Endpoint {
         } else {
             return None;
         };
+        Some((transport, Endpoint::from_name(rest, streams)?))
+    }
+
+    /// The endpoint a path names after its prefix (`/ws/`, `/sse/`,
+    /// `/history/`, `/read/`): `dashboard`, `notifications` or `NAME/KEY`,
+    /// the trailing slash optional.
+    pub fn from_name(rest: &str, streams: &[Stream]) -> Option<Endpoint> {
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         let endpoint = match rest.split_once('/') {
             None if rest == "dashboard" => Endpoint::Dashboard,
@@ -89,7 +96,16 @@ impl Endpoint {
                 }
             }
         };
-        Some((transport, endpoint))
+        Some(endpoint)
+    }
+
+    /// What read state is kept under: `notifications`, `dashboard`, or
+    /// `NAME/KEY`.
+    pub fn state_name(&self) -> String {
+        match self {
+            Endpoint::Stream { name, key, .. } => format!("{name}/{key}"),
+            other => other.name().to_owned(),
+        }
     }
 }
 
@@ -191,8 +207,13 @@ impl Close {
 
 /// Reason texts for the codes with more than one cause.
 pub mod reason {
-    /// 1008: anything but a `refresh`.
-    pub const UNEXPECTED_MESSAGE: &str = "unexpected message: only refresh is accepted";
+    /// 1008: anything but a `refresh`, `read` or `clear`.
+    pub const UNEXPECTED_MESSAGE: &str =
+        "unexpected message: only refresh, read and clear are accepted";
+    /// 1008: a `read` with neither `up_to` nor `ids`, both, or too many ids.
+    pub const BAD_READ: &str = "read takes up_to or ids (at most 100)";
+    /// 1008: a `read` naming an id beyond the newest event.
+    pub const READ_BEYOND_HEAD: &str = "read beyond the newest event";
     /// 1008: over `--client-messages-per-second`.
     pub const TOO_MANY_MESSAGES: &str = "too many messages";
     /// 1013: the server-wide cap on replays.
@@ -211,11 +232,59 @@ pub mod reason {
     pub const REFRESH_ADMIN_UNKNOWN: &str = "refresh refused: cannot check admin rights";
 }
 
-/// What a client may send: `{"type":"refresh","token":"JWT"}`.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+/// What a client may send: `{"type":"refresh","token":"JWT"}`, and the
+/// bell's read state: `{"type":"read","up_to":N}` (everything up to N),
+/// `{"type":"read","ids":[N,...]}` (those items), `{"type":"clear"}` (read up
+/// to the newest event, and hide it all from history).
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ClientMessage {
-    Refresh { token: String },
+    Refresh {
+        token: String,
+    },
+    Read {
+        #[serde(default)]
+        up_to: Option<i64>,
+        #[serde(default)]
+        ids: Vec<i64>,
+    },
+    Clear {},
+}
+
+/// Items one `read` message may name at most.
+pub const MAX_READ_IDS: usize = 100;
+
+/// The most unread events `hello` counts: a badge shows "100+" beyond.
+pub const UNREAD_CAP: i64 = 100;
+
+/// A user's read state on one stream, as `hello` and `read` frames carry it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReadState {
+    pub up_to: i64,
+    #[serde(default)]
+    pub ids: Vec<i64>,
+    #[serde(default)]
+    pub cleared_through: i64,
+}
+
+/// Field order is the wire order: sorted.
+#[derive(Serialize, Deserialize)]
+struct ReadFrame<'a> {
+    cleared_through: i64,
+    ids: Vec<i64>,
+    stream: &'a str,
+    #[serde(rename = "type", default)]
+    kind: &'a str,
+    up_to: i64,
+}
+
+/// The `read` frame for a read-state event's payload
+/// (`{"user_id","stream","up_to","ids","cleared_through"}`), or `None` when
+/// the payload is not one.
+fn read_frame(payload: &RawValue) -> Option<String> {
+    let mut frame: ReadFrame = serde_json::from_str(payload.get()).ok()?;
+    frame.kind = "read";
+    Some(to_text(&frame))
 }
 
 /// Field order is the wire order: sorted, as `json!` wrote it.
@@ -225,15 +294,31 @@ struct HelloFrame<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<&'a str>,
     last_id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read_up_to: Option<i64>,
     stream: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unread: Option<i64>,
     user: &'a str,
 }
 
 /// The `hello` frame: the endpoint (and a stream's key), the user, the
 /// newest event id at connect time and the log's epoch.
 pub fn hello(endpoint: &Endpoint, user: &str, last_id: i64, epoch: &str) -> String {
+    hello_with_read(endpoint, user, last_id, epoch, None)
+}
+
+/// [`hello`] with the user's read cursor and unread count (at most
+/// [`UNREAD_CAP`]) on this stream, for the bell.
+pub fn hello_with_read(
+    endpoint: &Endpoint,
+    user: &str,
+    last_id: i64,
+    epoch: &str,
+    read: Option<(i64, i64)>,
+) -> String {
     let key = match endpoint {
         Endpoint::Stream { key, .. } => Some(key.as_str()),
         _ => None,
@@ -242,8 +327,10 @@ pub fn hello(endpoint: &Endpoint, user: &str, last_id: i64, epoch: &str) -> Stri
         epoch,
         key,
         last_id,
+        read_up_to: read.map(|(up_to, _)| up_to),
         stream: endpoint.name(),
         kind: "hello",
+        unread: read.map(|(_, unread)| unread),
         user,
     })
 }
@@ -298,9 +385,14 @@ struct EventFrame<'a> {
 }
 
 impl Event {
-    /// The `event` frame sent to clients, serialised once and shared by every
-    /// socket that receives it.
+    /// The frame sent to clients, serialised once and shared by every socket
+    /// that receives it: `event`, or `read` for a read-state change.
     pub fn frame(&self) -> String {
+        if self.is_read_state() {
+            if let Some(frame) = read_frame(&self.data) {
+                return frame;
+            }
+        }
         to_text(&EventFrame {
             kind: "event",
             id: self.id,
@@ -376,6 +468,54 @@ pub fn close_frame(close: Close, reason: &str) -> String {
         reason,
         kind: "close",
     })
+}
+
+/// Field order is the wire order: sorted.
+#[derive(Serialize)]
+struct ReadStateFrame<'a> {
+    cleared_through: i64,
+    ids: &'a [i64],
+    stream: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    up_to: i64,
+}
+
+/// The `read` frame for `endpoint`'s read state (the answer to `POST
+/// /read/...`; sockets get the same frame from the log).
+pub fn read_state_frame(endpoint: &Endpoint, state: &ReadState) -> String {
+    to_text(&ReadStateFrame {
+        cleared_through: state.cleared_through,
+        ids: &state.ids,
+        stream: &endpoint.state_name(),
+        kind: "read",
+        up_to: state.up_to,
+    })
+}
+
+/// A page of history: the events' frames newest first, where the next page
+/// starts, and the user's read state on the stream.
+pub fn history(events: &[Event], next_before: Option<i64>, read: &ReadState) -> String {
+    let mut out = String::from("{\"events\":[");
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&event.frame());
+    }
+    out.push_str("],\"next_before\":");
+    out.push_str(&to_text(&next_before));
+    out.push_str(",\"read\":");
+    out.push_str(&to_text(read));
+    out.push('}');
+    out
+}
+
+impl Event {
+    /// Whether this is a read-state change (framed `read`).
+    pub fn is_read_state(&self) -> bool {
+        self.channel == READ_CHANNEL
+    }
 }
 
 /// Serialising borrowed strings, numbers and already-valid raw JSON cannot fail.
@@ -543,10 +683,54 @@ mod tests {
     }
 
     #[test]
-    fn refresh_messages() {
-        let ClientMessage::Refresh { token } =
-            serde_json::from_str(r#"{"type":"refresh","token":"t"}"#).expect("refresh");
-        assert_eq!(token, "t");
-        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"ping"}"#).is_err());
+    fn client_messages() {
+        let parse = |text: &str| serde_json::from_str::<ClientMessage>(text).ok();
+        assert_eq!(
+            parse(r#"{"type":"refresh","token":"t"}"#),
+            Some(ClientMessage::Refresh { token: "t".into() })
+        );
+        assert_eq!(
+            parse(r#"{"type":"read","up_to":7}"#),
+            Some(ClientMessage::Read {
+                up_to: Some(7),
+                ids: vec![]
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"read","ids":[1,2]}"#),
+            Some(ClientMessage::Read {
+                up_to: None,
+                ids: vec![1, 2]
+            })
+        );
+        assert_eq!(parse(r#"{"type":"clear"}"#), Some(ClientMessage::Clear {}));
+        for bad in [
+            r#"{"type":"ping"}"#,
+            r#"{"type":"read","up_to":"7"}"#,
+            r#"{"type":"read","up_to":1,"extra":2}"#,
+            r#"{"type":"clear","all":true}"#,
+        ] {
+            assert_eq!(parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn read_state_changes_are_read_frames() {
+        let event = Event {
+            id: 9,
+            channel: READ_CHANNEL.into(),
+            table: "read_state".into(),
+            op: "UPDATE".into(),
+            at: "2026-11-25T18:40:00.123456Z".into(),
+            data: RawValue::from_string(
+                r#"{"user_id":"2","stream":"notifications","up_to":5,"ids":[8],"cleared_through":0}"#
+                    .into(),
+            )
+            .expect("json"),
+        };
+        assert_eq!(
+            event.frame(),
+            r#"{"cleared_through":0,"ids":[8],"stream":"notifications","type":"read","up_to":5}"#
+        );
     }
 }

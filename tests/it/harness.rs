@@ -495,6 +495,29 @@ pub async fn try_http(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Option<HttpAnswer> {
+    try_http_body(addr, method, path, headers, "").await
+}
+
+/// [`http`] with a request body.
+pub async fn http_body(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpAnswer {
+    try_http_body(addr, method, path, headers, body)
+        .await
+        .unwrap_or_else(|| panic!("{method} {path}: no HTTP response from {addr}"))
+}
+
+async fn try_http_body(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<HttpAnswer> {
     use std::fmt::Write as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
@@ -504,9 +527,10 @@ pub async fn try_http(
             let _ = write!(request, "{name}: {value}\r\n");
         }
         if method != "GET" {
-            request.push_str("Content-Length: 0\r\n");
+            let _ = write!(request, "Content-Length: {}\r\n", body.len());
         }
         request.push_str("Connection: close\r\n\r\n");
+        request.push_str(body);
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.ok()?;

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, each test with its own database on a real
 //! PostgreSQL (see harness.rs). Test names say which promise they prove.
 
+mod bell;
 mod capture;
 mod cli;
 mod closes;
