@@ -50,7 +50,15 @@
 // ?last_id=&epoch= from the last event it saw, so nothing is lost either way.
 //
 // Events (client.on(type, fn) returns an unsubscribe function; also off, once):
-//   connected     {hello, resumed}   after the server's hello; resumed = a cursor was sent
+//   connected     {hello, resumed, read}   after the server's hello; resumed = a cursor
+//                 was sent; read = {upTo, unread} from hello's read_up_to and unread
+//                 (the bell's read cursor and unread count, on /ws/notifications/;
+//                 unread is capped at UNREAD_CAP = 100: show "99+"), else null
+//   read          a read frame {type: "read", stream, up_to, ids, cleared_through}: the
+//                 user's read state on `stream` changed (here, on another tab or
+//                 device, or on another replica); also the answer of a POST made by
+//                 markRead/markItemsRead/clearAll without a socket. An item is read
+//                 when id <= up_to or ids includes it, hidden when id <= cleared_through
 //   event         the event frame {type, id, channel, table, op, at, data}; each id
 //                 once, in increasing order, across reconnects
 //   reset         {reason, hello}    the cursor could not be honoured (epoch changed,
@@ -74,6 +82,23 @@
 // Properties: state ("idle" | "connecting" | "open" | "waiting" | "stopped"),
 // transport, lastId, epoch, hello (the latest hello frame). Methods: start(),
 // stop(), reconnectNow().
+//
+// The bell (read state kept by the server, per user and stream; the stream is
+// the one `url` names):
+//   markRead(upTo)       everything up to event id upTo is read
+//   markItemsRead(ids)   those items are read (sent 100 at a time)
+//   clearAll()           everything up to the newest event is read and hidden
+//                        from history
+//   Each sends {"type":"read",...} or {"type":"clear"} on the open WebSocket
+//   (resolving to null: the new state arrives as a `read` frame), else POSTs
+//   it to /read/STREAM with the current token (over SSE, or while
+//   disconnected), resolving to the answered read frame, also emitted as `read`.
+//   An id beyond the newest event is refused: the socket is closed with 1008
+//   (and the client reconnects), a POST rejects with err.status 400.
+//   history({before, limit})  GET /history/STREAM: {events (newest first),
+//                        next_before (the next page's `before`, or null), read
+//                        ({up_to, ids, cleared_through})}; limit 1..100, default 50
+// Option `fetch` (default globalThis.fetch) is what POSTs and GETs.
 
 const STABLE_MS = 10_000;
 /** What browsers wait before an EventSource reconnects by itself (Chromium: 3 s). */
@@ -124,6 +149,27 @@ export function streamUrl(url, lastId, epoch, { transport = "websocket", token =
   return u.toString();
 }
 
+/**
+ * The bell's HTTP URL for a stream URL: `kind` "history" or "read" in place
+ * of its /ws/ or /sse/ prefix, http(s) in place of ws(s), without query.
+ */
+export function bellUrl(url, kind) {
+  const base = globalThis.location?.href ?? "http://localhost/";
+  const u = new URL(url, base);
+  const schemes = { "ws:": "http:", "wss:": "https:" };
+  if (schemes[u.protocol]) u.protocol = schemes[u.protocol];
+  const m = u.pathname.match(/^\/(?:ws|sse)\/(.*)$/);
+  if (!m) throw new TypeError(`PgRelayClient: ${url} is not a /ws/ or /sse/ stream URL`);
+  u.pathname = `/${kind}/${m[1]}`;
+  u.search = "";
+  u.hash = "";
+  return u.toString();
+}
+
+/** The most a `read` message may name, and hello's unread cap. */
+export const MAX_READ_IDS = 100;
+export const UNREAD_CAP = 100;
+
 /** Full jitter: a random delay in [0, min(max, min * 2^attempt)]. */
 export function backoffDelay(attempt, minMs, maxMs, random = Math.random) {
   const cap = Math.min(maxMs, minMs * 2 ** Math.min(attempt, 30));
@@ -152,6 +198,8 @@ export class PgRelayClient {
     this.lastId = options.lastId ?? null;
     this.epoch = options.epoch ?? null;
     this.hello = null;
+    this.readUpTo = null; // hello's read_up_to (the bell's cursor), when it carries one
+    this.unread = null; // hello's unread count (at most UNREAD_CAP)
     this.state = "idle";
     this._listeners = new Map();
     this._ws = null; // the WebSocket
@@ -317,9 +365,11 @@ export class PgRelayClient {
       conn.openedAt = Date.now();
     };
     const onFrame = (message) => {
-      if (generation === this._generation && this._es === es) this._frame(message.data, conn);
+      if (generation !== this._generation || this._es !== es) return;
+      this._frame(message.data, conn);
+      if (message.type === "read") this._sawReadId(message.lastEventId);
     };
-    for (const type of ["hello", "event", "reset"]) es.addEventListener(type, onFrame);
+    for (const type of ["hello", "event", "reset", "read"]) es.addEventListener(type, onFrame);
     // Where a socket gets a close frame: the same code and reason, then the
     // stream ends. Ours to act on, not the browser's silent retry.
     es.addEventListener("close", (message) => {
@@ -382,7 +432,14 @@ export class PgRelayClient {
         this.state = "open";
         this._saveCursor();
         this._scheduleRefresh(conn.token);
-        this._emit("connected", { hello: frame, resumed: conn.resumed });
+        {
+          const read = typeof frame.read_up_to === "number"
+            ? { upTo: frame.read_up_to, unread: typeof frame.unread === "number" ? frame.unread : null }
+            : null;
+          this.readUpTo = read?.upTo ?? null;
+          this.unread = read?.unread ?? null;
+          this._emit("connected", { hello: frame, resumed: conn.resumed, read });
+        }
         break;
       case "reset":
         // The server continues from hello.last_id; so do we (it may be lower
@@ -397,6 +454,10 @@ export class PgRelayClient {
         this.lastId = frame.id;
         this._saveCursor();
         this._emit("event", frame);
+        break;
+      case "read":
+        if (typeof frame.up_to !== "number") return;
+        this._emit("read", frame);
         break;
       default:
         break;
@@ -472,6 +533,89 @@ export class PgRelayClient {
       }
       this._scheduleRefresh(fresh);
     }, Math.min(Math.max(0, left - lead), 2 ** 31 - 1));
+  }
+
+  // --- the bell: read state and history --------------------------------------
+
+  /** Everything up to event id `upTo` is read. */
+  markRead(upTo) {
+    if (!Number.isSafeInteger(upTo) || upTo < 0) {
+      return Promise.reject(new TypeError("markRead: upTo must be a non-negative integer"));
+    }
+    return this._mark([{ type: "read", up_to: upTo }]);
+  }
+
+  /** Those items (event ids) are read. */
+  markItemsRead(ids) {
+    const list = [...new Set(Array.from(ids ?? []))];
+    if (!list.length || !list.every((id) => Number.isSafeInteger(id) && id > 0)) {
+      return Promise.reject(new TypeError("markItemsRead: ids must be positive integers, at least one"));
+    }
+    const messages = [];
+    for (let i = 0; i < list.length; i += MAX_READ_IDS) {
+      messages.push({ type: "read", ids: list.slice(i, i + MAX_READ_IDS) });
+    }
+    return this._mark(messages);
+  }
+
+  /** Everything up to the newest event is read and hidden from history. */
+  clearAll() {
+    return this._mark([{ type: "clear" }]);
+  }
+
+  /** Sends `messages` on the open WebSocket, or POSTs them one by one. */
+  async _mark(messages) {
+    const ws = this._ws;
+    if (ws && ws.readyState === 1 && this.state === "open") {
+      for (const message of messages) ws.send(JSON.stringify(message));
+      return null;
+    }
+    let answer = null;
+    for (const message of messages) {
+      answer = await this._request("read", { method: "POST", body: JSON.stringify(message) });
+      if (answer?.type === "read") this._emit("read", answer);
+    }
+    return answer;
+  }
+
+  /** A page of the stream's history, newest first: {events, next_before, read}. */
+  history({ before = null, limit = null } = {}) {
+    const query = new URLSearchParams();
+    if (before !== null && before !== undefined) query.set("before", String(before));
+    if (limit !== null && limit !== undefined) query.set("limit", String(limit));
+    const q = query.toString();
+    return this._request("history", { method: "GET" }, q ? `?${q}` : "");
+  }
+
+  /** GET or POST the bell's `kind` URL with the current token; the JSON answer. */
+  async _request(kind, init, query = "") {
+    const fetchFn = this.options.fetch ?? globalThis.fetch;
+    const url = bellUrl(this.options.url, kind) + query;
+    const token = await this._currentToken();
+    const headers = { authorization: `Bearer ${token}`, accept: "application/json" };
+    if (init.body !== undefined) headers["content-type"] = "application/json";
+    const response = await fetchFn(url, { ...init, headers });
+    const text = await response.text();
+    if (!response.ok) {
+      const error = new Error(`${init.method} ${new URL(url).pathname}: ${response.status} ${text.trim()}`);
+      error.status = response.status;
+      if (response.status === 401 && this.options.getToken) this._needToken = true;
+      throw error;
+    }
+    return JSON.parse(text);
+  }
+
+  /** An SSE read event's id (EPOCH:ID) moves the cursor: it is a position in the log. */
+  _sawReadId(lastEventId) {
+    const text = String(lastEventId ?? "");
+    const at = text.lastIndexOf(":");
+    const id = Number(at >= 0 ? text.slice(at + 1) : text);
+    const epoch = at >= 0 ? text.slice(0, at) : null;
+    if (!text || !Number.isSafeInteger(id) || (epoch && this.epoch && epoch !== this.epoch)) return;
+    if (this.lastId === null || id > this.lastId) {
+      this.lastId = id;
+      this._saveCursor();
+    }
   }
 
   // --- the cursor in localStorage -------------------------------------------

@@ -6,7 +6,7 @@
 
 import { test, mock, beforeEach, afterEach } from "node:test";
 import assert from "node:assert/strict";
-import { PgRelayClient, backoffDelay, decodeJwt, streamUrl } from "../../src/web/pgrelay-client.js";
+import { PgRelayClient, backoffDelay, bellUrl, decodeJwt, streamUrl } from "../../src/web/pgrelay-client.js";
 
 const URL_ = "ws://relay.test/ws/dashboard/";
 const NOW = Date.UTC(2026, 10, 25, 12, 0, 0);
@@ -48,8 +48,8 @@ class FakeEventSource {
     this.listeners.get(type).push(fn);
   }
   close() { this.readyState = 2; this.closed = true; }
-  dispatch(type, frame) {
-    for (const fn of this.listeners.get(type) ?? []) fn({ type, data: JSON.stringify(frame) });
+  dispatch(type, frame, lastEventId = "") {
+    for (const fn of this.listeners.get(type) ?? []) fn({ type, data: JSON.stringify(frame), lastEventId });
   }
   // What the server (and the browser) do:
   hello(last_id, epoch = "e1") {
@@ -399,5 +399,162 @@ test("sse: reconnectNow replaces a retrying EventSource with one that carries th
   assert.equal(lastEs().url, `${SSE_URL}?last_id=4&epoch=ep&token=t0`);
   retrying.hello(3, "ep"); // a late callback of the old one is ignored
   assert.equal(c.state, "connecting");
+  c.stop();
+});
+
+// ------------------------------------------------------------------ the bell
+
+/** A fake fetch: records requests, answers from `answer(url, init)` ({status, body}). */
+function fakeFetch(answer) {
+  const calls = [];
+  const fn = async (url, init) => {
+    calls.push({ url, method: init.method, headers: init.headers, body: init.body === undefined ? undefined : JSON.parse(init.body) });
+    const { status = 200, body } = answer(url, init);
+    const text = typeof body === "string" ? body : JSON.stringify(body);
+    return { ok: status >= 200 && status < 300, status, text: async () => text };
+  };
+  fn.calls = calls;
+  return fn;
+}
+
+const readFrame = (up_to, ids = [], cleared_through = 0, stream = "notifications") =>
+  ({ type: "read", stream, up_to, ids, cleared_through });
+
+test("bellUrl: the stream's history and read URLs", () => {
+  assert.equal(bellUrl("ws://h/ws/notifications/", "history"), "http://h/history/notifications/");
+  assert.equal(bellUrl("wss://h/ws/businesses/42/?last_id=3", "read"), "https://h/read/businesses/42/");
+  assert.equal(bellUrl("http://h/sse/dashboard/?token=x", "history"), "http://h/history/dashboard/");
+  assert.equal(bellUrl("/ws/notifications/", "read"), "http://localhost/read/notifications/");
+  assert.throws(() => bellUrl("ws://h/elsewhere/", "read"), TypeError);
+});
+
+test("hello's read cursor and unread count; read frames are emitted", async () => {
+  const { c, seen } = client({ url: "ws://relay.test/ws/notifications/" });
+  const reads = [];
+  c.on("read", (r) => reads.push(r));
+  c.start();
+  await settle();
+  last().readyState = 1;
+  last().receive({ type: "hello", stream: "notifications", user: "2", last_id: 9, epoch: "e1", read_up_to: 4, unread: 3 });
+  assert.deepEqual(seen.connected[0].read, { upTo: 4, unread: 3 });
+  assert.deepEqual([c.readUpTo, c.unread], [4, 3]);
+  last().receive(readFrame(9, [], 0));
+  last().receive({ type: "read" }); // malformed: ignored
+  assert.deepEqual(reads, [readFrame(9, [], 0)]);
+  // Read frames are not events: the cursor and the events are untouched.
+  last().event(10);
+  assert.deepEqual(seen.events, [10]);
+  c.stop();
+
+  // A hello without read state (the dashboard, a stream key): read is null.
+  const other = client();
+  other.c.start();
+  await settle();
+  last().hello(5);
+  assert.equal(other.seen.connected[0].read, null);
+  assert.equal(other.c.unread, null);
+  other.c.stop();
+});
+
+test("markRead, markItemsRead, clearAll go over the open WebSocket", async () => {
+  const fetch = fakeFetch(() => assert.fail("no HTTP while the socket is open"));
+  const { c } = client({ url: "ws://relay.test/ws/notifications/", fetch });
+  c.start();
+  await settle();
+  last().hello(500);
+  assert.equal(await c.markRead(7), null);
+  assert.equal(await c.markItemsRead([9, 8, 9]), null);
+  const many = Array.from({ length: 150 }, (_, i) => i + 1);
+  await c.markItemsRead(many);
+  await c.clearAll();
+  assert.deepEqual(last().sent, [
+    { type: "read", up_to: 7 },
+    { type: "read", ids: [9, 8] },
+    { type: "read", ids: many.slice(0, 100) },
+    { type: "read", ids: many.slice(100) },
+    { type: "clear" },
+  ]);
+  await assert.rejects(c.markRead(-1), TypeError);
+  await assert.rejects(c.markRead(1.5), TypeError);
+  await assert.rejects(c.markItemsRead([]), TypeError);
+  await assert.rejects(c.markItemsRead(["3"]), TypeError);
+  assert.equal(last().sent.length, 5, "nothing sent for a bad argument");
+  c.stop();
+});
+
+test("without an open socket they POST /read/STREAM with the token, and emit the answer", async () => {
+  const fetch = fakeFetch((url, init) => {
+    const body = JSON.parse(init.body);
+    if (body.up_to === 99) return { status: 400, body: "read beyond the newest event\n" };
+    if (body.type === "clear") return { body: readFrame(12, [], 12) };
+    return { body: readFrame(body.up_to ?? 3, body.ids ?? []) };
+  });
+  const { c } = client({ url: "ws://relay.test/ws/notifications/", token: "t0", fetch });
+  const reads = [];
+  c.on("read", (r) => reads.push(r));
+  // Not started: no socket at all.
+  assert.deepEqual(await c.markRead(5), readFrame(5));
+  assert.deepEqual(await c.markItemsRead([11]), readFrame(3, [11]));
+  assert.deepEqual(await c.clearAll(), readFrame(12, [], 12));
+  assert.deepEqual(reads, [readFrame(5), readFrame(3, [11]), readFrame(12, [], 12)]);
+  assert.deepEqual(fetch.calls.map((r) => [r.method, r.url, r.headers.authorization, r.body]), [
+    ["POST", "http://relay.test/read/notifications/", "Bearer t0", { type: "read", up_to: 5 }],
+    ["POST", "http://relay.test/read/notifications/", "Bearer t0", { type: "read", ids: [11] }],
+    ["POST", "http://relay.test/read/notifications/", "Bearer t0", { type: "clear" }],
+  ]);
+  assert.equal(fetch.calls[0].headers["content-type"], "application/json");
+  await assert.rejects(c.markRead(99), (e) => e.status === 400 && /beyond the newest/.test(e.message));
+  assert.equal(reads.length, 3, "a refusal emits nothing");
+
+  // Connected but the socket is gone (waiting to reconnect): POST too.
+  c.start();
+  await settle();
+  last().hello(20);
+  last().drop(1006);
+  await c.markRead(6);
+  assert.equal(fetch.calls.at(-1).url, "http://relay.test/read/notifications/");
+  assert.deepEqual(FakeWebSocket.all[0].sent, []);
+  c.stop();
+});
+
+test("history GETs /history/STREAM with before and limit", async () => {
+  const page = { events: [{ type: "event", id: 8 }], next_before: 8, read: { up_to: 2, ids: [5], cleared_through: 1 } };
+  const fetch = fakeFetch(() => ({ body: page }));
+  const getToken = mock.fn(async () => "fresh");
+  const { c } = client({ url: "/ws/businesses/42/", token: null, getToken, fetch });
+  assert.deepEqual(await c.history(), page);
+  assert.deepEqual(await c.history({ before: 8, limit: 20 }), page);
+  assert.deepEqual(fetch.calls.map((r) => [r.method, r.url, r.headers.authorization]), [
+    ["GET", "http://localhost/history/businesses/42/", "Bearer fresh"],
+    ["GET", "http://localhost/history/businesses/42/?before=8&limit=20", "Bearer fresh"],
+  ]);
+  assert.equal(fetch.calls[0].body, undefined);
+  const refused = fakeFetch(() => ({ status: 403, body: "not allowed\n" }));
+  const other = client({ url: "/ws/businesses/43/", fetch: refused }).c;
+  await assert.rejects(other.history(), (e) => e.status === 403);
+});
+
+test("over SSE: read events are emitted and move the cursor; marking POSTs", async () => {
+  const fetch = fakeFetch(() => ({ body: readFrame(30) }));
+  const { c, seen } = client({ url: "ws://relay.test/ws/notifications/", transport: "sse", EventSource: FakeEventSource, fetch });
+  const reads = [];
+  c.on("read", (r) => reads.push(r));
+  c.start();
+  await settle();
+  lastEs().readyState = 1;
+  lastEs().dispatch("hello", { type: "hello", stream: "notifications", user: "2", last_id: 20, epoch: "e1", read_up_to: 0, unread: 100 });
+  assert.deepEqual(seen.connected[0].read, { upTo: 0, unread: 100 });
+  lastEs().dispatch("read", readFrame(20), "e1:21");
+  assert.deepEqual(reads, [readFrame(20)]);
+  assert.equal(c.lastId, 21, "a read event is a position in the log");
+  lastEs().event(21); // a duplicate of what the cursor passed: dropped
+  lastEs().event(22);
+  assert.deepEqual(seen.events, [22]);
+  lastEs().dispatch("read", readFrame(20), "other-epoch:99");
+  assert.equal(c.lastId, 22, "an id from another epoch does not move it");
+  await c.markRead(22);
+  assert.equal(fetch.calls[0].url, "http://relay.test/read/notifications/");
+  assert.equal(fetch.calls[0].headers.authorization, "Bearer t0");
+  assert.deepEqual(reads.at(-1), readFrame(30));
   c.stop();
 });
