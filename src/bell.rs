@@ -10,8 +10,8 @@
 //! only forward by `pgrelay.mark_read`, which also writes the change into the
 //! log as an event on `wire::READ_CHANNEL`, routed to the user: every socket
 //! of theirs, on any replica, gets a `read` frame through the ordinary
-//! delivery path, and a device that was away replays it. `hello` on the
-//! notifications stream carries the read cursor and the unread count.
+//! delivery path, and a device that was away replays it. `hello` carries
+//! the read cursor and the unread count when the client asks (`?unread=1`).
 
 use crate::auth::Identity;
 use crate::db::{DbError, Visible, REPLAY_WINDOW};
@@ -65,7 +65,7 @@ pub fn sees(shared: &Shared, endpoint: &Endpoint, user: &str, event: &Event) -> 
     }
 }
 
-/// `hello`'s `read_up_to` and `unread` for a notifications socket: the
+/// `hello`'s `read_up_to` and `unread` (asked with `?unread=1`): the
 /// events after the read cursor among the newest `REPLAY_WINDOW` ids, not
 /// read one by one, counted up to [`UNREAD_CAP`].
 pub async fn unread(

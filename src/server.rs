@@ -369,6 +369,7 @@ async fn handle(
         Ok(resume) => resume,
         Err(why) => return refuse(shared, StatusCode::BAD_REQUEST, "bad_resume", why, &path),
     };
+    let unread = wire::wants_unread(&query);
     let slot = match shared.slots.take(&identity.user) {
         Ok(slot) => slot,
         Err(NoSlot::Total) => {
@@ -403,7 +404,7 @@ async fn handle(
         shared.tracker.clone().spawn(
             async move {
                 let _slot = slot;
-                session::run(peer, shared, endpoint, identity, resume).await;
+                session::run(peer, shared, endpoint, identity, resume, unread).await;
             }
             .instrument(span),
         );
@@ -465,7 +466,7 @@ async fn handle(
             match Box::pin(websocket).await {
                 Ok(ws) => {
                     let peer = WebSocketPeer::new(ws, rate);
-                    session::run(peer, shared, endpoint, identity, resume).await
+                    session::run(peer, shared, endpoint, identity, resume, unread).await
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }

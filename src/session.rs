@@ -126,10 +126,11 @@ pub async fn run<P: Peer>(
     endpoint: Endpoint,
     identity: Identity,
     resume: Option<Resume>,
+    unread: bool,
 ) {
     let gauge = shared.metrics.connections(endpoint.name());
     gauge.inc();
-    let end = session(&mut peer, &shared, &endpoint, identity, resume).await;
+    let end = session(&mut peer, &shared, &endpoint, identity, resume, unread).await;
     if let End::Close(kind, reason) = end {
         let code = kind.code();
         tracing::debug!(code, reason, "closing");
@@ -150,6 +151,7 @@ async fn session<P: Peer>(
     endpoint: &Endpoint,
     mut identity: Identity,
     resume: Option<Resume>,
+    unread: bool,
 ) -> End {
     let mut sub: Subscription = match endpoint {
         Endpoint::Dashboard => shared.hub.subscribe_dashboard(),
@@ -158,19 +160,14 @@ async fn session<P: Peer>(
             shared.hub.subscribe(Ring::Stream(*index, key.clone()))
         }
     };
-    // The bell's badge before anything else arrives; without it (the
-    // database cannot say right now) the hello goes out plain.
-    let read = match endpoint {
-        Endpoint::Notifications => {
-            match bell::unread(shared, endpoint, &identity.user, sub.last_id).await {
-                Ok(read) => Some(read),
-                Err(e) => {
-                    tracing::warn!(error = %e, "unread count failed; hello without it");
-                    None
-                }
-            }
-        }
-        _ => None,
+    // The bell's badge before anything else arrives, when the client asks
+    // (`?unread=1`): a query, so it takes a replay's turn (the same caps on
+    // the pool); without one, or if the database cannot say, the hello
+    // goes out plain.
+    let read = if unread {
+        Box::pin(hello_unread(shared, endpoint, &identity.user, sub.last_id)).await
+    } else {
+        None
     };
     let hello = Frame::Hello {
         text: wire::hello_with_read(
@@ -357,6 +354,24 @@ async fn refresh(
     }
     tracing::debug!(exp = renewed.exp, "token refreshed");
     Ok(renewed)
+}
+
+/// `hello`'s `read_up_to` and `unread`, or `None` when they cannot be had
+/// now.
+async fn hello_unread(
+    shared: &Shared,
+    endpoint: &Endpoint,
+    user: &str,
+    head: i64,
+) -> Option<(i64, i64)> {
+    let Ok(_turn) = shared.replays.turn(user).await else {
+        tracing::debug!("no turn for the unread count; hello without it");
+        return None;
+    };
+    bell::unread(shared, endpoint, user, head)
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, "unread count failed; hello without it"))
+        .ok()
 }
 
 /// A `read` or `clear` message: the new state reaches this socket (and every

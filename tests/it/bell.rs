@@ -49,12 +49,16 @@ async fn read_state_reaches_every_socket_of_the_user_on_every_replica() {
     assert_eq!(next_of(&mut on_a, "read").await["up_to"], ids[1]);
 
     // A new device's hello has the cursor and the right count.
-    let mut fresh = b.ws("/ws/notifications/", &token("2", false)).await;
+    let mut fresh = b
+        .ws("/ws/notifications/?unread=1", &token("2", false))
+        .await;
     let hello = fresh.hello().await;
     assert_eq!(hello["read_up_to"], ids[1], "{hello}");
     assert_eq!(hello["unread"], 1, "{hello}");
     // Another user's state is their own.
-    let mut other = a.ws("/ws/notifications/", &token("4", false)).await;
+    let mut other = a
+        .ws("/ws/notifications/?unread=1", &token("4", false))
+        .await;
     let hello = other.hello().await;
     assert_eq!(
         (hello["read_up_to"].clone(), hello["unread"].clone()),
@@ -74,7 +78,9 @@ async fn read_state_reaches_every_socket_of_the_user_on_every_replica() {
     let state: Value = serde_json::from_str(&answer.body).expect("json");
     assert_eq!(state["ids"], json!([ids[2]]));
     assert_eq!(next_of(&mut on_a, "read").await["ids"], json!([ids[2]]));
-    let mut third = a.ws("/ws/notifications/", &token("2", false)).await;
+    let mut third = a
+        .ws("/ws/notifications/?unread=1", &token("2", false))
+        .await;
     assert_eq!(third.hello().await["unread"], 0);
 
     // The cursor only moves forward.

@@ -440,3 +440,34 @@ async fn pending_connection_closed(addr: std::net::SocketAddr) {
         .await
         .expect("the pending timer closes a connection that never upgrades");
 }
+
+#[tokio::test]
+async fn a_client_leaving_an_sse_stream_frees_its_place() {
+    const STREAMS: &str = r#"pgrelay_connections{stream="notifications"}"#;
+    let db = TestDb::demo("streams_sse_leaves").await;
+    let relay = TestRelay::start_with(&db, |c| c.limits.max_per_user = 1).await;
+    let addr = relay.relay.addr();
+    let auth = bearer(&token("2", false));
+    let mut first = Sse::connect(addr, "/sse/notifications/", &[("authorization", &auth)])
+        .await
+        .expect("open");
+    first.expect("hello").await;
+    let refused = Sse::connect(addr, "/sse/notifications/", &[("authorization", &auth)])
+        .await
+        .err();
+    assert_eq!(
+        refused.map(|(s, _)| s),
+        Some(429),
+        "one stream per user here"
+    );
+    assert_eq!(metric(addr, STREAMS).await, Some(1.0));
+    drop(first);
+    wait_for("the server to notice the client left", || async {
+        metric(addr, STREAMS).await == Some(0.0)
+    })
+    .await;
+    let mut again = Sse::connect(addr, "/sse/notifications/", &[("authorization", &auth)])
+        .await
+        .expect("the place is free again");
+    again.expect("hello").await;
+}
