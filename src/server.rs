@@ -314,19 +314,6 @@ async fn handle(
             &path,
         );
     }
-    let origin = req
-        .headers()
-        .get(ORIGIN)
-        .map(|o| o.to_str().unwrap_or("(not ASCII)"));
-    if !origin_allowed(&shared.allowed_origins, origin) {
-        return refuse(
-            shared,
-            StatusCode::FORBIDDEN,
-            "origin",
-            "origin not allowed",
-            &path,
-        );
-    }
     match transport {
         Transport::WebSocket if !hyper_tungstenite::is_upgrade_request(&req) => {
             return refuse(
@@ -485,9 +472,10 @@ fn is_stream_page(path: &str, shared: &Shared) -> bool {
     )
 }
 
-/// The door every stream and the bell's routes share: a token (header,
-/// `?token=`, or the `--token-cookie` cookie where `cookie_allowed`), valid,
-/// for someone who may open `endpoint`. `Err` is the refusal to send.
+/// The door every stream and the bell's routes share: an allowed origin,
+/// a token (header, `?token=`, or the `--token-cookie` cookie where
+/// `cookie_allowed`), valid, for someone who may open `endpoint`. `Err` is
+/// the refusal to send.
 async fn authorize(
     req: &Request<Incoming>,
     shared: &Shared,
@@ -496,6 +484,14 @@ async fn authorize(
     cookie_allowed: bool,
     path: &str,
 ) -> Result<(Presented, Identity), Response<Body>> {
+    let origin = req
+        .headers()
+        .get(ORIGIN)
+        .map(|o| o.to_str().unwrap_or("(not ASCII)"));
+    if !origin_allowed(&shared.allowed_origins, origin) {
+        let why = "origin not allowed";
+        return Err(refuse(shared, StatusCode::FORBIDDEN, "origin", why, path));
+    }
     let presented = presented_token(req.headers(), query).or_else(|| {
         let cookie = shared.token_cookie.as_deref()?;
         cookie_allowed
@@ -597,19 +593,6 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
     if req.method() != method {
         let why = if history { "use GET" } else { "use POST" };
         return refuse(shared, StatusCode::METHOD_NOT_ALLOWED, "method", why, path);
-    }
-    let origin = req
-        .headers()
-        .get(ORIGIN)
-        .map(|o| o.to_str().unwrap_or("(not ASCII)"));
-    if !origin_allowed(&shared.allowed_origins, origin) {
-        return refuse(
-            shared,
-            StatusCode::FORBIDDEN,
-            "origin",
-            "origin not allowed",
-            path,
-        );
     }
     let query = query_params(req.uri().query());
     // A cookie may read history, never write read state (another site's
