@@ -52,8 +52,9 @@
 // Events (client.on(type, fn) returns an unsubscribe function; also off, once):
 //   connected     {hello, resumed, read}   after the server's hello; resumed = a cursor
 //                 was sent; read = {upTo, unread} from hello's read_up_to and unread
-//                 (the bell's read cursor and unread count, on /ws/notifications/;
-//                 unread is capped at UNREAD_CAP = 100: show "99+"), else null
+//                 (the bell's read cursor and unread count, when the url asks with
+//                 ?unread=1, e.g. "/ws/notifications/?unread=1"; unread is capped at
+//                 UNREAD_CAP = 100: show "99+"), else null
 //   read          a read frame {type: "read", stream, up_to, ids, cleared_through}: the
 //                 user's read state on `stream` changed (here, on another tab or
 //                 device, or on another replica); also the answer of a POST made by

@@ -425,6 +425,10 @@ test("bellUrl: the stream's history and read URLs", () => {
   assert.equal(bellUrl("wss://h/ws/businesses/42/?last_id=3", "read"), "https://h/read/businesses/42/");
   assert.equal(bellUrl("http://h/sse/dashboard/?token=x", "history"), "http://h/history/dashboard/");
   assert.equal(bellUrl("/ws/notifications/", "read"), "http://localhost/read/notifications/");
+  // ?unread=1 asks hello for the count: kept on the stream, not on the bell's URLs.
+  assert.equal(bellUrl("/ws/notifications/?unread=1", "history"), "http://localhost/history/notifications/");
+  assert.equal(streamUrl("ws://h/ws/notifications/?unread=1", 4, "e"), "ws://h/ws/notifications/?unread=1&last_id=4&epoch=e");
+  assert.equal(streamUrl("ws://h/ws/notifications/?unread=1", null, null, { transport: "sse", token: "t" }), "http://h/sse/notifications/?unread=1&token=t");
   assert.throws(() => bellUrl("ws://h/elsewhere/", "read"), TypeError);
 });
 

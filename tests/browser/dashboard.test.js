@@ -18,7 +18,12 @@
 // terminated, a business committed during the outage still arrives; a tab
 // whose network is cut (a TCP proxy in between drops and refuses connections)
 // shows that it reconnects, then resumes with last_id and shows what was
-// committed meanwhile, once; the read state survives a reload; under `pgrelay
+// committed meanwhile, once; the read state survives a reload; the owner's
+// bell is the same on two devices (browser contexts) at every step: the
+// unread badge, "mark all read", an item marked read by hand and "clear all"
+// in one show in the other without reload, and a reload or a third device
+// restores the same list and badge from the server; more than 99 unread show
+// as "99+" from hello's count on every device; under `pgrelay
 // serve` the page works without demo buttons. A business's own page
 // (/businesses/{id}) shows its owner that business's reservations and updates
 // live, and no other business's, over WebSocket and over Server-Sent Events;
@@ -26,9 +31,10 @@
 // (the browser's EventSource retrying against a refusing proxy) resumes and
 // shows every row inserted meanwhile exactly once.
 // One `pgrelay demo` and one Chromium are shared (before/after); each case
-// opens its tabs in a fresh browser context (its own localStorage: nothing
-// read yet), reads the counts it starts from, and fails on uncaught page
-// errors. Every wait is bounded (15 s), and the demo is stopped with SIGTERM
+// opens its tabs in a fresh browser context (or several: devices), reads the
+// counts it starts from (the bell's read state is the server's, per user:
+// cases that need a known one mark or clear first), and fails on uncaught
+// page errors. Every wait is bounded (15 s), and the demo is stopped with SIGTERM
 // at the end, pass or fail.
 
 import { test, before, after } from "node:test";
@@ -281,6 +287,45 @@ async function insertBusiness(page, name) {
   await expectText(page, "#recent-businesses", new RegExp(name), `recent businesses (${name})`);
 }
 
+/** What the owner's notifications view shows: the badge's text and the listed notes (id, unread), newest first. */
+function ownerBell(page) {
+  return page.evaluate(() => {
+    const b = document.querySelector("#bell-count");
+    return {
+      badge: b.hidden ? "0" : b.textContent,
+      notes: [...document.querySelectorAll("#notification-list li")].map((li) => `${li.dataset.id}${li.classList.contains("unread") ? "*" : ""}`),
+    };
+  });
+}
+
+/**
+ * Waits until every page shows `badge` (text: "3", "99+"; "0" when hidden)
+ * and the same notes, unread the same; returns them. `names` must all be listed.
+ */
+async function expectSameBell(pages, badge, names = []) {
+  const deadline = Date.now() + WAIT;
+  let seen = [];
+  for (;;) {
+    seen = await Promise.all(pages.map(ownerBell));
+    const texts = await Promise.all(pages.map((p) => p.locator("#notification-list").textContent()));
+    const same = seen.every((s) => s.badge === badge && JSON.stringify(s.notes) === JSON.stringify(seen[0].notes));
+    if (same && texts.every((text) => names.every((n) => text.includes(n)))) return seen[0];
+    if (Date.now() > deadline) {
+      const report = pages.map((p, i) => `${p.label}: badge ${seen[i].badge}, notes ${seen[i].notes.slice(0, 12).join(" ")}`).join("\n  ");
+      assert.fail(`the bells differ from badge ${badge}${names.length ? ` with ${names.join(", ")}` : ""}:\n  ${report}`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Clicks one of the bell menu's buttons (#mark-all-read, #clear-all) in `page`, then closes the menu. */
+async function bellAction(page, button) {
+  await page.click("#bell");
+  await page.locator("#bell-menu").waitFor();
+  await page.click(button);
+  await page.keyboard.press("Escape");
+}
+
 // ------------------------------------------------------------------ the cases
 
 let links = null;
@@ -313,31 +358,37 @@ after(async () => {
 });
 
 /**
- * A case: `body({ open, t })` runs with tabs opened by `open(url, label)` in
- * a fresh context of the shared browser, closed afterwards; uncaught errors in
- * its pages fail it.
+ * A case: `body({ open, device, t })` runs with tabs opened by `open(url,
+ * label)` in a fresh context of the shared browser; `device()` makes another
+ * fresh context (another browser: its own storage) and returns its `open`.
+ * All are closed afterwards; uncaught errors in their pages fail the case.
  */
 function scenario(name, body) {
   test(name, { timeout: 120_000 }, async (t) => {
     assert.ok(browser && links, "pgrelay demo and Chromium started (see the before hook)");
-    const context = await browser.newContext({ viewport: { width: 1280, height: 820 } });
-    context.setDefaultTimeout(WAIT);
-    context.setDefaultNavigationTimeout(WAIT);
+    const contexts = [];
     const pageErrors = [];
-    const open = async (url, label) => {
-      const page = await context.newPage();
-      page.label = label;
-      page.on("pageerror", (e) => pageErrors.push(`${label}: ${e.message}`));
-      page.on("console", (m) => { if (m.type() === "error") console.log(`[${label} console] ${m.text()}`); });
-      await page.goto(url);
-      await expectConnected(page);
-      return page;
+    const device = async () => {
+      const context = await browser.newContext({ viewport: { width: 1280, height: 820 } });
+      contexts.push(context);
+      context.setDefaultTimeout(WAIT);
+      context.setDefaultNavigationTimeout(WAIT);
+      return async (url, label) => {
+        const page = await context.newPage();
+        page.label = label;
+        page.on("pageerror", (e) => pageErrors.push(`${label}: ${e.message}`));
+        page.on("console", (m) => { if (m.type() === "error") console.log(`[${label} console] ${m.text()}`); });
+        await page.goto(url);
+        await expectConnected(page);
+        return page;
+      };
     };
     try {
-      await body({ open, t });
+      const open = await device();
+      await body({ open, device, t });
       assert.deepEqual(pageErrors, [], "no uncaught errors in the pages");
     } finally {
-      await context.close().catch(() => {});
+      for (const context of contexts) await context.close().catch(() => {});
     }
   });
 }
@@ -388,7 +439,7 @@ scenario("mark all read clears the badge, in every tab", async ({ open }) => {
   await adminA.click("#mark-all-read");
   await expectBadge(adminA, 0);
   assert.equal(await adminA.locator("#bell-list li.unread").count(), 0, "no unread item left");
-  await expectBadge(adminB, 0); // the read state is shared through localStorage
+  await expectBadge(adminB, 0); // the read state is the server's: its read frame reaches tab B
   await adminA.keyboard.press("Escape");
 });
 
@@ -595,4 +646,76 @@ scenario("over SSE, a business page whose network is cut reconnects and misses n
     proxy.close();
     proxy = null;
   }
+});
+
+scenario("the owner's bell is the server's: the same on two devices, live, and after a reload", async ({ open, device }) => {
+  const phone = await open(links.owner, "owner's phone");
+  const laptop = await (await device())(links.owner, "owner's laptop");
+  // A known start: nothing listed, nothing unread, on both.
+  await bellAction(phone, "#clear-all");
+  await expectSameBell([phone, laptop], "0");
+  assert.equal((await ownerBell(laptop)).notes.length, 0, "cleared: nothing listed");
+
+  const names = ["Two Devices Deli", "Two Devices Diner", "Two Devices Dumplings"];
+  for (const name of names) await newBusiness(name);
+  let bell = await expectSameBell([phone, laptop], "3", names);
+  assert.equal(bell.notes.filter((n) => n.endsWith("*")).length, 3, "three unread, listed on both");
+
+  // Mark all read on the laptop: the phone's badge clears without a reload.
+  await bellAction(laptop, "#mark-all-read");
+  bell = await expectSameBell([phone, laptop], "0", names);
+  assert.equal(bell.notes.length, 3, "read, still listed");
+
+  // Two more; one read by hand on the phone: the laptop follows.
+  const later = [await newBusiness("Two Devices Tapas"), await newBusiness("Two Devices Tavern")];
+  await expectSameBell([phone, laptop], "2", ["Two Devices Tapas", "Two Devices Tavern"]);
+  await phone.click("#bell");
+  await phone.locator("#bell-menu").waitFor();
+  const item = phone.locator(`#bell-list li.unread`).first();
+  const itemId = await item.getAttribute("data-id");
+  await item.locator("button").click();
+  bell = await expectSameBell([phone, laptop], "1");
+  assert.ok(bell.notes.includes(itemId), `#${itemId} read on both: ${bell.notes}`);
+  await phone.keyboard.press("Escape");
+  assert.equal(later.length, 2);
+
+  // A reload, and a third device, restore the same list and badge from the server.
+  await laptop.reload();
+  await expectConnected(laptop);
+  const tablet = await (await device())(links.owner, "owner's tablet");
+  const restored = await expectSameBell([phone, laptop, tablet], "1", [...names, "Two Devices Tavern"]);
+  assert.deepEqual(restored.notes, bell.notes, "the same list, read the same, after a reload and on a new device");
+  await shot(tablet, "browser-bell-devices.png");
+
+  // Clear all on the tablet: every device's list empties.
+  await bellAction(tablet, "#clear-all");
+  await expectSameBell([phone, laptop, tablet], "0");
+  for (const page of [phone, laptop, tablet]) {
+    assert.equal((await ownerBell(page)).notes.length, 0, `${page.label}: cleared`);
+  }
+  await phone.reload();
+  await expectConnected(phone);
+  const fresh = await (await device())(links.owner, "owner's new browser");
+  await expectSameBell([phone, fresh], "0");
+  assert.equal((await ownerBell(fresh)).notes.length, 0, "cleared for good: a new browser lists nothing");
+  // And it goes on: a new notification shows on every device.
+  await newBusiness("Two Devices After Clear");
+  await expectSameBell([phone, laptop, tablet, fresh], "1", ["Two Devices After Clear"]);
+});
+
+scenario("more than 99 unread: 99+ from hello's count, on every device", async ({ open, device }) => {
+  const phone = await open(links.owner, "owner's phone");
+  await bellAction(phone, "#clear-all");
+  await expectSameBell([phone], "0");
+  await sql("INSERT INTO businesses (owner_id, name) SELECT 2, 'Bulk Bakery ' || i FROM generate_series(1, 120) AS i");
+  await expectSameBell([phone], "99+", ["Bulk Bakery 120"]);
+  // A new device loads only the newest page of history: the count is hello's.
+  const laptop = await (await device())(links.owner, "owner's laptop");
+  const bell = await expectSameBell([phone, laptop], "99+", ["Bulk Bakery 120"]);
+  assert.ok(bell.notes.length < 120, `the laptop lists a page, not all: ${bell.notes.length}`);
+  await bellAction(laptop, "#mark-all-read");
+  await expectSameBell([phone, laptop], "0");
+  await laptop.reload();
+  await expectConnected(laptop);
+  await expectSameBell([phone, laptop], "0", ["Bulk Bakery 120"]);
 });
