@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use pgrelay::wire::Transport;
 
 use crate::error::{BenchError, Result};
 use crate::resume;
@@ -30,6 +31,35 @@ pub(crate) enum StreamKind {
     Notifications,
     /// Half dashboard, half notifications.
     Mixed,
+    /// Every socket on /ws/businesses/KEY/ (a super admin), spread over
+    /// --businesses keys; the writers' rows are those businesses'
+    /// reservations and updates, each key getting a share.
+    Business,
+}
+
+/// How the clients read: `/ws/...` or `/sse/...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TransportKind {
+    Websocket,
+    /// Server-Sent Events (GET /sse/..., Accept: text/event-stream).
+    Sse,
+}
+
+impl TransportKind {
+    pub(crate) fn wire(self) -> Transport {
+        match self {
+            TransportKind::Websocket => Transport::WebSocket,
+            TransportKind::Sse => Transport::ServerSentEvents,
+        }
+    }
+
+    /// As the report names it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            TransportKind::Websocket => "websocket",
+            TransportKind::Sse => "sse",
+        }
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -64,6 +94,14 @@ pub(crate) struct Args {
     /// Which endpoint the sockets use.
     #[arg(long, value_enum, default_value_t = StreamKind::Dashboard)]
     pub(crate) stream: StreamKind,
+    /// --stream business: the stream keys (businesses created for the run),
+    /// at most --sockets; socket i opens key i mod N.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) businesses: usize,
+    /// How the clients read (load and resume-storm): WebSocket frames, or
+    /// Server-Sent Events from the same endpoint under /sse/.
+    #[arg(long, value_enum, default_value_t = TransportKind::Websocket)]
+    pub(crate) transport: TransportKind,
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -123,6 +161,16 @@ impl Args {
                 "--storm-handshakes and --storm-concurrency must be at least 1",
             ));
         }
+        if self.businesses == 0 {
+            return Err(BenchError::Usage("--businesses must be at least 1"));
+        }
+        if self.transport == TransportKind::Sse
+            && !matches!(self.scenario, Scenario::Load | Scenario::ResumeStorm)
+        {
+            return Err(BenchError::Usage(
+                "--transport sse is for --scenario load and resume-storm",
+            ));
+        }
         if self.connect_concurrency == 0 {
             return Err(BenchError::Usage(
                 "--connect-concurrency must be at least 1",
@@ -150,12 +198,39 @@ impl Args {
         Ok(())
     }
 
-    /// (dashboard sockets, notification sockets).
+    /// (dashboard sockets, notification sockets); business sockets are
+    /// the rest.
     pub(crate) fn split(&self) -> (usize, usize) {
         match self.stream {
             StreamKind::Dashboard => (self.sockets, 0),
+            StreamKind::Business => (0, 0),
             StreamKind::Notifications => (0, self.sockets),
             StreamKind::Mixed => (self.sockets - self.sockets / 2, self.sockets / 2),
+        }
+    }
+
+    /// `N sockets over T (what they open)`, the reports' first words.
+    pub(crate) fn sockets_line(&self) -> String {
+        let (dashboards, notifications) = self.split();
+        let what = match self.stream_keys() {
+            0 => format!("{dashboards} dashboard, {notifications} notifications"),
+            keys => format!(
+                "businesses stream over {keys} keys, {:.1} sockets a key",
+                self.sockets as f64 / keys as f64
+            ),
+        };
+        format!(
+            "{} sockets over {} ({what})",
+            self.sockets,
+            self.transport.name()
+        )
+    }
+
+    /// --stream business: the keys the sockets spread over (0 otherwise).
+    pub(crate) fn stream_keys(&self) -> usize {
+        match self.stream {
+            StreamKind::Business => self.businesses.min(self.sockets),
+            _ => 0,
         }
     }
 }

@@ -1,7 +1,9 @@
-//! The WebSocket client the scenarios run by the thousand: the handshake by
+//! The client the scenarios run by the thousand: the WebSocket handshake by
 //! hand (the token in `Authorization`, the `hello` frame), the read loop,
 //! and one client's whole life (first connect, reading, resuming losslessly
 //! from its last id after a close) with what it received kept as id ranges.
+//! With `--transport sse` the same client reads the endpoint's event stream
+//! instead ([`crate::sse`]): the same frames, resumed with `Last-Event-ID`.
 //!
 //! A client costs little: a 4 KiB read buffer, no write buffer, frames read
 //! by [`crate::frame`] without deserialising them.
@@ -20,6 +22,7 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use hyper_tungstenite::tungstenite::Message;
 use hyper_tungstenite::WebSocketStream;
+use pgrelay::wire::Transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -27,8 +30,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{BenchError, Result};
+use crate::expected::Audience;
 use crate::frame::{self, find, Frame};
 use crate::server::Server;
+use crate::sse::{self, SseStream};
 use crate::stats::{count_delivery, lock, Window};
 
 pub(crate) type Ws = WebSocketStream<TcpStream>;
@@ -36,16 +41,17 @@ pub(crate) type Ws = WebSocketStream<TcpStream>;
 /// What every client shares.
 pub(crate) struct Ctx {
     addr: SocketAddr,
-    host: String,
+    pub(crate) host: String,
+    transport: Transport,
     ws_config: WebSocketConfig,
     connect_gate: Semaphore,
     pub(crate) stop: CancellationToken,
     pub(crate) connected: AtomicUsize,
     pub(crate) failed: AtomicUsize,
     first_errors: Mutex<Vec<String>>,
-    /// (dashboard, user, hello.last_id) of every connected client, for the
-    /// drain target.
-    pub(crate) hellos: Mutex<Vec<(bool, String, i64)>>,
+    /// (audience, hello.last_id) of every connected client, for the drain
+    /// target.
+    pub(crate) hellos: Mutex<Vec<(Audience, i64)>>,
     pub(crate) window: Window,
 }
 
@@ -54,6 +60,7 @@ impl Ctx {
         Ctx {
             addr: server.addr,
             host: server.host.clone(),
+            transport: Transport::WebSocket,
             // Small buffers: 10,000 sockets must fit in the bench comfortably.
             ws_config: WebSocketConfig::default()
                 .read_buffer_size(4 * 1024)
@@ -70,15 +77,19 @@ impl Ctx {
         }
     }
 
+    /// The clients read over `transport` (WebSocket unless said).
+    pub(crate) fn over(self, transport: Transport) -> Ctx {
+        Ctx { transport, ..self }
+    }
+
     /// The lowest `hello.last_id` of the connected clients (`none` if none).
     pub(crate) fn min_hello(&self, none: i64) -> i64 {
-        lock(&self.hellos).iter().map(|h| h.2).min().unwrap_or(none)
+        lock(&self.hellos).iter().map(|h| h.1).min().unwrap_or(none)
     }
 }
 
 pub(crate) struct ClientSpec {
-    pub(crate) dashboard: bool,
-    pub(crate) user: String,
+    pub(crate) audience: Audience,
     token: String,
 }
 
@@ -87,17 +98,28 @@ impl ClientSpec {
     pub(crate) fn user(secret: &str, user: &str) -> Result<ClientSpec> {
         let token = pgrelay::auth::mint(secret, user, None, TOKEN_TTL)?;
         Ok(ClientSpec {
-            dashboard: false,
-            user: user.to_owned(),
+            audience: Audience::User(user.to_owned()),
             token,
         })
     }
 
-    fn path(&self) -> &'static str {
-        if self.dashboard {
-            "/ws/dashboard/"
-        } else {
-            "/ws/notifications/"
+    /// Super admin number `i` (user 1,000,001 + i) on `audience`.
+    fn super_admin(secret: &str, i: usize, audience: Audience) -> Result<ClientSpec> {
+        let user = (1_000_001 + i).to_string();
+        let token = pgrelay::auth::mint(secret, &user, Some("super_admin"), TOKEN_TTL)?;
+        Ok(ClientSpec { audience, token })
+    }
+
+    /// The endpoint's path over `transport`.
+    fn path(&self, transport: Transport) -> String {
+        let prefix = match transport {
+            Transport::WebSocket => "/ws",
+            Transport::ServerSentEvents => "/sse",
+        };
+        match &self.audience {
+            Audience::Dashboard => format!("{prefix}/dashboard/"),
+            Audience::User(_) => format!("{prefix}/notifications/"),
+            Audience::Business(key) => format!("{prefix}/businesses/{key}/"),
         }
     }
 }
@@ -113,13 +135,7 @@ pub(crate) fn client_specs(
 ) -> Result<Vec<ClientSpec>> {
     let mut specs = Vec::with_capacity(dashboards + notifications);
     for i in 0..dashboards {
-        let user = (1_000_001 + i).to_string();
-        let token = pgrelay::auth::mint(secret, &user, Some("super_admin"), TOKEN_TTL)?;
-        specs.push(ClientSpec {
-            dashboard: true,
-            user,
-            token,
-        });
+        specs.push(ClientSpec::super_admin(secret, i, Audience::Dashboard)?);
     }
     for i in 0..notifications {
         specs.push(ClientSpec::user(secret, &(1 + i).to_string())?);
@@ -127,11 +143,24 @@ pub(crate) fn client_specs(
     Ok(specs)
 }
 
+/// `sockets` business-stream clients, super admins each with its own
+/// token; client i opens `keys[i % keys.len()]`.
+pub(crate) fn business_specs(
+    secret: &str,
+    sockets: usize,
+    keys: &[i64],
+) -> Result<Vec<ClientSpec>> {
+    (0..sockets)
+        .map(|i| {
+            let key = keys[i % keys.len().max(1)].to_string();
+            ClientSpec::super_admin(secret, i, Audience::Business(key))
+        })
+        .collect()
+}
+
 /// One client's account of the run.
-#[derive(Default)]
 pub(crate) struct ClientReport {
-    pub(crate) dashboard: bool,
-    pub(crate) user: String,
+    pub(crate) audience: Audience,
     pub(crate) connected: bool,
     pub(crate) error: Option<String>,
     /// `hello.last_id` of the first connection: everything routed to this
@@ -149,6 +178,21 @@ pub(crate) struct ClientReport {
 }
 
 impl ClientReport {
+    fn new(audience: Audience) -> ClientReport {
+        ClientReport {
+            audience,
+            connected: false,
+            error: None,
+            hello_last_id: 0,
+            ranges: Vec::new(),
+            received: 0,
+            duplicates: 0,
+            resets: 0,
+            reconnects: 0,
+            closes: Vec::new(),
+        }
+    }
+
     fn on_text(&mut self, frame: &[u8], ctx: &Ctx) {
         let (id, rest) = match Frame::parse(frame) {
             Frame::Event { id, rest } => (id, rest),
@@ -243,12 +287,8 @@ pub(crate) async fn client<W: Watch>(
     ctx: Arc<Ctx>,
     mut watch: W,
 ) -> (ClientReport, W) {
-    let mut report = ClientReport {
-        dashboard: spec.dashboard,
-        user: spec.user.clone(),
-        ..ClientReport::default()
-    };
-    let (mut ws, hello) = match first_connect(&ctx, &spec).await {
+    let mut report = ClientReport::new(spec.audience.clone());
+    let (mut link, hello) = match first_connect(&ctx, &spec).await {
         Ok(ok) => ok,
         Err(e) => {
             report.error = Some(e.to_string());
@@ -258,14 +298,14 @@ pub(crate) async fn client<W: Watch>(
     report.connected = true;
     report.hello_last_id = hello.last_id;
     let epoch = hello.epoch;
-    lock(&ctx.hellos).push((spec.dashboard, spec.user.clone(), hello.last_id));
+    lock(&ctx.hellos).push((spec.audience.clone(), hello.last_id));
     ctx.connected.fetch_add(1, Relaxed);
 
     loop {
         let outcome = tokio::select! {
             biased;
             _ = ctx.stop.cancelled() => Outcome::Stop,
-            outcome = read_loop(&mut ws, |text| {
+            outcome = link.read(|text| {
                 report.on_text(text, &ctx);
                 watch.on_frame(&report);
                 ControlFlow::Continue(())
@@ -273,7 +313,7 @@ pub(crate) async fn client<W: Watch>(
         };
         match outcome {
             Outcome::Stop => {
-                close_normally(&mut ws).await;
+                link.close().await;
                 watch.stopped();
                 return (report, watch);
             }
@@ -288,12 +328,15 @@ pub(crate) async fn client<W: Watch>(
             return (report, watch);
         };
         let began = Instant::now();
-        ws = loop {
+        link = loop {
             watch.attempting(attempt);
             attempt += 1;
-            let resumed = connect_gated(&ctx, &spec, Some((report.last_id(), &epoch))).await;
+            let resumed = {
+                let _permit = ctx.connect_gate.acquire().await;
+                Box::pin(open(&ctx, &spec, Some((report.last_id(), &epoch)))).await
+            };
             let e = match resumed {
-                Ok((ws, _hello)) => break ws,
+                Ok((link, _hello)) => break link,
                 Err(e) => e.to_string(),
             };
             let wait = if ctx.stop.is_cancelled() {
@@ -365,14 +408,14 @@ pub(crate) async fn finish<T>(ctx: &Ctx, handles: Vec<JoinHandle<T>>) -> Result<
 /// A client's first handshake, through the connect gate, retried a few
 /// times when the connection itself fails (a full backlog), never when it is
 /// refused; a failure is counted and its text kept (the first five).
-async fn first_connect(ctx: &Ctx, spec: &ClientSpec) -> Result<(Ws, Hello)> {
+async fn first_connect(ctx: &Ctx, spec: &ClientSpec) -> Result<(Link, Hello)> {
     let _permit = ctx.connect_gate.acquire().await;
     let mut attempt = 0;
     let first = loop {
         attempt += 1;
         // Boxed: the handshake's state would otherwise sit in every
         // client's task for the whole run.
-        match Box::pin(connect(ctx, spec, None)).await {
+        match Box::pin(open(ctx, spec, None)).await {
             Ok(ok) => break Ok(ok),
             // Refusals are final; a connect error may be a full backlog.
             Err(e) if attempt < 5 && !e.is_refusal() => {
@@ -390,6 +433,47 @@ async fn first_connect(ctx: &Ctx, spec: &ClientSpec) -> Result<(Ws, Hello)> {
         ctx.failed.fetch_add(1, Relaxed);
     }
     first
+}
+
+/// A client's connection: a WebSocket, or an SSE response being read.
+pub(crate) enum Link {
+    Ws(Ws),
+    Sse(SseStream),
+}
+
+impl Link {
+    /// Reads until the connection ends or `on_text` breaks, handing it each
+    /// frame (an SSE event's data).
+    async fn read(&mut self, on_text: impl FnMut(&[u8]) -> ControlFlow<()>) -> Outcome {
+        match self {
+            Link::Ws(ws) => read_loop(ws, on_text).await,
+            Link::Sse(stream) => stream.read_loop(on_text).await,
+        }
+    }
+
+    /// Ends the connection from our side: a close handshake, or for an
+    /// event stream the connection dropped.
+    async fn close(&mut self) {
+        if let Link::Ws(ws) = self {
+            close_normally(ws).await;
+        }
+    }
+}
+
+/// Connects over the run's transport: the connection and its `hello`.
+async fn open(ctx: &Ctx, spec: &ClientSpec, resume: Option<(i64, &str)>) -> Result<(Link, Hello)> {
+    match ctx.transport {
+        Transport::WebSocket => {
+            let (ws, hello) = connect(ctx, spec, resume).await?;
+            Ok((Link::Ws(ws), hello))
+        }
+        Transport::ServerSentEvents => {
+            let path = spec.path(Transport::ServerSentEvents);
+            let (stream, hello) =
+                within_handshake_timeout(sse::connect(ctx, &path, &spec.token, resume)).await?;
+            Ok((Link::Sse(stream), hello))
+        }
+    }
 }
 
 /// Reads frames until the socket ends or `on_text` breaks, handing each text
@@ -440,6 +524,81 @@ pub(crate) struct Hello {
     pub(crate) epoch: String,
 }
 
+impl Hello {
+    /// The first frame, which must be `hello`.
+    pub(crate) fn parse(text: &[u8]) -> Result<Hello> {
+        let text = String::from_utf8_lossy(text);
+        let hello: Hello = serde_json::from_str(&text)
+            .map_err(|e| BenchError::run(format!("first frame is not hello: {e}: {text}")))?;
+        if hello.kind != "hello" {
+            return Err(BenchError::run(format!("first frame is not hello: {text}")));
+        }
+        Ok(hello)
+    }
+}
+
+/// A handshake, bounded: 15 s.
+async fn within_handshake_timeout<T>(handshake: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(Duration::from_secs(15), handshake)
+        .await
+        .map_err(|_| BenchError::run("handshake timed out after 15 s"))?
+}
+
+/// TCP connect, `request` sent: the stream, the response head (checked
+/// to have status `want`, else a refusal with the body's start) and the
+/// bytes read after it.
+pub(crate) async fn request(
+    ctx: &Ctx,
+    request: &str,
+    want: &str,
+) -> Result<(TcpStream, String, Vec<u8>)> {
+    let mut stream = TcpStream::connect(ctx.addr)
+        .await
+        .map_err(BenchError::io(format!("connect {}", ctx.addr)))?;
+    let _ = stream.set_nodelay(true);
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(BenchError::io("sending the request"))?;
+    let mut buf = Vec::with_capacity(512);
+    let end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 16 * 1024 {
+            return Err(BenchError::run("response headers over 16 KiB"));
+        }
+        let mut chunk = [0u8; 1024];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(BenchError::io("reading the response"))?;
+        if n == 0 {
+            return Err(BenchError::run("connection closed before the response"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let status = head.split(' ').nth(1).unwrap_or("?");
+    if status != want {
+        let body = String::from_utf8_lossy(&buf[end..]);
+        return Err(BenchError::Refused {
+            status: status.to_owned(),
+            body: body.trim().to_owned(),
+        });
+    }
+    buf.drain(..end);
+    Ok((stream, head, buf))
+}
+
+/// The value of header `name` in a response head.
+pub(crate) fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (n, value) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
 /// Through the connect gate: TCP connect, the HTTP upgrade and `hello`.
 pub(crate) async fn connect_gated(
     ctx: &Ctx,
@@ -458,79 +617,34 @@ pub(crate) async fn connect(
     resume: Option<(i64, &str)>,
 ) -> Result<(Ws, Hello)> {
     let handshake = async {
-        let mut stream = TcpStream::connect(ctx.addr)
-            .await
-            .map_err(BenchError::io(format!("connect {}", ctx.addr)))?;
-        let _ = stream.set_nodelay(true);
         let key = generate_key();
         let path = match resume {
-            None => spec.path().to_owned(),
-            Some((last_id, epoch)) => format!("{}?last_id={last_id}&epoch={epoch}", spec.path()),
+            None => spec.path(Transport::WebSocket),
+            Some((last_id, epoch)) => format!(
+                "{}?last_id={last_id}&epoch={epoch}",
+                spec.path(Transport::WebSocket)
+            ),
         };
-        let request = format!(
+        let upgrade = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
              Authorization: Bearer {token}\r\n\r\n",
             host = ctx.host,
             token = spec.token,
         );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(BenchError::io("sending the upgrade request"))?;
-        let mut buf = Vec::with_capacity(512);
-        let end = loop {
-            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                break i + 4;
-            }
-            if buf.len() > 16 * 1024 {
-                return Err(BenchError::run("upgrade response headers over 16 KiB"));
-            }
-            let mut chunk = [0u8; 1024];
-            let n = stream
-                .read(&mut chunk)
-                .await
-                .map_err(BenchError::io("reading the upgrade response"))?;
-            if n == 0 {
-                return Err(BenchError::run("connection closed during the upgrade"));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let status = head.split(' ').nth(1).unwrap_or("?");
-        if status != "101" {
-            let body = String::from_utf8_lossy(&buf[end..]);
-            return Err(BenchError::Refused {
-                status: status.to_owned(),
-                body: body.trim().to_owned(),
-            });
-        }
+        let (stream, head, rest) = request(ctx, &upgrade, "101").await?;
         let accept = derive_accept_key(key.as_bytes());
-        let accepted = head.lines().any(|line| {
-            line.split_once(':').is_some_and(|(name, value)| {
-                name.eq_ignore_ascii_case("sec-websocket-accept") && value.trim() == accept
-            })
-        });
-        if !accepted {
+        if header(&head, "sec-websocket-accept") != Some(accept.as_str()) {
             return Err(BenchError::run(
                 "upgrade response lacks the right Sec-WebSocket-Accept",
             ));
         }
-        let rest = buf[end..].to_vec();
         let mut ws =
             WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(ctx.ws_config))
                 .await;
         let hello = loop {
             match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    let hello: Hello = serde_json::from_str(&text).map_err(|e| {
-                        BenchError::run(format!("first frame is not hello: {e}: {text}"))
-                    })?;
-                    if hello.kind != "hello" {
-                        return Err(BenchError::run(format!("first frame is not hello: {text}")));
-                    }
-                    break hello;
-                }
+                Some(Ok(Message::Text(text))) => break Hello::parse(text.as_bytes())?,
                 Some(Ok(Message::Close(frame))) => {
                     return Err(BenchError::run(format!("closed before hello: {frame:?}")));
                 }
@@ -546,7 +660,53 @@ pub(crate) async fn connect(
         };
         Ok((ws, hello))
     };
-    tokio::time::timeout(Duration::from_secs(15), handshake)
-        .await
-        .map_err(|_| BenchError::run("handshake timed out after 15 s"))?
+    within_handshake_timeout(handshake).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_follow_the_transport_and_keys_spread() {
+        let specs = business_specs("secret", 5, &[42, 43]).expect("specs");
+        let paths: Vec<_> = specs
+            .iter()
+            .map(|s| s.path(Transport::ServerSentEvents))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/sse/businesses/42/",
+                "/sse/businesses/43/",
+                "/sse/businesses/42/",
+                "/sse/businesses/43/",
+                "/sse/businesses/42/"
+            ]
+        );
+        let specs = client_specs("secret", 1, 1).expect("specs");
+        assert_eq!(specs[0].path(Transport::WebSocket), "/ws/dashboard/");
+        assert_eq!(specs[1].path(Transport::WebSocket), "/ws/notifications/");
+        assert_eq!(specs[1].audience, Audience::User("1".into()));
+        // Every path is one pgrelay's own router takes for that endpoint.
+        let streams: Vec<pgrelay::route::Stream> = vec![
+            "businesses=business_events:id,reservation_events:business_id"
+                .parse()
+                .expect("stream"),
+        ];
+        let endpoint = pgrelay::wire::Endpoint::from_path("/sse/businesses/42/", &streams);
+        assert!(matches!(
+            endpoint,
+            Some((Transport::ServerSentEvents, pgrelay::wire::Endpoint::Stream { key, .. })) if key == "42"
+        ));
+    }
+
+    #[test]
+    fn response_headers() {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                    transfer-encoding: chunked\r\n\r\n";
+        assert_eq!(header(head, "content-type"), Some("text/event-stream"));
+        assert_eq!(header(head, "Transfer-Encoding"), Some("chunked"));
+        assert_eq!(header(head, "content-length"), None);
+    }
 }

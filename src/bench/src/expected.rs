@@ -2,18 +2,59 @@
 //! reads `pgrelay.events` for the run's id range, routes each row with the
 //! default routes (`business_events=dashboard,user:owner_id`,
 //! `reservation_events=dashboard,user:business_owner_id,user:customer_id`)
-//! and compares, per client, what it got with what it should have got.
+//! and the default stream (`businesses=business_events:id,
+//! reservation_events:business_id`), and compares, per client, what it got
+//! with what it should have got.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::client::ClientReport;
 use crate::error::{BenchError, Result};
 
-/// The deliveries the log says should happen, routed with the default routes.
-pub(crate) struct Expected {
-    dashboard: Vec<i64>,
-    users: HashMap<String, Vec<i64>>,
+/// What a client's endpoint receives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Audience {
+    /// `/ws/dashboard/`: every routed event.
+    Dashboard,
+    /// `/ws/notifications/` of this user.
+    User(String),
+    /// `/ws/businesses/KEY/`: this business's own rows and its reservations.
+    Business(String),
 }
+
+/// The payload fields the default routes and stream read, in this order.
+const FIELDS: [&str; 5] = [
+    "owner_id",
+    "business_owner_id",
+    "customer_id",
+    "id",
+    "business_id",
+];
+
+/// Where the default routes and stream send an event on `channel` whose
+/// payload has `fields` (as [`FIELDS`] names them, as text): nowhere for
+/// another channel. A user named twice gets it once.
+fn route(channel: &str, fields: [Option<&str>; 5]) -> Vec<Audience> {
+    let [owner, business_owner, customer, id, business] = fields;
+    let (users, key) = match channel {
+        "business_events" => (vec![owner], id),
+        "reservation_events" => (vec![business_owner, customer], business),
+        _ => return Vec::new(),
+    };
+    let mut audiences = vec![Audience::Dashboard];
+    for user in users.into_iter().flatten() {
+        let user = Audience::User(user.to_owned());
+        if !audiences.contains(&user) {
+            audiences.push(user);
+        }
+    }
+    audiences.extend(key.map(|k| Audience::Business(k.to_owned())));
+    audiences
+}
+
+/// The deliveries the log says should happen, routed with the default
+/// routes and stream: each audience's ids, ascending.
+pub(crate) struct Expected(HashMap<Audience, Vec<i64>>);
 
 impl Expected {
     pub(crate) async fn load(
@@ -21,36 +62,23 @@ impl Expected {
         after: i64,
         upto: i64,
     ) -> Result<Expected> {
+        let fields = FIELDS.map(|f| format!("payload->>'{f}'")).join(", ");
         let rows = db
             .query(
-                "SELECT id, channel, payload->>'owner_id', payload->>'business_owner_id', \
-                        payload->>'customer_id' \
-                 FROM pgrelay.events WHERE id > $1 AND id <= $2 ORDER BY id",
+                &format!(
+                    "SELECT id, channel, {fields} FROM pgrelay.events \
+                     WHERE id > $1 AND id <= $2 ORDER BY id"
+                ),
                 &[&after.min(upto), &upto],
             )
             .await
             .map_err(BenchError::sql("reading pgrelay.events"))?;
-        let mut expected = Expected {
-            dashboard: Vec::with_capacity(rows.len()),
-            users: HashMap::new(),
-        };
+        let mut expected = Expected(HashMap::new());
         for row in rows {
             let id: i64 = row.get(0);
-            let channel: &str = row.get(1);
-            let fields: &[usize] = match channel {
-                "business_events" => &[2],
-                "reservation_events" => &[3, 4],
-                _ => continue,
-            };
-            expected.dashboard.push(id);
-            let mut seen: Vec<String> = Vec::new();
-            for &field in fields {
-                if let Some(user) = row.get::<_, Option<String>>(field) {
-                    if !seen.contains(&user) {
-                        expected.users.entry(user.clone()).or_default().push(id);
-                        seen.push(user);
-                    }
-                }
+            let fields: [Option<&str>; 5] = std::array::from_fn(|i| row.get(i + 2));
+            for audience in route(row.get(1), fields) {
+                expected.0.entry(audience).or_default().push(id);
             }
         }
         Ok(expected)
@@ -65,17 +93,18 @@ impl Expected {
             .get(0))
     }
 
-    pub(crate) fn ids(&self, dashboard: bool, user: &str) -> &[i64] {
-        if dashboard {
-            &self.dashboard
-        } else {
-            self.users.get(user).map_or(&[], Vec::as_slice)
-        }
+    pub(crate) fn ids(&self, audience: &Audience) -> &[i64] {
+        self.0.get(audience).map_or(&[], Vec::as_slice)
+    }
+
+    /// A user's notifications.
+    pub(crate) fn user_ids(&self, user: &str) -> &[i64] {
+        self.ids(&Audience::User(user.to_owned()))
     }
 
     /// The ids a client should get: routed to it and above its `hello`.
-    pub(crate) fn slice(&self, dashboard: bool, user: &str, hello: i64) -> &[i64] {
-        let ids = self.ids(dashboard, user);
+    pub(crate) fn slice(&self, audience: &Audience, hello: i64) -> &[i64] {
+        let ids = self.ids(audience);
         &ids[ids.partition_point(|&id| id <= hello)..]
     }
 
@@ -83,13 +112,13 @@ impl Expected {
         if !r.connected {
             return &[];
         }
-        self.slice(r.dashboard, &r.user, r.hello_last_id)
+        self.slice(&r.audience, r.hello_last_id)
     }
 
-    pub(crate) fn total(&self, clients: &[(bool, String, i64)]) -> u64 {
+    pub(crate) fn total(&self, clients: &[(Audience, i64)]) -> u64 {
         clients
             .iter()
-            .map(|(dashboard, user, hello)| self.slice(*dashboard, user, *hello).len() as u64)
+            .map(|(audience, hello)| self.slice(audience, *hello).len() as u64)
             .sum()
     }
 }
@@ -172,5 +201,52 @@ mod tests {
         assert_eq!(compare(&[2, 4], &[(2, 4)], 10), (2, 1));
         assert_eq!(compare(&[2, 4], &[(2, 2), (4, 12)], 10), (2, 6));
         assert_eq!(compare(&[], &[], 10), (0, 0));
+    }
+
+    fn user(u: &str) -> Audience {
+        Audience::User(u.into())
+    }
+
+    fn business(k: &str) -> Audience {
+        Audience::Business(k.into())
+    }
+
+    #[test]
+    fn routing_like_the_default_routes_and_stream() {
+        // A business row: the dashboard, its owner, and its own key (`id`).
+        assert_eq!(
+            route("business_events", [Some("1"), None, None, Some("42"), None]),
+            [Audience::Dashboard, user("1"), business("42")]
+        );
+        // A reservation: the business's owner, the customer, the business's key.
+        assert_eq!(
+            route(
+                "reservation_events",
+                [Some("9"), Some("1"), Some("2"), Some("7"), Some("42")]
+            ),
+            [Audience::Dashboard, user("1"), user("2"), business("42")]
+        );
+        // The owner booking their own business hears of it once.
+        assert_eq!(
+            route(
+                "reservation_events",
+                [None, Some("1"), Some("1"), Some("7"), Some("42")]
+            ),
+            [Audience::Dashboard, user("1"), business("42")]
+        );
+        assert_eq!(
+            route("business_events", [None, None, None, None, None]),
+            [Audience::Dashboard]
+        );
+        assert!(route("other_events", [Some("1"); 5]).is_empty());
+    }
+
+    #[test]
+    fn slices_start_above_hello() {
+        let mut e = Expected(HashMap::new());
+        e.0.insert(business("42"), vec![3, 5, 8]);
+        assert_eq!(e.slice(&business("42"), 4), [5, 8]);
+        assert_eq!(e.slice(&business("43"), 0), [] as [i64; 0]);
+        assert_eq!(e.total(&[(business("42"), 0), (business("42"), 5)]), 4);
     }
 }

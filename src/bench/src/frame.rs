@@ -8,6 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const EVENT_PREFIX: &[u8] = br#"{"type":"event","id":"#;
 const RESET_PREFIX: &[u8] = br#"{"type":"reset""#;
 const AT_KEY: &[u8] = br#""at":""#;
+/// An SSE `event: close`'s data starts with this (wire.rs sorts its keys).
+const CLOSE_PREFIX: &[u8] = br#"{"code":"#;
 
 /// What a text frame is, as far as the bench cares.
 #[derive(Debug, PartialEq)]
@@ -38,6 +40,12 @@ impl Frame<'_> {
 /// its id.
 pub(crate) fn at_us(rest: &[u8]) -> Option<i64> {
     find(rest, AT_KEY).and_then(|i| parse_at_us(&rest[i + AT_KEY.len()..]))
+}
+
+/// The code of an SSE `event: close`'s data (`{"code":4008,...}`).
+pub(crate) fn close_code(data: &[u8]) -> Option<u16> {
+    let (code, _) = parse_int(data.strip_prefix(CLOSE_PREFIX)?)?;
+    u16::try_from(code).ok()
 }
 
 pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -117,5 +125,13 @@ mod tests {
         );
         assert_eq!(Frame::parse(br#"{"type":"event","id":x}"#), Frame::Other);
         assert_eq!(Frame::parse(br#"{"type":"hello"}"#), Frame::Other);
+    }
+
+    #[test]
+    fn close_codes() {
+        let close = pgrelay::wire::close_frame(pgrelay::wire::Close::TooSlow, "too slow");
+        assert_eq!(close_code(close.as_bytes()), Some(4008));
+        assert_eq!(close_code(br#"{"code":99999,"reason":""}"#), None);
+        assert_eq!(close_code(br#"{"type":"close"}"#), None);
     }
 }

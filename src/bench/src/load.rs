@@ -17,12 +17,13 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::args::Args;
-use crate::client::{self, all_connected, client_specs, ClientReport, Ctx, Plain};
+use crate::client::{self, all_connected, ClientReport, Ctx, Plain};
 use crate::error::Result;
 use crate::expected::{Expected, Tally};
 use crate::procfs::{mib, proc_sample};
 use crate::server::{connect_db, Server, Shutdown};
 use crate::stats::{codes_json, codes_line, delivered_total, drain, latency_merged, lock, ms, row};
+use crate::workload::{workload, Workload};
 use crate::writer::{WriterCounts, Writers};
 
 /// The drain ends after this long without any delivery.
@@ -30,9 +31,10 @@ const DRAIN_QUIET: Duration = Duration::from_secs(5);
 
 pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
     let (dashboards, notifications) = args.split();
-    let owners = notifications.max(1) as u64;
-    let specs = client_specs(&server.secret, dashboards, notifications)?;
-    let ctx = Arc::new(Ctx::new(server, args.connect_concurrency, args.sockets));
+    let Workload { specs, rows } = workload(args, server).await?;
+    let ctx = Arc::new(
+        Ctx::new(server, args.connect_concurrency, args.sockets).over(args.transport.wire()),
+    );
     let counts = Arc::new(WriterCounts::default());
     let progress = Arc::new(Progress {
         phase: Mutex::new(Phase::Connect),
@@ -68,7 +70,7 @@ pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
     // Writers: connect first, then start the clock.
     let (start, writer_tasks) = Writers::connect(&server.database, args.writers)
         .await?
-        .start(args.rate, args.warmup + args.duration, owners, &counts);
+        .start(args.rate, args.warmup + args.duration, &rows, &counts);
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
     *lock(&progress.phase) = Phase::Warmup;
@@ -279,10 +281,8 @@ impl Report {
         let w = self.window_s.max(f64::EPSILON);
         let _ = writeln!(
             t,
-            "pgrelay-bench: {} sockets ({} dashboard, {} notifications), {} rows/s for {} (warm-up {}), {} writer connections",
-            args.sockets,
-            self.dashboards,
-            self.notifications,
+            "pgrelay-bench: {}, {} rows/s for {} (warm-up {}), {} writer connections",
+            args.sockets_line(),
             args.rate,
             humantime::format_duration(args.duration),
             humantime::format_duration(args.warmup),
@@ -485,6 +485,8 @@ impl Report {
             "dashboard_sockets": self.dashboards,
             "notification_sockets": self.notifications,
             "stream": format!("{:?}", args.stream).to_lowercase(),
+            "stream_keys": args.stream_keys(),
+            "transport": args.transport.name(),
             "rate": args.rate,
             "duration_s": args.duration.as_secs_f64(),
             "warmup_s": args.warmup.as_secs_f64(),

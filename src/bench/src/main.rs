@@ -1,9 +1,11 @@
 //! `pgrelay-bench`: the load generator of DESIGN.md's "Performance" section.
 //!
-//! It opens N WebSocket clients with minted tokens (dashboard, per-user
-//! notifications, or half of each), inserts rows into `businesses` at rate R
-//! for D seconds through real transactions (one row per transaction, spread
-//! over several connections), and reports deliveries/s, commit-to-receipt
+//! It opens N WebSocket (or, with `--transport sse`, Server-Sent Events)
+//! clients with minted tokens (dashboard, per-user notifications, half of
+//! each, or business stream keys), inserts rows at rate R (new businesses,
+//! or the stream keys' reservations and updates) for D seconds through real
+//! transactions (one row per transaction, spread over several
+//! connections), and reports deliveries/s, commit-to-receipt
 //! latency (p50/p99/p99.9/max, an HDR histogram), lost, duplicated and
 //! misrouted deliveries, and the pgrelay process's peak RSS and CPU seconds.
 //!
@@ -34,6 +36,7 @@ use crate::server::Server;
 mod args;
 mod client;
 mod error;
+mod eventstream;
 mod expected;
 mod frame;
 mod handshake_storm;
@@ -41,7 +44,9 @@ mod load;
 mod procfs;
 mod resume;
 mod server;
+mod sse;
 mod stats;
+mod workload;
 mod writer;
 
 fn main() -> ExitCode {

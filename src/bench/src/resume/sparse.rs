@@ -352,7 +352,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
     let expected = Expected::load(&db, 0, head).await?;
     for i in 0..layout.sparse_users {
         let user = (SPARSE_BASE + i).to_string();
-        if expected.ids(false, &user) != layout.sparse_ids(i).as_slice() {
+        if expected.user_ids(&user) != layout.sparse_ids(i).as_slice() {
             return Err(BenchError::run(format!(
                 "the filled log does not match its layout for user {user}"
             )));
@@ -382,7 +382,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
             let r = resume_until(&ctx, &spec, from, &epoch, want, began + a.resume_timeout).await;
             let rows = replay_rows_since(server, rows_before).await;
             let want_ids: Vec<i64> = expected
-                .ids(false, &user.to_string())
+                .user_ids(&user.to_string())
                 .iter()
                 .copied()
                 .filter(|&id| id > from)
@@ -476,7 +476,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
             completed += 1;
             times.push(millis(done - began));
         }
-        if r.ids != expected.ids(false, &user) {
+        if r.ids != expected.user_ids(&user) {
             wrong += 1;
         }
         if let Some(e) = &r.error {

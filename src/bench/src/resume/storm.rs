@@ -14,12 +14,13 @@ use tokio::sync::watch;
 
 use super::{backoff, replay_rows, replay_rows_since};
 use crate::args::Args;
-use crate::client::{all_connected, client, client_specs, finish, ClientReport, Ctx, Watch};
+use crate::client::{all_connected, client, finish, ClientReport, Ctx, Watch};
 use crate::error::{BenchError, Result};
 use crate::expected::{Expected, Tally};
 use crate::procfs::{mib, proc_sample, Load};
 use crate::server::{connect_db, Server};
 use crate::stats::{codes_json, codes_line, delivered_total, drain, lock};
+use crate::workload::{workload, Workload};
 use crate::writer::{insert_rows, paced_rows};
 
 /// The last line of the table.
@@ -156,9 +157,8 @@ impl Watch for StormWatch {
         if catch.target.is_none() {
             // First handshake since the restart: this client's goal.
             let expected = storm.expected.get();
-            let slice = expected.map_or(&[][..], |e| {
-                e.slice(report.dashboard, &report.user, report.hello_last_id)
-            });
+            let slice =
+                expected.map_or(&[][..], |e| e.slice(&report.audience, report.hello_last_id));
             catch.target = Some(slice.last().copied().unwrap_or(0));
         }
         catch.hello_at = Some(Instant::now());
@@ -180,9 +180,10 @@ impl Watch for StormWatch {
 
 pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
     let (dashboards, notifications) = args.split();
-    let owners = notifications.max(1) as u64;
-    let specs = client_specs(&server.secret, dashboards, notifications)?;
-    let ctx = Arc::new(Ctx::new(server, args.connect_concurrency, args.sockets));
+    let Workload { specs, rows } = workload(args, server).await?;
+    let ctx = Arc::new(
+        Ctx::new(server, args.connect_concurrency, args.sockets).over(args.transport.wire()),
+    );
     let (up, _) = watch::channel(0u64);
     let storm = Arc::new(Storm {
         stopping: AtomicBool::new(false),
@@ -216,7 +217,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
         args.writers,
         args.rate,
         args.duration,
-        owners,
+        &rows,
     )
     .await?;
     let live_head = Expected::head(&db).await?;
@@ -239,13 +240,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
     }
     let down_seen = storm.down.load(Relaxed);
     let down_began = Instant::now();
-    insert_rows(
-        &server.database,
-        args.writers,
-        args.resume.down_rows,
-        owners,
-    )
-    .await?;
+    insert_rows(&server.database, args.writers, args.resume.down_rows, &rows).await?;
     let down_insert_s = down_began.elapsed().as_secs_f64();
     let head = Expected::head(&db).await?;
     let expected_at_head = Expected::load(&db, min_hello, head).await?;
@@ -269,7 +264,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
     let writers = {
         let database = server.database.clone();
         let (writers, rate, duration) = (args.writers, args.rate, args.duration);
-        tokio::spawn(async move { paced_rows(&database, writers, rate, duration, owners).await })
+        tokio::spawn(async move { paced_rows(&database, writers, rate, duration, &rows).await })
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
@@ -346,6 +341,9 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
                 "target": server.description,
                 "sockets": args.sockets, "dashboard_sockets": dashboards,
                 "notification_sockets": notifications,
+                "stream": format!("{:?}", args.stream).to_lowercase(),
+                "stream_keys": args.stream_keys(),
+                "transport": args.transport.name(),
                 "connect_s": connect_s, "connect_concurrency": args.connect_concurrency,
                 "live_rows_before": live_rows, "down_rows": args.resume.down_rows,
                 "live_rows_after": rows_after,
@@ -368,9 +366,9 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
         );
     } else {
         println!(
-            "pgrelay-bench --scenario resume-storm: {} sockets ({dashboards} dashboard, \
-             {notifications} notifications), restart with {} rows inserted while down",
-            args.sockets, args.resume.down_rows
+            "pgrelay-bench --scenario resume-storm: {}, restart with {} rows inserted while down",
+            args.sockets_line(),
+            args.resume.down_rows
         );
         println!("target: {}", server.description);
         println!();
