@@ -650,7 +650,10 @@ scenario("over SSE, a business page whose network is cut reconnects and misses n
 
 scenario("the owner's bell is the server's: the same on two devices, live, and after a reload", async ({ open, device }) => {
   const phone = await open(links.owner, "owner's phone");
-  const laptop = await (await device())(links.owner, "owner's laptop");
+  // The laptop over Server-Sent Events: it marks with POST /read/..., and
+  // hears read frames as `event: read`.
+  const laptop = await (await device())(`${links.owner}&transport=sse`, "owner's laptop (SSE)");
+  await expectText(laptop, "#footer", /Server-Sent Events/, "the laptop's transport");
   // A known start: nothing listed, nothing unread, on both.
   await bellAction(phone, "#clear-all");
   await expectSameBell([phone, laptop], "0");
