@@ -34,6 +34,7 @@
 //! | the event-stream response, SSE ids, heartbeats, `event: close` | `sse` |
 //! | the door: paths, upgrade, refusals, `/healthz` `/readyz` `/metrics` | `server` |
 //! | origin, socket and pre-auth caps, the admin and stream queries (cached) | `admission` |
+//! | history, read state, the unread count (the bell) | `bell` (SQL in `db`, `sql/schema.sql`) |
 //! | replays at once | `replays` |
 //! | one write per batch of frames | `coalesce` |
 //! | what server, sessions and listener share (`Shared`, `Status`, `ExtraRoutes`) | `shared` |
