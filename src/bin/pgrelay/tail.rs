@@ -555,10 +555,9 @@ fn print(
 ) -> io::Result<()> {
     let mut out = out.lock();
     if pretty {
-        // Through `Ordered`, so the keys keep the server's order (type, id, ...).
-        match serde_json::from_str::<Ordered>(raw) {
-            Ok(ordered) => serde_json::to_writer_pretty(&mut out, &ordered)?,
-            Err(_) => serde_json::to_writer_pretty(&mut out, value)?,
+        match pretty_json(raw) {
+            Some(pretty) => out.write_all(&pretty)?,
+            None => serde_json::to_writer_pretty(&mut out, value)?,
         }
         out.write_all(b"\n")?;
     } else if raw.contains('\n') {
@@ -786,95 +785,15 @@ impl Cursor {
     }
 }
 
-/// A JSON value whose objects keep their key order (serde_json's `Value`
-/// sorts keys unless built with `preserve_order`). Only for `--pretty`.
-enum Ordered {
-    Null,
-    Bool(bool),
-    Number(serde_json::Number),
-    String(String),
-    Array(Vec<Ordered>),
-    Object(Vec<(String, Ordered)>),
-}
-
-impl<'de> serde::Deserialize<'de> for Ordered {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Ordered, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Ordered;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("JSON")
-            }
-            fn visit_unit<E>(self) -> Result<Ordered, E> {
-                Ok(Ordered::Null)
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Ordered, E> {
-                Ok(Ordered::Bool(v))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Ordered, E> {
-                Ok(Ordered::Number(v.into()))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Ordered, E> {
-                Ok(Ordered::Number(v.into()))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Ordered, E> {
-                Ok(serde_json::Number::from_f64(v).map_or(Ordered::Null, Ordered::Number))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Ordered, E> {
-                Ok(Ordered::String(v.to_owned()))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Ordered, E> {
-                Ok(Ordered::String(v))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Ordered, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = a.next_element()? {
-                    items.push(item);
-                }
-                Ok(Ordered::Array(items))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Ordered, A::Error> {
-                let mut entries = Vec::new();
-                while let Some(entry) = a.next_entry()? {
-                    entries.push(entry);
-                }
-                Ok(Ordered::Object(entries))
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
-}
-
-impl serde::Serialize for Ordered {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{SerializeMap, SerializeSeq};
-        match self {
-            Ordered::Null => s.serialize_unit(),
-            Ordered::Bool(b) => s.serialize_bool(*b),
-            Ordered::Number(n) => n.serialize(s),
-            Ordered::String(v) => s.serialize_str(v),
-            Ordered::Array(items) => {
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(item)?;
-                }
-                seq.end()
-            }
-            Ordered::Object(entries) => {
-                let mut map = s.serialize_map(Some(entries.len()))?;
-                for (k, v) in entries {
-                    map.serialize_entry(k, v)?;
-                }
-                map.end()
-            }
-        }
-    }
+/// `raw` re-indented, transcoded token by token, so the keys keep the
+/// server's order (type, id, ...), which a `serde_json::Value` would sort.
+fn pretty_json(raw: &str) -> Option<Vec<u8>> {
+    let mut pretty = Vec::new();
+    let mut from = serde_json::Deserializer::from_str(raw);
+    let mut to = serde_json::Serializer::pretty(&mut pretty);
+    serde_transcode::transcode(&mut from, &mut to).ok()?;
+    from.end().ok()?;
+    Some(pretty)
 }
 
 fn field(value: &serde_json::Value, key: &str) -> String {
@@ -1129,8 +1048,17 @@ mod tests {
     #[test]
     fn pretty_keeps_key_order() {
         let raw = r#"{"type":"event","id":5,"data":{"z":[1,2.5,null,true],"a":"x"}}"#;
-        let ordered: Ordered = serde_json::from_str(raw).expect("parse");
-        assert_eq!(serde_json::to_string(&ordered).expect("serialize"), raw);
+        let pretty = String::from_utf8(pretty_json(raw).expect("json")).expect("utf-8");
+        let keys: Vec<usize> = ["\"type\"", "\"id\"", "\"data\"", "\"z\"", "\"a\""]
+            .iter()
+            .map(|k| pretty.find(k).expect("key kept"))
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{pretty}");
+        assert!(
+            pretty.contains("2.5") && pretty.lines().count() > 5,
+            "{pretty}"
+        );
+        assert_eq!(pretty_json(r#"{"a":1} trailing"#), None);
     }
 
     #[test]
