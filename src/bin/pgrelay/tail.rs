@@ -184,16 +184,21 @@ impl Tail {
         }
     }
 
+    /// The stream's URL with the cursor to resume from.
+    fn url(&self) -> Url {
+        resume_url(
+            &self.base,
+            self.cursor.last_id,
+            self.cursor.epoch.as_deref(),
+        )
+    }
+
     /// One WebSocket connection.
     async fn websocket<F: Future<Output = ()>>(
         &mut self,
         mut until: Pin<&mut F>,
     ) -> Result<Ended, TailError> {
-        let url = resume_url(
-            &self.base,
-            self.cursor.last_id,
-            self.cursor.epoch.as_deref(),
-        );
+        let url = self.url();
         let mut request = url
             .as_str()
             .into_client_request()
@@ -265,11 +270,7 @@ impl Tail {
         &mut self,
         mut until: Pin<&mut F>,
     ) -> Result<Ended, TailError> {
-        let url = resume_url(
-            &self.base,
-            self.cursor.last_id,
-            self.cursor.epoch.as_deref(),
-        );
+        let url = self.url();
         let connecting = timeout(
             CONNECT_TIMEOUT,
             request_event_stream(&url, self.token.as_deref()),
