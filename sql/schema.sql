@@ -98,7 +98,8 @@ $$;
 -- Read state (the bell): per user and stream, how far the user has read
 -- (`read_up_to`), the ids read one by one above it (the newest 100 at most),
 -- and up to where they cleared their history. One row per user and stream,
--- written only through pgrelay.mark_read: it never grows.
+-- written only through pgrelay.mark_read, which adds a row only when a mark
+-- moves something.
 CREATE TABLE IF NOT EXISTS pgrelay.read_state (
     user_id          text     NOT NULL,
     stream           text     NOT NULL,
@@ -113,7 +114,11 @@ CREATE TABLE IF NOT EXISTS pgrelay.read_state (
 -- the newest event, which history then hides. An id beyond the newest event
 -- is refused (22023). The new state goes into the log as an event on channel
 -- `pgrelay_read` (routed to the user), so every socket of that user, on any
--- replica, hears it, and a device that was away replays it.
+-- replica, hears it, and a device that was away replays it. A mark that
+-- changes nothing writes nothing: no log row, no commit-order lock. So what
+-- clients can make the log grow by is bounded by the log itself (each
+-- write moves a cursor forward or adds a newer id), not by how often they
+-- ask.
 CREATE OR REPLACE FUNCTION pgrelay.mark_read(
     p_user text, p_stream text, p_up_to bigint, p_ids bigint[], p_clear boolean)
 RETURNS pgrelay.read_state
@@ -124,6 +129,7 @@ DECLARE
     v_head bigint;
     v_up_to bigint := coalesce(p_up_to, 0);
     v_row pgrelay.read_state;
+    v_old pgrelay.read_state;
 BEGIN
     SELECT coalesce(max(id), 0) INTO v_head FROM pgrelay.events;
     IF v_up_to > v_head OR EXISTS (SELECT 1 FROM unnest(p_ids) AS i WHERE i > v_head) THEN
@@ -132,17 +138,30 @@ BEGIN
     IF p_clear THEN
         v_up_to := v_head;
     END IF;
-    INSERT INTO pgrelay.read_state (user_id, stream) VALUES (p_user, p_stream)
-    ON CONFLICT (user_id, stream) DO NOTHING;
-    UPDATE pgrelay.read_state AS r SET
-        read_up_to = greatest(r.read_up_to, v_up_to),
-        cleared_through = CASE WHEN p_clear THEN greatest(r.cleared_through, v_up_to)
-                               ELSE r.cleared_through END,
+    -- What the mark would make of the state, from a plain read: a mark that
+    -- changes nothing returns here, having written nothing (no row, no row
+    -- lock, no log event).
+    SELECT * INTO v_old FROM pgrelay.read_state WHERE user_id = p_user AND stream = p_stream;
+    v_row := (p_user, p_stream,
+              greatest(coalesce(v_old.read_up_to, 0), v_up_to),
+              ARRAY(SELECT DISTINCT i FROM unnest(coalesce(v_old.read_ids, '{}') || coalesce(p_ids, '{}')) AS i
+                    WHERE i > greatest(coalesce(v_old.read_up_to, 0), v_up_to)
+                    ORDER BY i DESC LIMIT 100),
+              CASE WHEN p_clear THEN greatest(coalesce(v_old.cleared_through, 0), v_up_to)
+                   ELSE coalesce(v_old.cleared_through, 0) END);
+    IF (v_row.read_up_to, v_row.read_ids, v_row.cleared_through)
+       = (coalesce(v_old.read_up_to, 0), coalesce(v_old.read_ids, '{}'), coalesce(v_old.cleared_through, 0)) THEN
+        RETURN v_row;
+    END IF;
+    -- A concurrent mark may have moved the row since: merge, never go back.
+    INSERT INTO pgrelay.read_state AS r VALUES (v_row.*)
+    ON CONFLICT (user_id, stream) DO UPDATE SET
+        read_up_to = greatest(r.read_up_to, excluded.read_up_to),
+        cleared_through = greatest(r.cleared_through, excluded.cleared_through),
         read_ids = ARRAY(
-            SELECT DISTINCT i FROM unnest(r.read_ids || coalesce(p_ids, '{}')) AS i
-            WHERE i > greatest(r.read_up_to, v_up_to)
+            SELECT DISTINCT i FROM unnest(r.read_ids || excluded.read_ids) AS i
+            WHERE i > greatest(r.read_up_to, excluded.read_up_to)
             ORDER BY i DESC LIMIT 100)
-    WHERE r.user_id = p_user AND r.stream = p_stream
     RETURNING * INTO v_row;
     PERFORM pgrelay.emit('pgrelay_read', 'read_state', 'UPDATE', jsonb_build_object(
         'user_id', p_user, 'stream', p_stream, 'up_to', v_row.read_up_to,

@@ -18,7 +18,7 @@ use crate::db::{DbError, Visible, REPLAY_WINDOW};
 use crate::parse::Event;
 use crate::route::KeyFilter;
 use crate::shared::Shared;
-use crate::wire::{Endpoint, ReadState, UNREAD_CAP};
+use crate::wire::{ClientMessage, Endpoint, ReadState, MAX_READ_IDS, UNREAD_CAP};
 
 /// Events one history request returns at most, and by default.
 pub const HISTORY_LIMIT_MAX: i64 = 100;
@@ -92,6 +92,26 @@ pub enum Mark {
     UpTo(i64),
     Ids(Vec<i64>),
     Clear,
+}
+
+impl Mark {
+    /// The mark a `read` or `clear` message asks for: `up_to` or 1 to
+    /// `MAX_READ_IDS` ids, not both; `None` for anything else.
+    pub fn from_message(message: ClientMessage) -> Option<Mark> {
+        match message {
+            ClientMessage::Read {
+                up_to: Some(n),
+                ids,
+            } if ids.is_empty() => Some(Mark::UpTo(n)),
+            ClientMessage::Read { up_to: None, ids }
+                if !ids.is_empty() && ids.len() <= MAX_READ_IDS =>
+            {
+                Some(Mark::Ids(ids))
+            }
+            ClientMessage::Clear {} => Some(Mark::Clear),
+            _ => None,
+        }
+    }
 }
 
 /// Moves `identity`'s read state on `endpoint` forward.

@@ -1,6 +1,7 @@
 //! The deadpool pool and every query pgrelay makes through it: replay pages,
-//! the log's epoch and retention cursor, pruning, the admin query, the
-//! listener's probe NOTIFY.
+//! the log's epoch and retention cursor, pruning, the admin and stream
+//! queries ([`Db::ask`]), the bell's history pages, read state, unread
+//! count and `mark_read`, the listener's probe NOTIFY.
 //!
 //! [`LogReader`] is the one reader of the log: pages of events above a
 //! [`Cursor`], up to a bound, with one stop rule. Where its reads go is the
@@ -593,7 +594,6 @@ impl Db {
         self.timed("unread count", async {
             let mut client = self.pool.get().await?;
             let tx = bounded(&mut client).await?;
-            let read_ids = read_ids.to_vec();
             let row = match visible {
                 Visible::Channels(channels) => {
                     tx.query_typed_one(
@@ -635,7 +635,6 @@ impl Db {
         self.timed("mark read", async {
             let mut client = self.pool.get().await?;
             let tx = bounded(&mut client).await?;
-            let ids = ids.to_vec();
             let row = tx
                 .query_typed_one(
                     "SELECT read_up_to, read_ids, cleared_through \

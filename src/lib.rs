@@ -44,8 +44,10 @@
 //! | metric names and formats | `metrics` |
 //!
 //! Invariants: data flows one way; the listener never waits on a socket;
-//! nothing downstream of the listener touches PostgreSQL except replay reads
-//! and the admin and stream queries (at the door and on refresh) through the pool; every
+//! nothing downstream of the listener touches PostgreSQL except, through the
+//! pool, replay reads, the admin and stream queries (at the door and on
+//! refresh), and the bell's reads and marks (history, `?unread=1`, read
+//! messages and `POST /read`); every
 //! spawned task is tracked and ends on the one cancellation token. No module
 //! imports one that imports it back.
 

@@ -327,17 +327,6 @@ impl Routes {
         key_filter(pairs, key)
     }
 
-    /// The channels a stream carries (a stream's replay reads only these).
-    pub fn stream_channels(&self, index: usize) -> Vec<String> {
-        let mut channels: Vec<String> = self
-            .streams
-            .get(index)
-            .map(|s| s.carries.iter().map(|(c, _)| c.clone()).collect())
-            .unwrap_or_default();
-        channels.dedup();
-        channels
-    }
-
     /// The audiences of an event, or nothing for an unrouted channel.
     pub fn route(&self, event: &Event) -> Targets {
         let Some(plan) = self.plans.get(&event.channel) else {
@@ -713,7 +702,6 @@ mod tests {
             filter.patterns,
             [r#"{"thing_id":"7"}"#, r#"{"thing_id":7}"#]
         );
-        assert_eq!(routes.stream_channels(0), ["b"]);
     }
 
     #[test]

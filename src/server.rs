@@ -1,12 +1,17 @@
-//! HTTP: the accept loop, hyper connections with upgrades, `/ws/*` (auth at
-//! the door), `/healthz`, `/readyz`, `/metrics`. The endpoints and resume
-//! parameters are `wire`'s, the state every connection reads is
-//! `shared::Shared`; an upgraded socket is handed to `session::run`.
+//! HTTP: the accept loop, hyper connections with upgrades, the stream
+//! endpoints `/ws/*` and `/sse/*` and the bell's `/history/*` and `/read/*`
+//! (all through one door, [`authorize`]), the page (also at `/NAME/KEY`),
+//! `/healthz`, `/readyz`, `/metrics`, and a program's extra routes. The
+//! endpoints and resume parameters are `wire`'s, the state every connection
+//! reads is `shared::Shared`; an admitted stream is handed to `session::run`
+//! with its peer (`websocket` after the 101, `sse` as the response).
 //!
-//! Every refusal happens before the 101, as a plain HTTP response whose body
-//! says why in one line: 404 unknown path, 405 wrong method, 400 not a
-//! WebSocket request or bad resume parameters, 401 no/invalid/expired token,
-//! 403 valid token without the right.
+//! Every refusal happens before the stream starts, as a plain HTTP response
+//! whose body says why in one line: 404 unknown path, 405 wrong method, 400
+//! not a WebSocket request or bad resume parameters, 406 an `/sse/` request
+//! that does not accept `text/event-stream`, 401 no/invalid/expired token,
+//! 403 valid token without the right, 503 an admin or stream query that
+//! cannot answer.
 //!
 //! Before any of that, the accept loop bounds what unauthenticated clients
 //! can hold: each accepted connection takes a [`Pending`] place (released
@@ -54,11 +59,12 @@ use crate::bell;
 use crate::coalesce::Coalesce;
 use crate::db::DbError;
 use crate::metrics::Format;
+use crate::replays::Busy;
 use crate::session;
 use crate::shared::Shared;
 use crate::sse;
 use crate::websocket::WebSocketPeer;
-use crate::wire::{self, ClientMessage, Endpoint, Resume, Transport, MAX_READ_IDS};
+use crate::wire::{self, ClientMessage, Endpoint, Resume, Transport};
 
 /// The dashboard page and the JS client, embedded: no build step, no
 /// external URL.
@@ -395,7 +401,7 @@ async fn handle(
             }
             .instrument(span),
         );
-        return response.map(|body| body);
+        return response;
     }
     let Some(key) = req
         .headers()
@@ -599,6 +605,24 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
+    // Both read the log or write the user's state through the pool: they
+    // take a replay's turn, under the same caps (two at once a user, the
+    // pool's share in all), so a client looping on them cannot starve the
+    // pool.
+    let _turn = match shared.replays.turn(&identity.user).await {
+        Ok(turn) => turn,
+        Err(busy) => {
+            shared.metrics.replays_refused.inc();
+            let (status, why) = match busy {
+                Busy::User => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    wire::reason::USER_REPLAYS_BUSY,
+                ),
+                Busy::Total => (StatusCode::SERVICE_UNAVAILABLE, wire::reason::REPLAYS_BUSY),
+            };
+            return refuse(shared, status, "busy", why, path);
+        }
+    };
     if history {
         return history_answer(shared, &endpoint, &identity, &query, path).await;
     }
@@ -607,18 +631,12 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
         let why = "body too large or cut short";
         return refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
     };
-    let mark = match serde_json::from_slice::<ClientMessage>(&body) {
-        Ok(ClientMessage::Read {
-            up_to: Some(n),
-            ids,
-        }) if ids.is_empty() => bell::Mark::UpTo(n),
-        Ok(ClientMessage::Read { up_to: None, ids })
-            if !ids.is_empty() && ids.len() <= MAX_READ_IDS =>
-        {
-            bell::Mark::Ids(ids)
-        }
-        Ok(ClientMessage::Clear {}) => bell::Mark::Clear,
-        _ => {
+    let mark = serde_json::from_slice::<ClientMessage>(&body)
+        .ok()
+        .and_then(bell::Mark::from_message);
+    let mark = match mark {
+        Some(mark) => mark,
+        None => {
             let why = r#"expected {"type":"read","up_to":N}, {"type":"read","ids":[...]} or {"type":"clear"}"#;
             return refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
         }

@@ -11,7 +11,9 @@
 //! peer in one batch. A peer that stalls longer than [`WRITE_TIMEOUT`] is
 //! dropped. Database access goes through the pool only: the replay
 //! (`db::LogReader`, under the statement timeout, a keyed stream filtered in
-//! SQL) and, on a refresh, the admin or stream query.
+//! SQL), the unread count when `hello` is asked for it (under a replay's
+//! turn), `read`/`clear` messages (`bell::mark`), and, on a refresh, the
+//! admin or stream query.
 //!
 //! Close codes, frames and client messages are `wire`'s ([`Close`] says what
 //! each code means); the session decides when each is sent, the peer how.
@@ -32,7 +34,7 @@ use crate::metrics::CloseLabels;
 use crate::parse::Event;
 use crate::replays::Busy;
 use crate::shared::Shared;
-use crate::wire::{self, reason, ClientMessage, Close, Endpoint, Reset, Resume, MAX_READ_IDS};
+use crate::wire::{self, reason, ClientMessage, Close, Endpoint, Reset, Resume};
 
 /// A stalled peer is dropped after this long.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,7 +99,7 @@ impl Frame {
 
 /// What a client did, as far as the session cares.
 pub enum Input {
-    /// A text message (only `refresh` is understood).
+    /// A text message (`refresh`, `read`, `clear`).
     Text(String),
     /// The client left, broke a rule the transport enforces, or stalled.
     End(End),
@@ -233,21 +235,11 @@ async fn session<P: Peer>(
                                 Err(end) => return end,
                             }
                         }
-                        ClientMessage::Read { up_to, ids } => {
-                            let mark = match (up_to, ids) {
-                                (Some(n), ids) if ids.is_empty() => bell::Mark::UpTo(n),
-                                (None, ids) if !ids.is_empty() && ids.len() <= MAX_READ_IDS => {
-                                    bell::Mark::Ids(ids)
-                                }
-                                _ => return End::Close(Close::Unexpected, reason::BAD_READ),
+                        read_or_clear => {
+                            let Some(mark) = bell::Mark::from_message(read_or_clear) else {
+                                return End::Close(Close::Unexpected, reason::BAD_READ);
                             };
                             if let Err(end) = Box::pin(mark_read(shared, endpoint, &identity, mark)).await {
-                                return end;
-                            }
-                        }
-                        ClientMessage::Clear {} => {
-                            let cleared = mark_read(shared, endpoint, &identity, bell::Mark::Clear);
-                            if let Err(end) = Box::pin(cleared).await {
                                 return end;
                             }
                         }
@@ -444,16 +436,7 @@ async fn replay<P: Peer>(
     // router would check; a keyed stream's are filtered in SQL (only its
     // rows leave the database) and again by the router, the rule live
     // delivery follows.
-    let visible = |event: &Event| {
-        let targets = || shared.routes.route(event);
-        match endpoint {
-            Endpoint::Dashboard => true,
-            Endpoint::Notifications => targets().users.iter().any(|u| u == user),
-            Endpoint::Stream { index, key, .. } => {
-                (targets().streams.iter()).any(|(i, k)| i == index && k == key)
-            }
-        }
-    };
+    let visible = |event: &Event| bell::sees(shared, endpoint, user, event);
     let (channels, filter);
     let source = match endpoint {
         Endpoint::Dashboard => {

@@ -1,7 +1,8 @@
 //! The Server-Sent Events [`Peer`]: `/sse/...`, for clients behind proxies
 //! that break WebSockets and for a browser's `EventSource`, which resumes by
 //! itself. The response is `text/event-stream`; each frame is one event
-//! named by its type (`event: hello`, `event: event`, `event: reset`) with
+//! named by its type (`event: hello`, `event: event`, `event: reset`,
+//! `event: read`) with
 //! the frame's JSON as its data, and `id: EPOCH:ID` where a log position is
 //! known, so a reconnecting `EventSource` sends `Last-Event-ID` and loses
 //! nothing (a cursor from another epoch gets `reset`). Heartbeats are

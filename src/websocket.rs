@@ -1,7 +1,7 @@
 //! The WebSocket [`Peer`]: `/ws/...` after a successful upgrade. Frames go
 //! out as text messages, fed and flushed once per batch (the socket's IO is
 //! `coalesce`d, so a batch is one write). The client may send only
-//! `refresh` messages (rate-limited), pongs and pings; pgrelay pings every
+//! `refresh`, `read` and `clear` messages (rate-limited), pongs and pings; pgrelay pings every
 //! ping interval and drops a peer that has not answered the previous one.
 //!
 //! Every close the session starts is a close handshake bounded by
@@ -155,7 +155,7 @@ async fn close_handshake(ws: &mut HyperWebsocketStream, kind: Close, reason: &'s
 }
 
 /// A token bucket for client frames: `rate` per second, bursts of ten times
-/// that. Clients have nothing to send but the odd `refresh`.
+/// that. Clients have nothing to send but the odd `refresh` or `read`.
 struct RateLimit {
     tokens: f64,
     rate: f64,

@@ -1,7 +1,7 @@
 //! The wire contract, in one place: the endpoints and their paths
 //! ([`Endpoint`], [`Transport`]), the resume parameters ([`Resume`], from the
 //! query or an SSE `Last-Event-ID`), the server's frames (`hello`, `event`,
-//! `reset`) and their Server-Sent Events form ([`sse_event`]), the client's
+//! `reset`, `read`) and their Server-Sent Events form ([`sse_event`]), the client's
 //! messages ([`ClientMessage`]) and the close codes with their reasons
 //! ([`Close`]). DESIGN.md's "WebSocket endpoints" is the prose of what is
 //! defined here.

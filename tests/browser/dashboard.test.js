@@ -670,7 +670,8 @@ scenario("the owner's bell is the server's: the same on two devices, live, and a
   assert.equal(bell.notes.length, 3, "read, still listed");
 
   // Two more; one read by hand on the phone: the laptop follows.
-  const later = [await newBusiness("Two Devices Tapas"), await newBusiness("Two Devices Tavern")];
+  await newBusiness("Two Devices Tapas");
+  await newBusiness("Two Devices Tavern");
   await expectSameBell([phone, laptop], "2", ["Two Devices Tapas", "Two Devices Tavern"]);
   await phone.click("#bell");
   await phone.locator("#bell-menu").waitFor();
@@ -680,7 +681,6 @@ scenario("the owner's bell is the server's: the same on two devices, live, and a
   bell = await expectSameBell([phone, laptop], "1");
   assert.ok(bell.notes.includes(itemId), `#${itemId} read on both: ${bell.notes}`);
   await phone.keyboard.press("Escape");
-  assert.equal(later.length, 2);
 
   // A reload, and a third device, restore the same list and badge from the server.
   await laptop.reload();

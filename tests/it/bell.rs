@@ -11,18 +11,31 @@ fn bearer(user: &str) -> String {
     format!("Bearer {}", token(user, false))
 }
 
-/// The next frame of `kind` on a socket, skipping others.
+/// The next frame of `kind` on a socket, skipping others; panics after
+/// [`WAIT`] in all.
 async fn next_of(ws: &mut Ws, kind: &str) -> Value {
-    loop {
-        let frame = ws.next_json().await;
-        if frame["type"] == kind {
-            return frame;
+    let found = async {
+        loop {
+            let frame = ws.next_json().await;
+            if frame["type"] == kind {
+                return frame;
+            }
         }
-    }
+    };
+    tokio::time::timeout(WAIT, found)
+        .await
+        .unwrap_or_else(|_| panic!("no {kind} frame within {WAIT:?}"))
 }
 
-async fn head(db: &TestDb) -> i64 {
-    db.value("SELECT max(id) FROM pgrelay.events").await
+async fn post_read(relay: &TestRelay, user: &str, body: Value) -> HttpAnswer {
+    http_body(
+        relay.relay.addr(),
+        "POST",
+        "/read/notifications/",
+        &[("authorization", &bearer(user))],
+        &body.to_string(),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -66,14 +79,7 @@ async fn read_state_reaches_every_socket_of_the_user_on_every_replica() {
     );
 
     // One item by id, over HTTP on replica B: the sockets hear it.
-    let answer = http_body(
-        b.relay.addr(),
-        "POST",
-        "/read/notifications/",
-        &[("authorization", &bearer("2"))],
-        &json!({"type": "read", "ids": [ids[2]]}).to_string(),
-    )
-    .await;
+    let answer = post_read(&b, "2", json!({"type": "read", "ids": [ids[2]]})).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let state: Value = serde_json::from_str(&answer.body).expect("json");
     assert_eq!(state["ids"], json!([ids[2]]));
@@ -83,20 +89,27 @@ async fn read_state_reaches_every_socket_of_the_user_on_every_replica() {
         .await;
     assert_eq!(third.hello().await["unread"], 0);
 
-    // The cursor only moves forward.
-    on_b.send_text(&json!({"type": "read", "up_to": ids[0]}).to_string())
-        .await;
-    assert_eq!(next_of(&mut on_a, "read").await["up_to"], ids[1]);
+    // The cursor only moves forward, and a mark that moves nothing writes
+    // nothing: no log event.
+    let events = max_id(&db).await;
+    let backward = post_read(&b, "2", json!({"type": "read", "up_to": ids[0]})).await;
+    assert_eq!(backward.status, 200, "{}", backward.body);
+    let state: Value = serde_json::from_str(&backward.body).expect("json");
+    assert_eq!(state["up_to"], ids[1], "{state}");
+    assert_eq!(
+        max_id(&db).await,
+        events,
+        "an unchanged state is not logged"
+    );
 
     // Clear all: read up to the newest, and history hides it all.
     db.business(2, "Four").await;
+    on_a.event().await;
+    let newest = max_id(&db).await;
     on_b.send_text(r#"{"type":"clear"}"#).await;
     let cleared = next_of(&mut on_a, "read").await;
-    let newest = head(&db).await;
-    assert!(
-        cleared["cleared_through"].as_i64() >= Some(newest - 1),
-        "{cleared}"
-    );
+    assert_eq!(cleared["cleared_through"], newest, "{cleared}");
+    assert_eq!(cleared["up_to"], newest, "{cleared}");
     let (status, body) = history(&b, "/history/notifications/", "2").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["events"], json!([]), "{body}");
@@ -132,10 +145,10 @@ async fn history_pages_are_exact_newest_first_and_only_the_users_own() {
     for i in 0..5 {
         db.business(4, &format!("Theirs {i}")).await;
         let business = db.business(2, &format!("Mine {i}")).await;
-        mine.push(head(&db).await);
+        mine.push(max_id(&db).await);
         // A reservation at the owner's business: the owner's too.
         db.reservation(business, 3).await;
-        mine.push(head(&db).await);
+        mine.push(max_id(&db).await);
     }
     mine.reverse();
 
@@ -192,21 +205,8 @@ async fn reads_beyond_the_newest_event_or_malformed_are_refused() {
     let db = TestDb::demo("bell_limits").await;
     let relay = TestRelay::start_with(&db, |c| c.limits.client_messages_per_second = 1).await;
     db.business(2, "One").await;
-    let newest = head(&db).await;
-    let addr = relay.relay.addr();
-    let post = |body: Value| {
-        let auth = bearer("2");
-        async move {
-            http_body(
-                addr,
-                "POST",
-                "/read/notifications/",
-                &[("authorization", &auth)],
-                &body.to_string(),
-            )
-            .await
-        }
-    };
+    let newest = max_id(&db).await;
+    let post = |body: Value| post_read(&relay, "2", body);
     let beyond = post(json!({"type": "read", "up_to": newest + 1})).await;
     assert_eq!(
         (beyond.status, beyond.body.trim()),

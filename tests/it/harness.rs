@@ -991,8 +991,6 @@ pub struct Sse {
     pub head: hyper::http::response::Parts,
     body: hyper::body::Incoming,
     buffer: String,
-    /// Comment lines (heartbeats) seen so far.
-    pub comments: usize,
 }
 
 impl Sse {
@@ -1037,7 +1035,6 @@ impl Sse {
                 head,
                 body,
                 buffer: String::new(),
-                comments: 0,
             })
         };
         tokio::time::timeout(WAIT, opened)
@@ -1071,12 +1068,11 @@ impl Sse {
     }
 
     /// One block: `event:`, `id:` and `data:` fields, or only comments.
-    fn parse(&mut self, block: &str) -> Option<SseEvent> {
+    fn parse(&self, block: &str) -> Option<SseEvent> {
         let (mut event, mut id, mut data) = ("message".to_owned(), None, String::new());
         let mut fields = 0;
         for line in block.lines() {
             if line.starts_with(':') {
-                self.comments += 1;
                 continue;
             }
             let (name, value) = line.split_once(':').unwrap_or((line, ""));

@@ -17,16 +17,6 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
-/// The next event ids on a WebSocket.
-async fn ws_ids(ws: &mut Ws, n: usize) -> Vec<i64> {
-    let mut ids = Vec::new();
-    for _ in 0..n {
-        let event = ws.event().await;
-        ids.push(event["id"].as_i64().expect("event id"));
-    }
-    ids
-}
-
 /// The next `event` events' ids on an SSE stream, checking that each
 /// `id:` is `EPOCH:ID` for the frame's id.
 async fn sse_ids(sse: &mut Sse, epoch: &str, n: usize) -> Vec<i64> {
@@ -99,7 +89,7 @@ async fn a_business_stream_carries_only_its_own_rows_over_websocket_and_sse() {
         log_id(&db, "reservation_events", booked).await,
         log_id(&db, "business_events", mine).await,
     ];
-    assert_eq!(ws_ids(&mut ws, 2).await, expected);
+    assert_eq!(read_ids(&mut ws, 2).await, expected);
     assert_eq!(sse_ids(&mut sse, &epoch, 2).await, expected);
 
     // A super admin may open any key; a customer, none.
@@ -109,7 +99,7 @@ async fn a_business_stream_carries_only_its_own_rows_over_websocket_and_sse() {
     admin.hello().await;
     let theirs = db.reservation(other, 3).await;
     assert_eq!(
-        ws_ids(&mut admin, 1).await,
+        read_ids(&mut admin, 1).await,
         [log_id(&db, "reservation_events", theirs).await]
     );
 }
@@ -224,23 +214,18 @@ async fn a_stream_key_replays_only_its_own_rows_after_a_cursor() {
     let relay = TestRelay::start(&db).await;
     let mine = db.business(2, "Mine").await;
     let other = db.business(4, "Other").await;
-    let cursor: i64 = db.value("SELECT max(id) FROM pgrelay.events").await;
+    let cursor = max_id(&db).await;
     let mut expected = Vec::new();
     for _ in 0..3 {
         db.reservation(other, 3).await;
         let booked = db.reservation(mine, 3).await;
         expected.push(log_id(&db, "reservation_events", booked).await);
     }
-    let epoch: String = db.value("SELECT epoch FROM pgrelay.meta").await;
+    let epoch = epoch(&db).await;
     let owner = token("2", false);
-    let mut ws = relay
-        .ws(
-            &format!("/ws/businesses/{mine}/?last_id={cursor}&epoch={epoch}"),
-            &owner,
-        )
-        .await;
-    ws.hello().await;
-    assert_eq!(ws_ids(&mut ws, 3).await, expected);
+    let path = format!("/ws/businesses/{mine}/");
+    let mut ws = resume(&relay, &path, &owner, cursor, &epoch).await;
+    assert_eq!(read_ids(&mut ws, 3).await, expected);
     // The same over SSE, resumed by Last-Event-ID.
     let mut sse = Sse::connect(
         relay.relay.addr(),
@@ -319,7 +304,7 @@ async fn sse_resumes_through_last_event_id_after_a_restart_and_resets_another_ep
         reset.data,
         json!({"type": "reset", "reason": "epoch_mismatch"})
     );
-    let head: i64 = db.value("SELECT max(id) FROM pgrelay.events").await;
+    let head = max_id(&db).await;
     assert_eq!(reset.id, Some(format!("{epoch}:{head}")));
     let bad = Sse::connect(
         second.relay.addr(),
