@@ -19,17 +19,17 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::broadcast;
 
 use crate::parse::Event;
 use crate::route::Targets;
+use crate::wire::EventFrame;
 
 /// One event's frame, shared by every socket it goes to.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub id: i64,
-    pub frame: Utf8Bytes,
+    pub frame: EventFrame,
     /// A `read` frame (a read-state change), not an `event`.
     pub read: bool,
 }
@@ -38,7 +38,7 @@ impl Delivery {
     pub fn new(event: &Event) -> Delivery {
         Delivery {
             id: event.id,
-            frame: Utf8Bytes::from(event.frame()),
+            frame: EventFrame::new(event.frame()),
             read: event.is_read_state(),
         }
     }

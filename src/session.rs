@@ -21,7 +21,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{timeout, Instant};
 
@@ -29,12 +28,12 @@ use crate::auth::Identity;
 use crate::bell;
 use crate::db::DbError;
 use crate::db::{Cursor, LogReader, Source, REPLAY_WINDOW};
-use crate::hub::{Ring, Subscription};
+use crate::hub::{Delivery, Ring, Subscription};
 use crate::metrics::CloseLabels;
 use crate::parse::Event;
 use crate::replays::Busy;
 use crate::shared::Shared;
-use crate::wire::{self, reason, ClientMessage, Close, Endpoint, Reset, Resume};
+use crate::wire::{self, reason, ClientMessage, Close, Endpoint, EventFrame, Reset, Resume};
 
 /// A stalled peer is dropped after this long.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,10 +74,11 @@ pub enum Frame {
         text: String,
         position: Option<i64>,
     },
-    /// An `event` frame, or a `read` frame when `read`.
+    /// An `event` frame, or a `read` frame when `read`: the bytes the
+    /// hub shares between every socket it goes to.
     Event {
         id: i64,
-        text: Utf8Bytes,
+        frame: EventFrame,
         read: bool,
     },
     Reset {
@@ -87,12 +87,22 @@ pub enum Frame {
     },
 }
 
+impl From<Delivery> for Frame {
+    fn from(delivery: Delivery) -> Frame {
+        Frame::Event {
+            id: delivery.id,
+            frame: delivery.frame,
+            read: delivery.read,
+        }
+    }
+}
+
 impl Frame {
     /// The frame's JSON text.
-    pub fn text(&self) -> &str {
+    pub fn json(&self) -> &[u8] {
         match self {
-            Frame::Hello { text, .. } | Frame::Reset { text, .. } => text,
-            Frame::Event { text, .. } => text,
+            Frame::Hello { text, .. } | Frame::Reset { text, .. } => text.as_bytes(),
+            Frame::Event { frame, .. } => frame.json(),
         }
     }
 }
@@ -259,11 +269,7 @@ async fn session<P: Peer>(
                 while let Some(delivery) = next.take() {
                     if delivery.id > cursor {
                         cursor = delivery.id;
-                        batch.push(Frame::Event {
-                            id: delivery.id,
-                            text: delivery.frame,
-                            read: delivery.read,
-                        });
+                        batch.push(delivery.into());
                     }
                     if batch.len() >= MAX_BATCH {
                         break;
@@ -478,11 +484,7 @@ async fn replay<P: Peer>(
             .events
             .iter()
             .filter(|e| visible(e))
-            .map(|e| Frame::Event {
-                id: e.id,
-                text: Utf8Bytes::from(e.frame()),
-                read: e.is_read_state(),
-            })
+            .map(|e| Delivery::new(e).into())
             .collect();
         let n = frames.len() as u64;
         if n > 0 {

@@ -64,9 +64,9 @@ pub fn open(epoch: String) -> (Response<EventStreamBody>, SsePeer) {
 }
 
 impl SsePeer {
-    async fn write(&mut self, chunk: String) -> Result<(), End> {
+    async fn write(&mut self, chunk: impl Into<Bytes>) -> Result<(), End> {
         let tx = &self.tx;
-        within_write_timeout(tx.send(Bytes::from(chunk))).await
+        within_write_timeout(tx.send(chunk.into())).await
     }
 
     fn id(&self, position: i64) -> String {
@@ -76,7 +76,7 @@ impl SsePeer {
 
 impl Peer for SsePeer {
     async fn send(&mut self, frames: Vec<Frame>) -> Result<(), End> {
-        let mut chunk = String::new();
+        let mut chunk = Vec::new();
         for frame in &frames {
             let (kind, position) = match frame {
                 Frame::Hello { position, .. } => ("hello", *position),
@@ -84,7 +84,7 @@ impl Peer for SsePeer {
                 Frame::Reset { position, .. } => ("reset", Some(*position)),
             };
             let id = position.map(|p| self.id(p));
-            chunk.push_str(&wire::sse_event(kind, id.as_deref(), frame.text()));
+            wire::write_sse_event(&mut chunk, kind, id.as_deref(), frame.json());
         }
         self.write(chunk).await
     }
@@ -96,11 +96,17 @@ impl Peer for SsePeer {
     }
 
     async fn heartbeat(&mut self) -> Result<(), End> {
-        self.write(":\n\n".to_owned()).await
+        self.write(Bytes::from_static(b":\n\n")).await
     }
 
     async fn close(&mut self, kind: Close, reason: &'static str) {
-        let event = wire::sse_event("close", None, &wire::close_frame(kind, reason));
+        let mut event = Vec::new();
+        wire::write_sse_event(
+            &mut event,
+            "close",
+            None,
+            wire::close_frame(kind, reason).as_bytes(),
+        );
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.tx.send(Bytes::from(event))).await;
     }
 }

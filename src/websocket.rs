@@ -1,6 +1,7 @@
 //! The WebSocket [`Peer`]: `/ws/...` after a successful upgrade. Frames go
-//! out as text messages, fed and flushed once per batch (the socket's IO is
-//! `coalesce`d, so a batch is one write). The client may send only
+//! out as text messages, flushed once per batch (the socket's IO is
+//! `coalesce`d, so a batch is one vectored write); an event's frame is the
+//! hub's shared bytes, header included, never re-encoded per socket. The client may send only
 //! `refresh`, `read` and `clear` messages (rate-limited), pongs and pings; pgrelay pings every
 //! ping interval and drops a peer that has not answered the previous one.
 //!
@@ -43,7 +44,8 @@ impl WebSocketPeer {
         }
     }
 
-    /// Feeds the messages and flushes once, within [`WRITE_TIMEOUT`].
+    /// Writes the messages through tungstenite and flushes, within
+    /// [`WRITE_TIMEOUT`].
     async fn write(&mut self, messages: impl IntoIterator<Item = Message>) -> Result<(), End> {
         let ws = &mut self.ws;
         within_write_timeout(async {
@@ -57,11 +59,22 @@ impl WebSocketPeer {
 }
 
 impl Peer for WebSocketPeer {
+    /// An event's frame is queued as the bytes the hub shares (see
+    /// `coalesce`); `hello` and `reset` go through tungstenite. One flush
+    /// sends the batch.
     async fn send(&mut self, frames: Vec<Frame>) -> Result<(), End> {
-        self.write(frames.into_iter().map(|frame| match frame {
-            Frame::Event { text, .. } => Message::Text(text),
-            Frame::Hello { text, .. } | Frame::Reset { text, .. } => Message::text(text),
-        }))
+        let ws = &mut self.ws;
+        within_write_timeout(async {
+            for frame in frames {
+                match frame {
+                    Frame::Event { frame, .. } => ws.get_mut().queue(frame.websocket().clone()),
+                    Frame::Hello { text, .. } | Frame::Reset { text, .. } => {
+                        ws.feed(Message::text(text)).await?
+                    }
+                }
+            }
+            ws.flush().await
+        })
         .await
     }
 

@@ -1,7 +1,7 @@
 //! The wire contract, in one place: the endpoints and their paths
 //! ([`Endpoint`], [`Transport`]), the resume parameters ([`Resume`], from the
 //! query or an SSE `Last-Event-ID`), the server's frames (`hello`, `event`,
-//! `reset`, `read`) and their Server-Sent Events form ([`sse_event`]), the client's
+//! `reset`, `read`) and their Server-Sent Events form ([`write_sse_event`]), the client's
 //! messages ([`ClientMessage`]) and the close codes with their reasons
 //! ([`Close`]). DESIGN.md's "WebSocket endpoints" is the prose of what is
 //! defined here.
@@ -14,6 +14,9 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+use hyper_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use hyper_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -373,7 +376,7 @@ pub fn reset(why: Reset) -> String {
 }
 
 #[derive(Serialize)]
-struct EventFrame<'a> {
+struct EventJson<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     id: i64,
@@ -393,7 +396,7 @@ impl Event {
                 return frame;
             }
         }
-        to_text(&EventFrame {
+        to_text(&EventJson {
             kind: "event",
             id: self.id,
             channel: &self.channel,
@@ -437,23 +440,65 @@ impl Resume {
     }
 }
 
-/// One Server-Sent Event: `event: KIND`, an optional `id:`, and the frame's
-/// JSON as its one `data:` line (frames are single-line JSON), then the
-/// blank line that ends it.
-pub fn sse_event(kind: &str, id: Option<&str>, frame: &str) -> String {
-    let mut out = String::with_capacity(frame.len() + 64);
-    out.push_str("event: ");
-    out.push_str(kind);
-    out.push('\n');
-    if let Some(id) = id {
-        out.push_str("id: ");
-        out.push_str(id);
-        out.push('\n');
+/// An `event` or `read` frame as it goes out, built once per event and
+/// shared by every socket and stream it reaches: the whole WebSocket text
+/// frame, header included (server frames are unmasked, so the bytes are the
+/// same for every socket), with the JSON a slice of it. A socket's batch is
+/// these shared buffers written with one vectored write: no per-socket
+/// encoding, no copy into a write buffer.
+#[derive(Clone, Debug)]
+pub struct EventFrame {
+    websocket: Bytes,
+    /// Where the JSON starts in `websocket` (after the 2-10 byte header).
+    json_at: usize,
+}
+
+impl EventFrame {
+    /// The frame of one event's JSON text.
+    pub fn new(json: String) -> EventFrame {
+        let header = FrameHeader {
+            is_final: true,
+            opcode: OpCode::Data(Data::Text),
+            ..FrameHeader::default()
+        };
+        let mut websocket = Vec::with_capacity(header.len(json.len() as u64) + json.len());
+        // Writing into a Vec cannot fail.
+        let _ = header.format(json.len() as u64, &mut websocket);
+        let json_at = websocket.len();
+        websocket.extend_from_slice(json.as_bytes());
+        EventFrame {
+            websocket: Bytes::from(websocket),
+            json_at,
+        }
     }
-    out.push_str("data: ");
-    out.push_str(frame);
-    out.push_str("\n\n");
-    out
+
+    /// The complete WebSocket frame (FIN, text, unmasked).
+    pub fn websocket(&self) -> &Bytes {
+        &self.websocket
+    }
+
+    /// The frame's JSON text.
+    pub fn json(&self) -> &[u8] {
+        &self.websocket[self.json_at..]
+    }
+}
+
+/// One Server-Sent Event, appended to `out`: `event: KIND`, an optional
+/// `id:`, and the frame's JSON as its one `data:` line (frames are
+/// single-line JSON), then the blank line that ends it.
+pub fn write_sse_event(out: &mut Vec<u8>, kind: &str, id: Option<&str>, json: &[u8]) {
+    out.reserve(json.len() + 64);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(kind.as_bytes());
+    out.push(b'\n');
+    if let Some(id) = id {
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
 }
 
 /// Field order is the wire order: sorted.
@@ -596,11 +641,13 @@ mod tests {
         for bad in ["", "abc:", "abc:-1", "abc:x", ":1.5"] {
             assert!(Resume::from_last_event_id(bad).is_err(), "{bad}");
         }
+        let mut out = Vec::new();
+        write_sse_event(&mut out, "event", Some("e:1"), br#"{"a":1}"#);
+        write_sse_event(&mut out, "hello", None, b"{}");
         assert_eq!(
-            sse_event("event", Some("e:1"), r#"{"a":1}"#),
-            "event: event\nid: e:1\ndata: {\"a\":1}\n\n"
+            out,
+            b"event: event\nid: e:1\ndata: {\"a\":1}\n\nevent: hello\ndata: {}\n\n"
         );
-        assert_eq!(sse_event("hello", None, "{}"), "event: hello\ndata: {}\n\n");
     }
 
     #[test]
