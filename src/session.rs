@@ -18,7 +18,8 @@
 //! Close codes, frames and client messages are `wire`'s ([`Close`] says what
 //! each code means); the session decides when each is sent, the peer how.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -131,18 +132,28 @@ pub trait Peer {
     async fn close(&mut self, kind: Close, reason: &'static str);
 }
 
+/// What a stream opens with, borrowed from the stream's task: its task
+/// owns these for the stream's whole life, and a copy at each level of the
+/// session's futures would make every socket's task bigger.
+#[derive(Clone, Copy)]
+pub struct Opening<'a> {
+    pub endpoint: &'a Endpoint,
+    pub resume: Option<&'a Resume>,
+    /// `?unread=1`: `hello` carries the bell's cursor and count.
+    pub unread: bool,
+}
+
 /// Runs one client's stream to its end, counting it as a connection.
+/// `identity` is the token's, renewed in place by an in-band refresh.
 pub async fn run<P: Peer>(
     mut peer: P,
-    shared: Arc<Shared>,
-    endpoint: Endpoint,
-    identity: Identity,
-    resume: Option<Resume>,
-    unread: bool,
+    shared: &Shared,
+    opening: Opening<'_>,
+    identity: &mut Identity,
 ) {
-    let gauge = shared.metrics.connections(endpoint.name());
+    let gauge = shared.metrics.connections(opening.endpoint.name());
     gauge.inc();
-    let end = session(&mut peer, &shared, &endpoint, identity, resume, unread).await;
+    let end = session(&mut peer, shared, opening, identity).await;
     if let End::Close(kind, reason) = end {
         let code = kind.code();
         tracing::debug!(code, reason, "closing");
@@ -160,10 +171,12 @@ pub async fn run<P: Peer>(
 async fn session<P: Peer>(
     peer: &mut P,
     shared: &Shared,
-    endpoint: &Endpoint,
-    mut identity: Identity,
-    resume: Option<Resume>,
-    unread: bool,
+    Opening {
+        endpoint,
+        resume,
+        unread,
+    }: Opening<'_>,
+    identity: &mut Identity,
 ) -> End {
     let mut sub: Subscription = match endpoint {
         Endpoint::Dashboard => shared.hub.subscribe_dashboard(),
@@ -204,7 +217,7 @@ async fn session<P: Peer>(
             shared,
             endpoint,
             &identity.user,
-            &resume,
+            resume,
             sub.last_id,
         ));
         // A long replay must not hold up shutdown.
@@ -218,7 +231,7 @@ async fn session<P: Peer>(
         }
     }
 
-    let mut deadline = expiry(&identity, shared);
+    let mut deadline = expiry(identity, shared);
     let mut ping =
         tokio::time::interval_at(Instant::now() + shared.ping_interval, shared.ping_interval);
     loop {
@@ -237,10 +250,10 @@ async fn session<P: Peer>(
                     };
                     match message {
                         ClientMessage::Refresh { token } => {
-                            match Box::pin(refresh(shared, endpoint, &identity, &token)).await {
+                            match Box::pin(refresh(shared, endpoint, identity, &token)).await {
                                 Ok(renewed) => {
-                                    identity = renewed;
-                                    deadline = expiry(&identity, shared);
+                                    *identity = renewed;
+                                    deadline = expiry(identity, shared);
                                 }
                                 Err(end) => return end,
                             }
@@ -249,7 +262,7 @@ async fn session<P: Peer>(
                             let Some(mark) = bell::Mark::from_message(read_or_clear) else {
                                 return End::Close(Close::Unexpected, reason::BAD_READ);
                             };
-                            if let Err(end) = Box::pin(mark_read(shared, endpoint, &identity, mark)).await {
+                            if let Err(end) = Box::pin(mark_read(shared, endpoint, identity, mark)).await {
                                 return end;
                             }
                         }
@@ -516,19 +529,26 @@ async fn send_reset<P: Peer>(peer: &mut P, why: Reset, position: i64) -> Result<
 }
 
 /// Runs `write` within [`WRITE_TIMEOUT`]: a failure or a stall is the end
-/// of the peer.
+/// of the peer. The write is tried once first, and the timer armed only if
+/// it must wait: a socket with room in its kernel buffer (nearly every
+/// batch) costs no timer registration.
 pub async fn within_write_timeout<E: std::fmt::Display>(
-    write: impl std::future::Future<Output = Result<(), E>>,
+    write: impl Future<Output = Result<(), E>>,
 ) -> Result<(), End> {
-    match timeout(WRITE_TIMEOUT, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "write failed");
-            Err(End::Gone)
-        }
-        Err(_) => {
-            tracing::debug!("write stalled: dropping the client");
-            Err(End::Gone)
-        }
-    }
+    let mut write = std::pin::pin!(write);
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    let done = match first {
+        Poll::Ready(done) => done,
+        Poll::Pending => match timeout(WRITE_TIMEOUT, write).await {
+            Ok(done) => done,
+            Err(_) => {
+                tracing::debug!("write stalled: dropping the client");
+                return Err(End::Gone);
+            }
+        },
+    };
+    done.map_err(|e| {
+        tracing::debug!(error = %e, "write failed");
+        End::Gone
+    })
 }
