@@ -21,6 +21,9 @@ pub(crate) enum Scenario {
     ResumeStorm,
     /// Waves of refused handshakes (bad tokens): does the RSS come back? (issue 10)
     HandshakeStorm,
+    /// With --sockets idle, --connect-total new sockets through the whole
+    /// door (connect, token, upgrade, hello, close): sockets/s, time to hello.
+    ConnectRate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,9 +85,13 @@ pub(crate) struct Args {
     /// WebSocket clients to open.
     #[arg(long, default_value_t = 1000)]
     pub(crate) sockets: usize,
-    /// Rows inserted per second (one row per transaction).
+    /// Rows inserted per second (--rows-per-insert rows per transaction).
     #[arg(long, default_value_t = 100)]
     pub(crate) rate: u32,
+    /// Rows per transaction: one `INSERT ... VALUES (...), (...)` of N rows
+    /// (N consecutive rows of the schedule, sent when the last is due).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) rows_per_insert: u32,
     /// How long the measured phase inserts (after the warm-up).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) duration: Duration,
@@ -124,6 +131,17 @@ pub(crate) struct Args {
     /// Socket handshakes in flight at once.
     #[arg(long, default_value_t = 200)]
     pub(crate) connect_concurrency: usize,
+    /// connect-rate: new sockets in all (each closed after its hello).
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) connect_total: usize,
+    /// Refuse to measure when processes other than the bench, its pgrelay
+    /// and its PostgreSQL use more than this (% of one core) before the
+    /// measured phase; over it in the window marks the run NOISY.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) quiet_max_busy: f64,
+    /// Measure even when the machine is not quiet (the report says NOISY).
+    #[arg(long)]
+    pub(crate) allow_noisy: bool,
     /// How long to wait, at most, for in-flight deliveries after the last
     /// insert (the wait also ends after 5 s without any delivery).
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
@@ -170,6 +188,30 @@ impl Args {
             return Err(BenchError::Usage(
                 "--transport sse is for --scenario load and resume-storm",
             ));
+        }
+        if !(1..=1000).contains(&self.rows_per_insert) {
+            return Err(BenchError::Usage(
+                "--rows-per-insert must be between 1 and 1000",
+            ));
+        }
+        if self.rows_per_insert > 1 && self.stream == StreamKind::Business {
+            return Err(BenchError::Usage(
+                "--rows-per-insert is for new businesses: --stream business writes \
+                 reservations and updates, one per transaction",
+            ));
+        }
+        if self.quiet_max_busy.is_nan() || self.quiet_max_busy < 0.0 {
+            return Err(BenchError::Usage("--quiet-max-busy must be 0 or more"));
+        }
+        if self.scenario == Scenario::ConnectRate {
+            if self.connect_total == 0 {
+                return Err(BenchError::Usage("--connect-total must be at least 1"));
+            }
+            if self.stream == StreamKind::Business {
+                return Err(BenchError::Usage(
+                    "--scenario connect-rate: --stream dashboard, notifications or mixed",
+                ));
+            }
         }
         if self.connect_concurrency == 0 {
             return Err(BenchError::Usage(
@@ -224,6 +266,17 @@ impl Args {
             self.sockets,
             self.transport.name()
         )
+    }
+
+    /// Open files the bench needs at most: its sockets, the connect-rate
+    /// sockets in flight, and a margin for database connections and the rest.
+    pub(crate) fn files_needed(&self) -> usize {
+        let in_flight = match self.scenario {
+            Scenario::ConnectRate => self.connect_concurrency,
+            Scenario::HandshakeStorm => self.storm_concurrency,
+            _ => 0,
+        };
+        self.sockets + in_flight + 256
     }
 
     /// --stream business: the keys the sockets spread over (0 otherwise).

@@ -104,7 +104,7 @@ impl ClientSpec {
     }
 
     /// Super admin number `i` (user 1,000,001 + i) on `audience`.
-    fn super_admin(secret: &str, i: usize, audience: Audience) -> Result<ClientSpec> {
+    pub(crate) fn super_admin(secret: &str, i: usize, audience: Audience) -> Result<ClientSpec> {
         let user = (1_000_001 + i).to_string();
         let token = pgrelay::auth::mint(secret, &user, Some("super_admin"), TOKEN_TTL)?;
         Ok(ClientSpec { audience, token })
@@ -358,6 +358,22 @@ pub(crate) async fn client<W: Watch>(
         report.reconnects += 1;
         watch.resumed(&report);
     }
+}
+
+/// Starts a client (with `watch()`) for each of `specs` and waits until all
+/// have connected ([`all_connected`]): the seconds it took, and their tasks.
+pub(crate) async fn spawn_all<W: Watch + 'static>(
+    ctx: &Arc<Ctx>,
+    specs: Vec<ClientSpec>,
+    mut watch: impl FnMut() -> W,
+) -> Result<(f64, Vec<JoinHandle<(ClientReport, W)>>)> {
+    let began = Instant::now();
+    let sockets = specs.len();
+    let handles = specs
+        .into_iter()
+        .map(|spec| tokio::spawn(client(spec, Arc::clone(ctx), watch())))
+        .collect();
+    all_connected(ctx, handles, sockets, began).await
 }
 
 /// Waits until every client has connected or failed (the clients' own

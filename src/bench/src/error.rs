@@ -67,6 +67,9 @@ pub(crate) enum BenchError {
     /// client that failed, a log that is not what the scenario needs.
     #[error("{0}")]
     Run(String),
+    /// The quiet-machine check found others busy (see `quiet.rs`).
+    #[error("{0}")]
+    Noisy(String),
     #[error("interrupted")]
     Interrupted,
 }
@@ -101,6 +104,26 @@ impl BenchError {
         matches!(self, BenchError::Refused { .. })
     }
 
+    /// What kind of failure this is, for counting failures by kind: the
+    /// HTTP status of a refusal, the stage and `io::ErrorKind` of an I/O
+    /// error (`connect: ConnectionRefused`), else the message up to its
+    /// first `:` (`handshake timed out after 15 s`, `closed before hello`).
+    pub(crate) fn kind(&self) -> String {
+        match self {
+            BenchError::Refused { status, .. } => format!("HTTP {status}"),
+            BenchError::Io { what, source } => format!(
+                "{}: {:?}",
+                what.split_whitespace().next().unwrap_or("io"),
+                source.kind()
+            ),
+            BenchError::Ws { what, .. } => format!("websocket error {what}"),
+            other => {
+                let text = other.to_string();
+                text.split(':').next().unwrap_or_default().to_owned()
+            }
+        }
+    }
+
     /// A refusal that retrying cannot fix (401, 403, 404, 400).
     pub(crate) fn is_final_refusal(&self) -> bool {
         matches!(self, BenchError::Refused { status, .. } if status.starts_with('4') && status != "429")
@@ -126,5 +149,15 @@ mod tests {
         assert!(refused("503").is_refusal());
         let io = BenchError::io("connect 127.0.0.1:1")(io::ErrorKind::ConnectionRefused.into());
         assert!(!io.is_final_refusal() && !io.is_refusal());
+        assert_eq!(io.kind(), "connect: ConnectionRefused");
+        assert_eq!(refused("503").kind(), "HTTP 503");
+        assert_eq!(
+            BenchError::run("closed before hello: Some(CloseFrame)").kind(),
+            "closed before hello"
+        );
+        assert_eq!(
+            BenchError::run("handshake timed out after 15 s").kind(),
+            "handshake timed out after 15 s"
+        );
     }
 }

@@ -3,11 +3,12 @@
 //! signed by the wrong key, in waves of `--storm-concurrency` at once (each
 //! wave's connections all open before any is answered, as a flood's would),
 //! the peak RSS, and the RSS 1, 5 and 10 s after the last answer. It passes
-//! when the RSS 10 s after is within 20% of the idle RSS.
+//! when the RSS 10 s after is within 20% of the idle RSS. The quiet-machine
+//! check ([`crate::quiet`]) runs first, and is also the settling time
+//! before the idle RSS is read.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,8 @@ use tokio::net::TcpStream;
 use crate::args::Args;
 use crate::error::{BenchError, Result};
 use crate::frame::find;
-use crate::procfs::{mib, proc_sample};
+use crate::procfs::{mib, proc_sample, Load, PeakRss};
+use crate::quiet::{self, Quiet, Window};
 use crate::server::Server;
 use crate::stats::{codes_json, row};
 
@@ -31,6 +33,9 @@ pub(crate) struct Report {
     peak_kib: u64,
     /// RSS 1, 5 and 10 s after the storm.
     after_kib: [u64; 3],
+    /// Who used the CPU during the storm.
+    load: Load,
+    quiet: Quiet,
 }
 
 const STORM_AFTER_S: [u64; 3] = [1, 5, 10];
@@ -50,21 +55,12 @@ pub(crate) async fn storm(args: &Args, server: &Server) -> Result<Report> {
         generate_key(),
     )
     .into();
-    // Let start-up allocations settle.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The check's second also lets start-up allocations settle.
+    let mut quiet = quiet::check(args, server).await?;
     let idle_kib = rss();
-    let peak = Arc::new(AtomicU64::new(idle_kib));
-    let sampler = {
-        let peak = Arc::clone(&peak);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(20));
-            loop {
-                tick.tick().await;
-                peak.fetch_max(rss(), Relaxed);
-            }
-        })
-    };
+    let peak = PeakRss::start(Some(pid));
     let began = Instant::now();
+    let window = Window::open(server);
     let mut statuses = BTreeMap::new();
     let mut left = args.storm_handshakes;
     while left > 0 {
@@ -103,7 +99,9 @@ pub(crate) async fn storm(args: &Args, server: &Server) -> Result<Report> {
         );
     }
     let ended = Instant::now();
-    sampler.abort();
+    let (_, load) = quiet.close(window, server);
+    let peak_kib = peak.kib().max(idle_kib);
+    drop(peak);
     let mut after_kib = [0; 3];
     for (after, at) in after_kib.iter_mut().zip(STORM_AFTER_S) {
         tokio::time::sleep_until((ended + Duration::from_secs(at)).into()).await;
@@ -119,8 +117,10 @@ pub(crate) async fn storm(args: &Args, server: &Server) -> Result<Report> {
         statuses,
         storm_s: ended.duration_since(began).as_secs_f64(),
         idle_kib,
-        peak_kib: peak.load(Relaxed),
+        peak_kib,
         after_kib,
+        load,
+        quiet,
     })
 }
 
@@ -154,8 +154,10 @@ impl Report {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "pgrelay-bench handshake-storm: {} handshakes with a bad token, {} at once",
-            args.storm_handshakes, args.storm_concurrency
+            "pgrelay-bench handshake-storm{}: {} handshakes with a bad token, {} at once",
+            self.quiet.mark(),
+            args.storm_handshakes,
+            args.storm_concurrency
         );
         let _ = writeln!(t, "target: {}", self.description);
         let _ = writeln!(t);
@@ -169,6 +171,7 @@ impl Report {
             .collect();
         row(&mut t, "answers", answers.join(", "));
         row(&mut t, "storm took", format!("{:.1} s", self.storm_s));
+        self.quiet.rows(&mut t, "load in the storm", &self.load);
         row(
             &mut t,
             "pgrelay RSS idle",
@@ -186,33 +189,32 @@ impl Report {
                 format!("{:.1} MiB", mib(*kib)),
             );
         }
-        row(
+        self.quiet.verdict(
             &mut t,
-            "result",
-            if self.passed() {
-                "RSS back within 20% of idle after 10 s".into()
-            } else {
-                "RSS NOT back within 20% of idle after 10 s".into()
-            },
+            self.passed(),
+            "PASS: RSS back within 20% of idle after 10 s",
+            "FAIL: RSS NOT back within 20% of idle after 10 s",
         );
         t
     }
 
     pub(crate) fn json(&self, args: &Args) -> String {
-        serde_json::json!({
-            "scenario": "handshake-storm",
-            "handshakes": args.storm_handshakes,
-            "concurrency": args.storm_concurrency,
-            "target": self.description,
-            "statuses": codes_json(&self.statuses),
-            "storm_s": self.storm_s,
-            "rss_idle_kib": self.idle_kib,
-            "rss_peak_kib": self.peak_kib,
-            "rss_after_1s_kib": self.after_kib[0],
-            "rss_after_5s_kib": self.after_kib[1],
-            "rss_after_10s_kib": self.after_kib[2],
-            "passed": self.passed(),
-        })
-        .to_string()
+        self.quiet
+            .stamp(serde_json::json!({
+                "scenario": "handshake-storm",
+                "handshakes": args.storm_handshakes,
+                "concurrency": args.storm_concurrency,
+                "target": self.description,
+                "statuses": codes_json(&self.statuses),
+                "storm_s": self.storm_s,
+                "rss_idle_kib": self.idle_kib,
+                "rss_peak_kib": self.peak_kib,
+                "rss_after_1s_kib": self.after_kib[0],
+                "rss_after_5s_kib": self.after_kib[1],
+                "rss_after_10s_kib": self.after_kib[2],
+                "load": self.load,
+                "passed": self.passed(),
+            }))
+            .to_string()
     }
 }

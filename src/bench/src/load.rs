@@ -17,12 +17,16 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::args::Args;
-use crate::client::{self, all_connected, ClientReport, Ctx, Plain};
+use crate::client::{self, spawn_all, ClientReport, Ctx, Plain};
 use crate::error::Result;
 use crate::expected::{Expected, Tally};
-use crate::procfs::{mib, proc_sample};
+use crate::procfs::{mib, proc_sample, Load, OpenFiles};
+use crate::quiet::{self, Quiet, Window};
 use crate::server::{connect_db, Server, Shutdown};
-use crate::stats::{codes_json, codes_line, delivered_total, drain, latency_merged, lock, ms, row};
+use crate::stats::{
+    codes_json, codes_line, delivered_total, drain, latency_merged, lock, quantile_of,
+    quantiles_line, row, CpuPer,
+};
 use crate::workload::{workload, Workload};
 use crate::writer::{WriterCounts, Writers};
 
@@ -57,15 +61,12 @@ pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
     let _progress_guard = AbortOnDrop(progress_task);
 
     let rss_before_connect = proc_sample(server.pid);
-    let connect_began = Instant::now();
-    let handles: Vec<_> = specs
-        .into_iter()
-        .map(|spec| tokio::spawn(client::client(spec, Arc::clone(&ctx), Plain)))
-        .collect();
-    let (connect_s, handles) = all_connected(&ctx, handles, args.sockets, connect_began).await?;
+    let (connect_s, handles) = spawn_all(&ctx, specs, || Plain).await?;
     // Let the last handshakes' allocations settle before reading RSS.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_connected = proc_sample(server.pid);
+    // Sockets idle, no rows yet: is anyone else using the machine?
+    let mut quiet = quiet::check(args, server).await?;
 
     // Writers: connect first, then start the clock.
     let (start, writer_tasks) = Writers::connect(&server.database, args.writers)
@@ -81,13 +82,16 @@ pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
     let window_began = Instant::now();
     let delivered_at_start = delivered_total();
     let inserted_at_start = counts.inserted.load(Relaxed);
-    let at_start = server.usage();
+    let transactions_at_start = counts.transactions.load(Relaxed);
+    let window = Window::open(server);
+    let at_start = window.start;
 
     tokio::time::sleep_until(end).await;
     ctx.window.close();
     let window_s = window_began.elapsed().as_secs_f64();
     let delivered_in_window = delivered_total() - delivered_at_start;
-    let at_end = server.usage();
+    let (at_end, load) = quiet.close(window, server);
+    let transactions_in_window = counts.transactions.load(Relaxed) - transactions_at_start;
     *lock(&progress.phase) = Phase::Drain;
     for task in writer_tasks {
         let _ = task.await;
@@ -129,6 +133,7 @@ pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
         connect_s,
         window_s,
         inserted_in_window,
+        transactions_in_window,
         insert_errors: counts.errors.load(Relaxed),
         insert_first_error,
         deliveries_in_window: delivered_in_window,
@@ -142,7 +147,10 @@ pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
         pgrelay_shutdown: None,
         bench_cpu_s: at_end.bench_s - at_start.bench_s,
         bench_hwm_kib: proc_sample(None).map_or(0, |s| s.hwm_kib),
-        machine_busy_s: at_end.machine_s - at_start.machine_s,
+        machine_busy_s: at_end.machine.busy_s - at_start.machine.busy_s,
+        load,
+        quiet,
+        open_files: OpenFiles::read(server.pid),
         postgres_cpu_s: at_start
             .postgres_s
             .zip(at_end.postgres_s)
@@ -197,12 +205,7 @@ async fn progress_loop(
                 let lat = if h.is_empty() {
                     "-".to_owned()
                 } else {
-                    format!(
-                        "p50 {} p99 {} max {}",
-                        ms(h.value_at_quantile(0.5)),
-                        ms(h.value_at_quantile(0.99)),
-                        ms(h.max())
-                    )
+                    quantiles_line(&h, &[0.5, 0.99])
                 };
                 format!(
                     "inserts {:>5}/s  deliveries {:>8}/s  latency {lat}",
@@ -241,6 +244,8 @@ pub(crate) struct Report {
     connect_s: f64,
     window_s: f64,
     inserted_in_window: u64,
+    transactions_in_window: u64,
+    /// Transactions that failed.
     insert_errors: u64,
     insert_first_error: Option<String>,
     deliveries_in_window: u64,
@@ -257,6 +262,10 @@ pub(crate) struct Report {
     bench_cpu_s: f64,
     bench_hwm_kib: u64,
     machine_busy_s: f64,
+    /// Who used the CPU in the window.
+    load: Load,
+    quiet: Quiet,
+    open_files: OpenFiles,
     /// Our throwaway PostgreSQL's CPU seconds in the window.
     postgres_cpu_s: Option<f64>,
 }
@@ -267,12 +276,16 @@ impl Report {
         t.lost == 0 && t.duplicates == 0 && t.unexpected == 0 && self.insert_errors == 0
     }
 
+    fn cpu_per_delivery(&self) -> CpuPer {
+        CpuPer::new(
+            self.pgrelay.map(|p| p.cpu_s),
+            self.bench_cpu_s,
+            self.deliveries_in_window,
+        )
+    }
+
     fn quantile_us(&self, q: f64) -> u64 {
-        if self.latency.is_empty() {
-            0
-        } else {
-            self.latency.value_at_quantile(q)
-        }
+        quantile_of(&self.latency, q)
     }
 
     pub(crate) fn table(&self, args: &Args) -> String {
@@ -281,12 +294,15 @@ impl Report {
         let w = self.window_s.max(f64::EPSILON);
         let _ = writeln!(
             t,
-            "pgrelay-bench: {}, {} rows/s for {} (warm-up {}), {} writer connections",
+            "pgrelay-bench{}: {}, {} rows/s for {} (warm-up {}), {} writer connections, \
+             {} rows per INSERT",
+            self.quiet.mark(),
             args.sockets_line(),
             args.rate,
             humantime::format_duration(args.duration),
             humantime::format_duration(args.warmup),
             args.writers,
+            args.rows_per_insert,
         );
         let _ = writeln!(t, "target: {}", self.description);
         let _ = writeln!(t);
@@ -299,10 +315,11 @@ impl Report {
             &mut t,
             "rows inserted",
             format!(
-                "{} in {:.2} s = {:.1}/s ({} errors{})",
+                "{} in {:.2} s = {:.1}/s, {} transactions ({} failed{})",
                 self.inserted_in_window,
                 w,
                 self.inserted_in_window as f64 / w,
+                self.transactions_in_window,
                 self.insert_errors,
                 self.insert_first_error
                     .as_deref()
@@ -323,11 +340,8 @@ impl Report {
             &mut t,
             "commit-to-receipt",
             format!(
-                "p50 {}  p99 {}  p99.9 {}  max {}  ({} samples)",
-                ms(self.quantile_us(0.5)),
-                ms(self.quantile_us(0.99)),
-                ms(self.quantile_us(0.999)),
-                ms(self.latency.max()),
+                "{}  ({} samples)",
+                quantiles_line(&self.latency, &[0.5, 0.99, 0.999]),
                 self.latency.len()
             ),
         );
@@ -396,10 +410,9 @@ impl Report {
                     &mut t,
                     "pgrelay CPU",
                     format!(
-                        "{:.2} s in the window ({:.0}% of one core, {:.2} µs/delivery); {:.2} s since start",
+                        "{:.2} s in the window ({:.0}% of one core); {:.2} s since start",
                         p.cpu_s,
                         p.cpu_s / w * 100.0,
-                        p.cpu_s * 1e6 / self.deliveries_in_window.max(1) as f64,
                         p.cpu_total_s
                     ),
                 );
@@ -431,20 +444,13 @@ impl Report {
                 ),
             );
         }
-        let others = self.machine_busy_s
-            - self.bench_cpu_s
-            - self.pgrelay.map_or(0.0, |p| p.cpu_s)
-            - self.postgres_cpu_s.unwrap_or(0.0);
         row(
             &mut t,
-            "machine",
-            format!(
-                "{:.0}% busy of {}00% in the window; everything else (kernel threads, other processes) {:.0}%",
-                self.machine_busy_s / w * 100.0,
-                std::thread::available_parallelism().map_or(1, |n| n.get()),
-                others.max(0.0) / w * 100.0,
-            ),
+            "CPU per delivery",
+            self.cpu_per_delivery().line("delivery"),
         );
+        self.quiet.rows(&mut t, "machine", &self.load);
+        row(&mut t, "open-file limits", self.open_files.line());
         if let Some((code, secs)) = self.pgrelay_shutdown {
             row(
                 &mut t,
@@ -456,14 +462,11 @@ impl Report {
                 ),
             );
         }
-        let _ = writeln!(
-            t,
-            "\n{}",
-            if self.passed() {
-                "PASS: 0 lost, 0 duplicated"
-            } else {
-                "FAIL: lost, duplicated or misrouted deliveries, or insert errors"
-            }
+        self.quiet.verdict(
+            &mut t,
+            self.passed(),
+            "PASS: 0 lost, 0 duplicated",
+            "FAIL: lost, duplicated or misrouted deliveries, or insert errors",
         );
         t
     }
@@ -480,52 +483,58 @@ impl Report {
                 "cpu_total_s": p.cpu_total_s,
             })
         });
-        serde_json::json!({
-            "sockets": args.sockets,
-            "dashboard_sockets": self.dashboards,
-            "notification_sockets": self.notifications,
-            "stream": format!("{:?}", args.stream).to_lowercase(),
-            "stream_keys": args.stream_keys(),
-            "transport": args.transport.name(),
-            "rate": args.rate,
-            "duration_s": args.duration.as_secs_f64(),
-            "warmup_s": args.warmup.as_secs_f64(),
-            "writers": args.writers,
-            "target": self.description,
-            "connect_s": self.connect_s,
-            "window_s": self.window_s,
-            "inserted": self.inserted_in_window,
-            "inserts_per_s": self.inserted_in_window as f64 / w,
-            "insert_errors": self.insert_errors,
-            "deliveries": self.deliveries_in_window,
-            "deliveries_per_s": self.deliveries_in_window as f64 / w,
-            "latency_us": {
-                "commit": "event `at` = clock_timestamp() in the deferred capture trigger",
-                "count": self.latency.len(),
-                "p50": self.quantile_us(0.5),
-                "p99": self.quantile_us(0.99),
-                "p999": self.quantile_us(0.999),
-                "max": self.latency.max(),
-            },
-            "lost": self.tally.lost,
-            "duplicated": self.tally.duplicates,
-            "unexpected": self.tally.unexpected,
-            "expected_total": self.expected_total,
-            "received_total": self.tally.received,
-            "drain_s": self.drain_s,
-            "drain_cut": self.drain_cut,
-            "reconnects": self.tally.reconnects,
-            "resets": self.tally.resets,
-            "server_closes": codes_json(&self.tally.closes),
-            "client_errors": self.tally.errors,
-            "pgrelay": pgrelay,
-            "pgrelay_shutdown_s": self.pgrelay_shutdown.map(|(_, s)| s),
-            "bench_cpu_s": self.bench_cpu_s,
-            "bench_peak_rss_kib": self.bench_hwm_kib,
-            "machine_busy_s": self.machine_busy_s,
-            "postgres_cpu_s": self.postgres_cpu_s,
-            "passed": self.passed(),
-        })
-        .to_string()
+        self.quiet
+            .stamp(serde_json::json!({
+                "sockets": args.sockets,
+                "dashboard_sockets": self.dashboards,
+                "notification_sockets": self.notifications,
+                "stream": format!("{:?}", args.stream).to_lowercase(),
+                "stream_keys": args.stream_keys(),
+                "transport": args.transport.name(),
+                "rate": args.rate,
+                "duration_s": args.duration.as_secs_f64(),
+                "warmup_s": args.warmup.as_secs_f64(),
+                "writers": args.writers,
+                "rows_per_insert": args.rows_per_insert,
+                "target": self.description,
+                "connect_s": self.connect_s,
+                "window_s": self.window_s,
+                "inserted": self.inserted_in_window,
+                "inserts_per_s": self.inserted_in_window as f64 / w,
+                "transactions": self.transactions_in_window,
+                "insert_errors": self.insert_errors,
+                "deliveries": self.deliveries_in_window,
+                "deliveries_per_s": self.deliveries_in_window as f64 / w,
+                "latency_us": {
+                    "commit": "event `at` = clock_timestamp() in the deferred capture trigger",
+                    "count": self.latency.len(),
+                    "p50": self.quantile_us(0.5),
+                    "p99": self.quantile_us(0.99),
+                    "p999": self.quantile_us(0.999),
+                    "max": self.latency.max(),
+                },
+                "lost": self.tally.lost,
+                "duplicated": self.tally.duplicates,
+                "unexpected": self.tally.unexpected,
+                "expected_total": self.expected_total,
+                "received_total": self.tally.received,
+                "drain_s": self.drain_s,
+                "drain_cut": self.drain_cut,
+                "reconnects": self.tally.reconnects,
+                "resets": self.tally.resets,
+                "server_closes": codes_json(&self.tally.closes),
+                "client_errors": self.tally.errors,
+                "pgrelay": pgrelay,
+                "pgrelay_shutdown_s": self.pgrelay_shutdown.map(|(_, s)| s),
+                "bench_cpu_s": self.bench_cpu_s,
+                "cpu_per_delivery_us": self.cpu_per_delivery().json(),
+                "bench_peak_rss_kib": self.bench_hwm_kib,
+                "machine_busy_s": self.machine_busy_s,
+                "postgres_cpu_s": self.postgres_cpu_s,
+                "load": self.load,
+                "open_files": self.open_files,
+                "passed": self.passed(),
+            }))
+            .to_string()
     }
 }

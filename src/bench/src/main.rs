@@ -4,8 +4,8 @@
 //! clients with minted tokens (dashboard, per-user notifications, half of
 //! each, or business stream keys), inserts rows at rate R (new businesses,
 //! or the stream keys' reservations and updates) for D seconds through real
-//! transactions (one row per transaction, spread over several
-//! connections), and reports deliveries/s, commit-to-receipt
+//! transactions (`--rows-per-insert` rows each, one by default, spread
+//! over several connections), and reports deliveries/s, commit-to-receipt
 //! latency (p50/p99/p99.9/max, an HDR histogram), lost, duplicated and
 //! misrouted deliveries, and the pgrelay process's peak RSS and CPU seconds.
 //!
@@ -20,10 +20,15 @@
 //! threads.
 //!
 //! The scenarios (`--scenario`): `load` (the default, [`load`]),
-//! `handshake-storm` ([`handshake_storm`]), and the resume scenarios of
-//! issue 10, `sparse-resume` and `resume-storm` ([`resume`]). This file
+//! `handshake-storm` ([`handshake_storm`]), `connect-rate`
+//! ([`connect_rate`]), and the resume scenarios of issue 10,
+//! `sparse-resume` and `resume-storm` ([`resume`]). Each checks that the
+//! machine is quiet before it measures ([`quiet`]). This file
 //! only reads the command line, starts the runtime and the pgrelay under
 //! test, runs the scenario and prints its report.
+
+// The load report's `json!` object has outgrown the macro's default depth.
+#![recursion_limit = "256"]
 
 use std::process::ExitCode;
 
@@ -31,10 +36,12 @@ use clap::Parser;
 
 use crate::args::{Args, Scenario};
 use crate::error::{BenchError, Result};
+use crate::procfs::OpenFiles;
 use crate::server::Server;
 
 mod args;
 mod client;
+mod connect_rate;
 mod error;
 mod eventstream;
 mod expected;
@@ -42,6 +49,7 @@ mod frame;
 mod handshake_storm;
 mod load;
 mod procfs;
+mod quiet;
 mod resume;
 mod server;
 mod sse;
@@ -55,14 +63,8 @@ fn main() -> ExitCode {
         return fail(&e);
     }
     // 10,000 sockets need more than the usual 1024 descriptors. A child
-    // pgrelay inherits the raised limit.
-    let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
-    if (nofile as usize) < args.sockets + 256 {
-        eprintln!(
-            "pgrelay-bench: warning: open-file limit is {nofile}, below {} sockets; raise the hard limit (ulimit -Hn)",
-            args.sockets
-        );
-    }
+    // pgrelay inherits the raised limit (checked once it runs, below).
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads)
         .enable_all()
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
             Ok(server) => server,
             Err(e) => return fail(&e),
         };
+        OpenFiles::read(server.pid).warn_below(args.files_needed());
         let outcome = tokio::select! {
             outcome = run(&args, &mut server) => outcome,
             _ = tokio::signal::ctrl_c() => Err(BenchError::Interrupted),
@@ -84,12 +87,11 @@ fn main() -> ExitCode {
         match outcome {
             Ok(Done::Printed(true)) => ExitCode::SUCCESS,
             Ok(Done::Printed(false)) => ExitCode::from(1),
-            Ok(Done::Storm(report)) => conclude(
-                &args,
-                report.json(&args),
-                report.table(&args),
-                report.passed(),
-            ),
+            Ok(Done::Judged {
+                json,
+                table,
+                passed,
+            }) => conclude(&args, json, table, passed),
             Ok(Done::Deliveries(mut report)) => {
                 report.pgrelay_shutdown = shutdown;
                 conclude(
@@ -107,9 +109,25 @@ fn main() -> ExitCode {
 /// What a scenario measured.
 enum Done {
     Deliveries(Box<load::Report>),
-    Storm(handshake_storm::Report),
+    /// A report done before pgrelay stops: its JSON, its table, and
+    /// whether it passed.
+    Judged {
+        json: String,
+        table: String,
+        passed: bool,
+    },
     /// The resume scenarios print their own report: passed or not.
     Printed(bool),
+}
+
+impl Done {
+    fn judged(json: String, table: String, passed: bool) -> Done {
+        Done::Judged {
+            json,
+            table,
+            passed,
+        }
+    }
 }
 
 async fn run(args: &Args, server: &mut Server) -> Result<Done> {
@@ -117,7 +135,14 @@ async fn run(args: &Args, server: &mut Server) -> Result<Done> {
         Scenario::Load => load::bench(args, server)
             .await
             .map(|r| Done::Deliveries(Box::new(r))),
-        Scenario::HandshakeStorm => handshake_storm::storm(args, server).await.map(Done::Storm),
+        Scenario::HandshakeStorm => {
+            let r = handshake_storm::storm(args, server).await?;
+            Ok(Done::judged(r.json(args), r.table(args), r.passed()))
+        }
+        Scenario::ConnectRate => {
+            let r = connect_rate::run(args, server).await?;
+            Ok(Done::judged(r.json(args), r.table(args), r.passed()))
+        }
         Scenario::SparseResume | Scenario::ResumeStorm => {
             resume::run(args, server).await.map(Done::Printed)
         }

@@ -248,11 +248,14 @@ impl Server {
         Ok(())
     }
 
+    /// Our throwaway PostgreSQL's data directory (none for a target).
+    pub(crate) fn data_dir(&self) -> Option<&std::path::Path> {
+        self.cluster.as_ref().map(|c| c.data_dir())
+    }
+
     /// CPU seconds of our throwaway PostgreSQL so far (none for a target).
     pub(crate) fn postgres_cpu_s(&self) -> Option<f64> {
-        self.cluster
-            .as_ref()
-            .and_then(|c| postgres_cpu_s(c.data_dir()))
+        self.data_dir().and_then(postgres_cpu_s)
     }
 
     /// CPU use so far: the machine's, ours, pgrelay's and PostgreSQL's.

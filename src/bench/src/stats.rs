@@ -123,6 +123,30 @@ pub(crate) async fn drain(total: u64, limit: Duration, quiet: Duration) -> Insta
     last.1
 }
 
+/// The value at quantile `q` of `h`, 0 for an empty histogram.
+pub(crate) fn quantile_of(h: &Histogram<u64>, q: f64) -> u64 {
+    if h.is_empty() {
+        0
+    } else {
+        h.value_at_quantile(q)
+    }
+}
+
+/// `p50 2.89ms  p99 8.77ms  max 21.60ms`: quantiles `qs` and the max of a
+/// histogram of µs.
+pub(crate) fn quantiles_line(h: &Histogram<u64>, qs: &[f64]) -> String {
+    let mut parts: Vec<String> = qs
+        .iter()
+        .map(|&q| {
+            let name = format!("{:.1}", q * 100.0);
+            let name = name.strip_suffix(".0").unwrap_or(&name);
+            format!("p{name} {}", ms(quantile_of(h, q)))
+        })
+        .collect();
+    parts.push(format!("max {}", ms(h.max())));
+    parts.join("  ")
+}
+
 /// A latency in µs as milliseconds, for the tables.
 pub(crate) fn ms(us: u64) -> String {
     format!("{:.2}ms", us as f64 / 1000.0)
@@ -187,6 +211,52 @@ pub(crate) fn codes_json<N: Copy + serde::Serialize>(
         .collect::<HashMap<_, _>>())
 }
 
+/// CPU per unit of work (a delivery, a socket) of pgrelay and of the bench,
+/// side by side: the bench must cost less than what it measures, or it
+/// measures itself. The bench's figure is the whole process (clients,
+/// writers, sampling).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuPer {
+    pgrelay_us: Option<f64>,
+    bench_us: f64,
+}
+
+impl CpuPer {
+    /// `n` units for `pgrelay_s` and `bench_s` CPU seconds.
+    pub(crate) fn new(pgrelay_s: Option<f64>, bench_s: f64, n: u64) -> CpuPer {
+        let per = |s: f64| s * 1e6 / n.max(1) as f64;
+        CpuPer {
+            pgrelay_us: pgrelay_s.map(per),
+            bench_us: per(bench_s),
+        }
+    }
+
+    /// The bench's cost over pgrelay's (none without pgrelay's, or at 0).
+    fn ratio(&self) -> Option<f64> {
+        self.pgrelay_us
+            .filter(|&p| p > 0.0)
+            .map(|p| self.bench_us / p)
+    }
+
+    /// `pgrelay 0.81 µs/delivery, bench 0.45 µs/delivery (bench/pgrelay 0.56)`.
+    pub(crate) fn line(&self, unit: &str) -> String {
+        format!(
+            "pgrelay {} µs/{unit}, bench {:.2} µs/{unit} (bench/pgrelay {})",
+            self.pgrelay_us.map_or("?".into(), |p| format!("{p:.2}")),
+            self.bench_us,
+            self.ratio().map_or("?".into(), |r| format!("{r:.2}"))
+        )
+    }
+
+    pub(crate) fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pgrelay": self.pgrelay_us,
+            "bench": self.bench_us,
+            "bench_over_pgrelay": self.ratio(),
+        })
+    }
+}
+
 /// A row of a report's table: `  key                    value`.
 pub(crate) fn row(t: &mut String, key: &str, value: String) {
     use std::fmt::Write as _;
@@ -203,6 +273,38 @@ mod tests {
         assert_eq!(median_max(&mut [4.0, 1.0, 2.0, 3.0]), (2.5, 4.0));
         assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.0);
         assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.99), 4.0);
+    }
+
+    #[test]
+    fn cpu_per_unit_side_by_side() {
+        let per = CpuPer::new(Some(2.0), 1.0, 1_000_000);
+        assert_eq!(
+            per.line("delivery"),
+            "pgrelay 2.00 µs/delivery, bench 1.00 µs/delivery (bench/pgrelay 0.50)"
+        );
+        assert_eq!(per.json()["bench_over_pgrelay"], 0.5);
+        let no_pid = CpuPer::new(None, 1.0, 0);
+        assert_eq!(
+            no_pid.line("socket"),
+            "pgrelay ? µs/socket, bench 1000000.00 µs/socket (bench/pgrelay ?)"
+        );
+        assert!(no_pid.json()["pgrelay"].is_null());
+    }
+
+    #[test]
+    fn quantiles() {
+        let mut h = new_histogram();
+        assert_eq!(
+            quantiles_line(&h, &[0.5, 0.999]),
+            "p50 0.00ms  p99.9 0.00ms  max 0.00ms"
+        );
+        for us in 1..=1000 {
+            h.saturating_record(us * 1000);
+        }
+        assert_eq!(
+            quantiles_line(&h, &[0.5, 0.99]),
+            "p50 500.22ms  p99 990.21ms  max 1000.45ms"
+        );
     }
 
     #[test]

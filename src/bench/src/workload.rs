@@ -26,6 +26,7 @@ pub(crate) async fn workload(args: &Args, server: &Server) -> Result<Workload> {
         specs: client_specs(&server.secret, dashboards, notifications)?,
         rows: Rows::Businesses {
             owners: notifications.max(1) as u64,
+            per_insert: u64::from(args.rows_per_insert),
         },
     })
 }

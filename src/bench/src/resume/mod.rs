@@ -88,7 +88,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
     match args.scenario {
         Scenario::SparseResume => sparse::run(args, server).await,
         Scenario::ResumeStorm => storm::run(args, server).await,
-        Scenario::Load | Scenario::HandshakeStorm => Err(BenchError::run("not a resume scenario")),
+        _ => Err(BenchError::run("not a resume scenario")),
     }
 }
 

@@ -3,7 +3,9 @@
 //! exactly `--sparse-events` events each, spread evenly over the id range.
 //! It times one sparse user's resume from `last_id=0` and from the oldest
 //! retained id, then every sparse user's resume at once, and checks each got
-//! exactly its events, no 1011, and no pool backend left busy.
+//! exactly its events, no 1011, and no pool backend left busy. The
+//! quiet-machine check ([`crate::quiet`]) runs once pgrelay has read the
+//! filled log, before the first resume; both measured phases are judged.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use crate::client::{close_normally, connect, connect_gated, read_loop, ClientSpe
 use crate::error::{BenchError, Result};
 use crate::expected::Expected;
 use crate::frame::Frame;
-use crate::procfs::Load;
+use crate::quiet::{self, Window};
 use crate::server::{connect_db, Server};
 use crate::stats::{code_counts, codes_json, codes_line, median_max, millis, quantile};
 
@@ -369,10 +371,11 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
         .map(|row| row.get::<_, i64>(0).max(row.get::<_, i64>(1)))?;
     let want = layout.sparse_events as usize;
     let mut passed = true;
+    let mut quiet = quiet::check(args, server).await?;
 
     // (a) and (b): one user at a time, interleaved, a different user each run.
     let mut singles: Vec<(&str, i64, i64, f64, f64)> = Vec::new(); // (case, from, user, ms, replay rows)
-    let before = server.usage();
+    let window = Window::open(server);
     for rep in 0..a.repeats as i64 {
         for (case, from, i) in [("a", 0, rep), ("b", oldest, a.repeats as i64 + rep)] {
             let user = SPARSE_BASE + i;
@@ -413,11 +416,11 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let singles_load = Load::between(&before, &server.usage());
+    let (_, singles_load) = quiet.close(window, server);
 
     // (c): every sparse user at once, from 0.
     eprintln!("{} resumes at once...", layout.sparse_users);
-    let before = server.usage();
+    let window = Window::open(server);
     let rows_before = replay_rows(server).await;
     let began = Instant::now();
     let deadline = began + a.resume_timeout;
@@ -440,7 +443,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
         );
     }
     let all_closed = began.elapsed();
-    let burst_load = Load::between(&before, &server.usage());
+    let (_, burst_load) = quiet.close(window, server);
     let burst_rows = replay_rows_since(server, rows_before).await;
     // Every socket has closed: no pool backend may still be running a query.
     let busy = db
@@ -507,7 +510,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({
+            quiet.stamp(serde_json::json!({
                 "scenario": "sparse-resume",
                 "target": server.description,
                 "log": {
@@ -535,12 +538,13 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
                     "load": burst_load,
                 },
                 "passed": passed,
-            })
+            }))
         );
     } else {
         println!(
-            "pgrelay-bench --scenario sparse-resume: {} events, {} sparse users x {} events \
+            "pgrelay-bench --scenario sparse-resume{}: {} events, {} sparse users x {} events \
              (stride {}), {} busy users",
+            quiet.mark(),
             layout.events,
             layout.sparse_users,
             layout.sparse_events,
@@ -603,7 +607,10 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
             }
         );
         println!("      {}", burst_load.line());
-        println!("\n{}", if passed { PASS } else { FAIL });
+        let mut tail = String::new();
+        quiet.row(&mut tail);
+        quiet.verdict(&mut tail, passed, PASS, FAIL);
+        print!("{tail}");
     }
     Ok(passed)
 }

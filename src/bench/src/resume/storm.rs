@@ -3,7 +3,9 @@
 //! through real transactions while it is down, it is started again on the
 //! same port, and every client reconnects at once with `?last_id=&epoch=`.
 //! At the end every client's ids are checked against the log as in the load
-//! run: 0 lost, 0 duplicated, and every socket caught up.
+//! run: 0 lost, 0 duplicated, and every socket caught up. The quiet-machine
+//! check ([`crate::quiet`]) runs once the sockets are connected, before any
+//! row; the window it judges is the storm (restart to caught up).
 
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
@@ -14,10 +16,11 @@ use tokio::sync::watch;
 
 use super::{backoff, replay_rows, replay_rows_since};
 use crate::args::Args;
-use crate::client::{all_connected, client, finish, ClientReport, Ctx, Watch};
+use crate::client::{finish, spawn_all, ClientReport, Ctx, Watch};
 use crate::error::{BenchError, Result};
 use crate::expected::{Expected, Tally};
-use crate::procfs::{mib, proc_sample, Load};
+use crate::procfs::{mib, proc_sample};
+use crate::quiet::{self, Window};
 use crate::server::{connect_db, Server};
 use crate::stats::{codes_json, codes_line, delivered_total, drain, lock};
 use crate::workload::{workload, Workload};
@@ -198,18 +201,14 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
     let db = connect_db(&server.database).await?;
 
     eprintln!("connecting {} sockets...", args.sockets);
-    let connect_began = Instant::now();
-    let handles: Vec<_> = specs
-        .into_iter()
-        .map(|spec| {
-            let watch = StormWatch::new(&storm, args.resume.resume_timeout);
-            tokio::spawn(client(spec, Arc::clone(&ctx), watch))
-        })
-        .collect();
-    let (connect_s, handles) = all_connected(&ctx, handles, args.sockets, connect_began).await?;
+    let (connect_s, handles) = spawn_all(&ctx, specs, || {
+        StormWatch::new(&storm, args.resume.resume_timeout)
+    })
+    .await?;
     let hellos = lock(&ctx.hellos).clone();
     let min_hello = ctx.min_hello(0);
     eprintln!("{} sockets connected in {connect_s:.1} s", args.sockets);
+    let mut quiet = quiet::check(args, server).await?;
 
     // Live rows, delivered, so that cursors differ from client to client.
     let live_rows = paced_rows(
@@ -253,7 +252,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
     let start_began = Instant::now();
     server.start_child().await?;
     let start_s = start_began.elapsed().as_secs_f64();
-    let before = server.usage();
+    let window = Window::open(server);
     let rows_before = replay_rows(server).await;
     let restarted = Instant::now();
     let _ = storm.restarted_at.set(restarted);
@@ -290,7 +289,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     };
-    let storm_load = Load::between(&before, &server.usage());
+    let (_, storm_load) = quiet.close(window, server);
     let storm_rows = replay_rows_since(server, rows_before).await;
     let peak_rss = proc_sample(server.pid).map_or(0, |s| s.hwm_kib);
     let rows_after = writers
@@ -336,7 +335,7 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({
+            quiet.stamp(serde_json::json!({
                 "scenario": "resume-storm",
                 "target": server.description,
                 "sockets": args.sockets, "dashboard_sockets": dashboards,
@@ -362,11 +361,12 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
                 "pgrelay_peak_rss_kib": peak_rss,
                 "load": storm_load,
                 "passed": passed,
-            })
+            }))
         );
     } else {
         println!(
-            "pgrelay-bench --scenario resume-storm: {}, restart with {} rows inserted while down",
+            "pgrelay-bench --scenario resume-storm{}: {}, restart with {} rows inserted while down",
+            quiet.mark(),
             args.sockets_line(),
             args.resume.down_rows
         );
@@ -413,8 +413,10 @@ pub(crate) async fn run(args: &Args, server: &mut Server) -> Result<bool> {
             "  pgrelay peak RSS       {:.1} MiB (the restarted process)",
             mib(peak_rss)
         );
-        println!("  load                   {}", storm_load.line());
-        println!("\n{}", if passed { PASS } else { FAIL });
+        let mut tail = String::new();
+        quiet.rows(&mut tail, "load", &storm_load);
+        quiet.verdict(&mut tail, passed, PASS, FAIL);
+        print!("{tail}");
     }
     Ok(passed)
 }
