@@ -18,6 +18,7 @@ use hyper_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio::io::AsyncWriteExt;
 use tokio::time::{timeout, Instant};
 
 use crate::session::{within_write_timeout, End, Frame, Input, Peer, CLOSE_TIMEOUT, WRITE_TIMEOUT};
@@ -61,19 +62,27 @@ impl WebSocketPeer {
 impl Peer for WebSocketPeer {
     /// An event's frame is queued as the bytes the hub shares (see
     /// `coalesce`); `hello` and `reset` go through tungstenite. One flush
-    /// sends the batch.
+    /// sends the batch: a batch of events only (nearly all) is flushed on
+    /// the socket's IO directly, since tungstenite holds nothing unsent
+    /// (its writes go straight through to the queue).
     async fn send(&mut self, frames: Vec<Frame>) -> Result<(), End> {
         let ws = &mut self.ws;
         within_write_timeout(async {
+            let mut through_tungstenite = false;
             for frame in frames {
                 match frame {
-                    Frame::Event { frame, .. } => ws.get_mut().queue(frame.websocket().clone()),
+                    Frame::Event { frame, .. } => ws.get_mut().queue(frame.into_websocket()),
                     Frame::Hello { text, .. } | Frame::Reset { text, .. } => {
+                        through_tungstenite = true;
                         ws.feed(Message::text(text)).await?
                     }
                 }
             }
-            ws.flush().await
+            if through_tungstenite {
+                ws.flush().await
+            } else {
+                Ok(ws.get_mut().flush().await?)
+            }
         })
         .await
     }
