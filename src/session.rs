@@ -231,14 +231,21 @@ async fn session<P: Peer>(
         }
     }
 
-    let mut deadline = expiry(identity, shared);
+    // Made once and polled on every wake-up: made anew in the loop, each
+    // would register with the runtime's timer and the shared shutdown
+    // token (a lock every socket contends) at every event. The timer is
+    // boxed: inline, its 100-odd bytes would put every socket's task in
+    // jemalloc's next size class (512 bytes more).
+    let mut expired = Box::pin(tokio::time::sleep_until(expiry(identity, shared)));
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(shutdown);
     let mut ping =
         tokio::time::interval_at(Instant::now() + shared.ping_interval, shared.ping_interval);
     loop {
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => return Close::Shutdown.into(),
-            _ = tokio::time::sleep_until(deadline) => return Close::TokenExpired.into(),
+            _ = &mut shutdown => return Close::Shutdown.into(),
+            _ = &mut expired => return Close::TokenExpired.into(),
             // The client's input first: a busy stream must not starve
             // refreshes. A client flooding frames only slows itself.
             input = peer.input() => match input {
@@ -253,7 +260,7 @@ async fn session<P: Peer>(
                             match Box::pin(refresh(shared, endpoint, identity, &token)).await {
                                 Ok(renewed) => {
                                     *identity = renewed;
-                                    deadline = expiry(identity, shared);
+                                    expired.as_mut().reset(expiry(identity, shared));
                                 }
                                 Err(end) => return end,
                             }
