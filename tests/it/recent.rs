@@ -127,7 +127,7 @@ async fn cursor_older_than_memory_reads_the_database_and_is_exact() {
     let owner = token("2", false);
     let mut notifications = resume(&relay, "/ws/notifications/", &owner, cursor, &epoch).await;
     let expected = ids_for_user_after(&db, "2", cursor).await;
-    assert_eq!(expected.len(), 300);
+    assert_eq!(expected.len(), 450);
     assert_resumed(
         &mut notifications,
         &expected,
