@@ -1,5 +1,6 @@
 //! The deadpool pool and every query pgrelay makes through it: replay pages,
-//! the log's epoch and retention cursor, pruning, the admin and stream
+//! the newest events at start ([`Db::newest`], which `recent` is primed
+//! with), the log's epoch and retention cursor, pruning, the admin and stream
 //! queries ([`Db::ask`]), the bell's history pages, read state, unread
 //! count and `mark_read`, the listener's probe NOTIFY.
 //!

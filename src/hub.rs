@@ -26,7 +26,7 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::broadcast;
 
 use crate::parse::Event;
-use crate::recent::Recent;
+use crate::recent::{Kept, Recent};
 use crate::route::Targets;
 
 /// One event's frame, shared by every socket it goes to.
@@ -48,6 +48,18 @@ impl Delivery {
     }
 }
 
+impl Kept for Delivery {
+    fn of(event: &Event) -> Delivery {
+        Delivery::new(event)
+    }
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn bytes(&self) -> usize {
+        self.frame.len()
+    }
+}
+
 /// Queue sizes, in frames.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueSizes {
@@ -61,7 +73,7 @@ pub struct Hub {
     state: Mutex<State>,
     /// The newest events, for replays (`recent`): appended before
     /// `last_id` moves, so it always reaches `last_id`.
-    recent: Recent,
+    recent: Recent<Delivery>,
     dashboard_queue: usize,
     user_queue: usize,
     stream_queue: usize,
@@ -107,7 +119,7 @@ pub struct Subscription {
 }
 
 impl Hub {
-    pub fn new(sizes: QueueSizes, recent: Recent) -> Arc<Hub> {
+    pub fn new(sizes: QueueSizes, recent: Recent<Delivery>) -> Arc<Hub> {
         let dashboard_queue = sizes.dashboard.max(1);
         Arc::new(Hub {
             state: Mutex::new(State {
@@ -129,7 +141,7 @@ impl Hub {
     }
 
     /// The newest events handed to the hub.
-    pub fn recent(&self) -> &Recent {
+    pub fn recent(&self) -> &Recent<Delivery> {
         &self.recent
     }
 

@@ -10,9 +10,10 @@
 //! has just handed out; keeping them costs a few megabytes.
 //!
 //! What is kept: every event the hub publishes, in id order, with its frame
-//! (the hub's [`Delivery`], whose bytes are shared with the sockets' rings:
-//! nothing is serialised again) and its audiences (the router's
-//! [`Targets`], computed once by the listener), so a replay decides
+//! (the hub's `Delivery`, whose bytes are shared with the sockets' rings:
+//! nothing is serialised again; [`Kept`] is what this module needs of it,
+//! so that it does not import the hub that holds it) and its audiences (the
+//! router's [`Targets`], computed once by the listener), so a replay decides
 //! visibility by the rule live delivery follows (`bell::reaches`) without
 //! routing again. An event nobody may see is not kept; it only moves the
 //! range.
@@ -55,26 +56,37 @@ use std::mem::size_of;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::db::{Db, DbError, REPLAY_WINDOW};
-use crate::hub::Delivery;
+use crate::parse::Event;
 use crate::route::{Routes, Targets};
 
 /// Rows the priming read asks for at most (fewer when the budget holds
 /// fewer entries).
 const PRIME_ROWS: usize = 20_000;
 
+/// What memory keeps of an event: its frame, built once (the hub's
+/// `Delivery`).
+pub trait Kept: Clone {
+    /// The frame of an event read from the log (priming).
+    fn of(event: &Event) -> Self;
+    fn id(&self) -> i64;
+    /// The frame's own bytes, counted against the budget.
+    fn bytes(&self) -> usize;
+}
+
 /// One event as a replay needs it.
 #[derive(Debug)]
-pub struct Entry {
-    pub delivery: Delivery,
+pub struct Entry<D> {
+    pub delivery: D,
     pub targets: Targets,
 }
 
 /// What an entry costs besides its frame and its audiences' keys: the entry,
 /// the `Arc`'s counts, the deque's slot, and allocator rounding.
-const ENTRY_OVERHEAD: usize =
-    size_of::<Entry>() + 2 * size_of::<usize>() + size_of::<Arc<Entry>>() + 32;
+const fn overhead<D>() -> usize {
+    size_of::<Entry<D>>() + 2 * size_of::<usize>() + size_of::<Arc<Entry<D>>>() + 32
+}
 
-impl Entry {
+impl<D: Kept> Entry<D> {
     /// Bytes counted against the budget.
     fn cost(&self) -> usize {
         let users: usize = (self.targets.users.iter())
@@ -83,19 +95,19 @@ impl Entry {
         let streams: usize = (self.targets.streams.iter())
             .map(|(_, key)| size_of::<(usize, String)>() + key.len())
             .sum();
-        ENTRY_OVERHEAD + self.delivery.frame.len() + users + streams
+        overhead::<D>() + self.delivery.bytes() + users + streams
     }
 }
 
 /// The newest events, bounded (see the module docs).
-pub struct Recent {
-    state: Mutex<State>,
+pub struct Recent<D> {
+    state: Mutex<State<D>>,
     /// Bytes at most; 0: off.
     budget: usize,
 }
 
-struct State {
-    entries: VecDeque<Arc<Entry>>,
+struct State<D> {
+    entries: VecDeque<Arc<Entry<D>>>,
     /// The newest id not held: every event above it, up to `to`, is.
     from: i64,
     /// The newest id published.
@@ -110,9 +122,9 @@ struct State {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Lost(pub i64);
 
-impl Recent {
+impl<D: Kept> Recent<D> {
     /// Empty, at id 0, holding at most `budget` bytes (0: nothing, ever).
-    pub fn new(budget: usize) -> Recent {
+    pub fn new(budget: usize) -> Recent<D> {
         Recent {
             state: Mutex::new(State {
                 entries: VecDeque::new(),
@@ -125,7 +137,7 @@ impl Recent {
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn state(&self) -> MutexGuard<'_, State<D>> {
         // A panic while holding this lock leaves plain data behind: keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -144,7 +156,7 @@ impl Recent {
     /// Appends the event `id` published next, with its frame when anyone may
     /// see it (`None`: nobody; only the range moves). Ids must come in
     /// increasing order; one not above the last is ignored.
-    pub fn push(&self, id: i64, delivery: Option<&Delivery>, targets: &Targets) {
+    pub fn push(&self, id: i64, delivery: Option<&D>, targets: &Targets) {
         // Built before the lock: the lock covers the deque only.
         let entry = (self.budget > 0).then_some(delivery).flatten().map(|d| {
             Arc::new(Entry {
@@ -171,14 +183,14 @@ impl Recent {
                 break;
             };
             state.bytes -= oldest.cost();
-            state.from = oldest.delivery.id;
+            state.from = oldest.delivery.id();
         }
     }
 
     /// Starts a read of the events above `after` up to `upto`, or `None`
     /// when memory does not hold all of them (or `after` is above `upto`:
     /// a cursor beyond the head is the log's to judge).
-    pub fn read(&self, after: i64, upto: i64) -> Option<Reader<'_>> {
+    pub fn read(&self, after: i64, upto: i64) -> Option<Reader<'_, D>> {
         if self.budget == 0 {
             return None;
         }
@@ -206,7 +218,7 @@ impl Recent {
             return Ok(0);
         }
         let floor = head.saturating_sub(REPLAY_WINDOW);
-        let rows = PRIME_ROWS.min(self.budget / ENTRY_OVERHEAD + 1);
+        let rows = PRIME_ROWS.min(self.budget / overhead::<D>() + 1);
         let (page, pruned_through) = db
             .newest(&routes.channels(), head, floor, rows as i64)
             .await?;
@@ -220,7 +232,7 @@ impl Recent {
         self.reset(oldest.max(pruned_through).min(head));
         for event in page.events.iter().rev() {
             let targets = routes.route(event);
-            let delivery = targets.any().then(|| Delivery::new(event));
+            let delivery = targets.any().then(|| D::of(event));
             self.push(event.id, delivery.as_ref(), &targets);
         }
         self.push(head, None, &Targets::default());
@@ -229,18 +241,18 @@ impl Recent {
 }
 
 /// A read of `(after, upto]` from memory, a page at a time.
-pub struct Reader<'a> {
-    recent: &'a Recent,
+pub struct Reader<'a, D> {
+    recent: &'a Recent<D>,
     generation: u64,
     after: i64,
     upto: i64,
 }
 
-impl Reader<'_> {
+impl<D: Kept> Reader<'_, D> {
     /// The next page of at most `max` entries (at least 1), in id order, or
     /// `None` when the read is done; [`Lost`] when memory no longer holds the
     /// rest. An entry's visibility is the caller's to check.
-    pub fn next_page(&mut self, max: usize) -> Result<Option<Vec<Arc<Entry>>>, Lost> {
+    pub fn next_page(&mut self, max: usize) -> Result<Option<Vec<Arc<Entry<D>>>>, Lost> {
         if self.after >= self.upto {
             return Ok(None);
         }
@@ -251,16 +263,16 @@ impl Reader<'_> {
         }
         let start = state
             .entries
-            .partition_point(|e| e.delivery.id <= self.after);
-        let page: Vec<Arc<Entry>> = (state.entries.range(start..))
-            .take_while(|e| e.delivery.id <= self.upto)
+            .partition_point(|e| e.delivery.id() <= self.after);
+        let page: Vec<Arc<Entry<D>>> = (state.entries.range(start..))
+            .take_while(|e| e.delivery.id() <= self.upto)
             .take(max)
             .cloned()
             .collect();
         drop(state);
         // A short page reached `upto`; a full one goes on after its last.
         self.after = match page.last() {
-            Some(last) if page.len() == max => last.delivery.id,
+            Some(last) if page.len() == max => last.delivery.id(),
             _ => self.upto,
         };
         Ok(Some(page))
@@ -270,14 +282,25 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper_tungstenite::tungstenite::Utf8Bytes;
 
-    fn delivery(id: i64, bytes: usize) -> Delivery {
-        Delivery {
-            id,
-            frame: Utf8Bytes::from("x".repeat(bytes)),
-            read: false,
+    /// A frame of `.1` bytes.
+    #[derive(Debug, Clone)]
+    struct Frame(i64, usize);
+
+    impl Kept for Frame {
+        fn of(event: &Event) -> Frame {
+            Frame(event.id, event.data.get().len())
         }
+        fn id(&self) -> i64 {
+            self.0
+        }
+        fn bytes(&self) -> usize {
+            self.1
+        }
+    }
+
+    fn delivery(id: i64, bytes: usize) -> Frame {
+        Frame(id, bytes)
     }
 
     fn to(user: &str) -> Targets {
@@ -290,7 +313,7 @@ mod tests {
 
     /// Pushes `(id, seen)` events of `bytes` each into memory of `budget`
     /// events of that size, starting at `start`.
-    fn filled(budget: usize, start: i64, events: &[(i64, bool)]) -> Recent {
+    fn filled(budget: usize, start: i64, events: &[(i64, bool)]) -> Recent<Frame> {
         let size = Entry {
             delivery: delivery(0, 100),
             targets: to("u"),
@@ -307,11 +330,11 @@ mod tests {
 
     /// Every page of a read of `(after, upto]`, as ids, or `None` when
     /// memory does not hold the range.
-    fn pages(recent: &Recent, after: i64, upto: i64, max: usize) -> Option<Vec<Vec<i64>>> {
+    fn pages(recent: &Recent<Frame>, after: i64, upto: i64, max: usize) -> Option<Vec<Vec<i64>>> {
         let mut reader = recent.read(after, upto)?;
         let mut pages = Vec::new();
         while let Some(page) = reader.next_page(max).expect("held") {
-            pages.push(page.iter().map(|e| e.delivery.id).collect());
+            pages.push(page.iter().map(|e| e.delivery.id()).collect());
         }
         Some(pages)
     }
@@ -372,7 +395,7 @@ mod tests {
         }
         let second = reader.next_page(2).expect("held").expect("a page");
         assert_eq!(
-            second.iter().map(|e| e.delivery.id).collect::<Vec<_>>(),
+            second.iter().map(|e| e.delivery.id()).collect::<Vec<_>>(),
             [3, 4]
         );
         assert!(reader.next_page(2).expect("done").is_none());
