@@ -48,18 +48,6 @@ impl Delivery {
     }
 }
 
-impl Kept for Delivery {
-    fn of(event: &Event) -> Delivery {
-        Delivery::new(event)
-    }
-    fn id(&self) -> i64 {
-        self.id
-    }
-    fn bytes(&self) -> usize {
-        self.frame.len()
-    }
-}
-
 /// Queue sizes, in frames.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueSizes {
@@ -251,6 +239,20 @@ impl Drop for Subscription {
                 state.remove(ring);
             }
         }
+    }
+}
+
+/// What `recent` keeps of an event: its delivery, bytes shared with the
+/// rings.
+impl Kept for Delivery {
+    fn of(event: &Event) -> Delivery {
+        Delivery::new(event)
+    }
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn bytes(&self) -> usize {
+        self.frame.len()
     }
 }
 
