@@ -183,6 +183,11 @@ options! {
         /// Connections in the read pool (replay, large events) [default: 8].
         #[arg(long, env = "PGRELAY_POOL_SIZE")]
         pub pool_size: Option<usize>,
+        /// Memory for the newest events, in MiB: a resume whose cursor is among them is
+        /// replayed from memory, without a query or a replay turn; 0 turns it off
+        /// [default: 32].
+        #[arg(long, env = "PGRELAY_REPLAY_MEMORY")]
+        pub replay_memory: Option<usize>,
         /// Browser origin allowed to open sockets, exactly as sent in `Origin`; repeatable
         /// [default: any].
         #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ';')]
@@ -426,6 +431,8 @@ pub struct ServeConfig {
     pub retention: Duration,
     pub queues: QueueSizes,
     pub pool_size: usize,
+    /// `--replay-memory`, in bytes (0: off).
+    pub replay_memory: usize,
     pub allowed_origins: Vec<String>,
     pub admin_query: Option<String>,
     pub admin_cache: Duration,
@@ -454,6 +461,7 @@ impl ServeConfig {
             retention: DEFAULT_RETENTION,
             queues: DEFAULT_QUEUES,
             pool_size: DEFAULT_POOL_SIZE,
+            replay_memory: DEFAULT_REPLAY_MEMORY_MIB << 20,
             allowed_origins: Vec::new(),
             admin_query: None,
             admin_cache: DEFAULT_ADMIN_CACHE,
@@ -470,6 +478,10 @@ pub const DEFAULT_QUEUES: QueueSizes = QueueSizes {
     stream: 256,
 };
 pub const DEFAULT_POOL_SIZE: usize = 8;
+/// `--replay-memory`'s default, in MiB.
+pub const DEFAULT_REPLAY_MEMORY_MIB: usize = 32;
+/// The largest `--replay-memory`, in MiB (64 GiB).
+const MAX_REPLAY_MEMORY_MIB: usize = 64 << 10;
 pub const DEFAULT_ADMIN_CACHE: Duration = Duration::from_secs(30);
 
 fn default_admin_claim() -> AdminClaim {
@@ -680,6 +692,16 @@ impl ServeArgs {
             stream: count!(stream_queue, DEFAULT_QUEUES.stream),
         };
         let pool_size = count!(pool_size, DEFAULT_POOL_SIZE);
+        let replay_memory = match o.replay_memory {
+            Some(mib) if mib > MAX_REPLAY_MEMORY_MIB => {
+                return Err(ConfigError::Value {
+                    flag: "replay-memory",
+                    value: mib.to_string(),
+                    reason: format!("must be from 0 to {MAX_REPLAY_MEMORY_MIB} (MiB)"),
+                })
+            }
+            mib => mib.unwrap_or(DEFAULT_REPLAY_MEMORY_MIB) << 20,
+        };
         let defaults = Limits::default();
         let limits = Limits {
             max_connections: count!(max_connections, defaults.max_connections),
@@ -728,6 +750,7 @@ impl ServeArgs {
             retention,
             queues,
             pool_size,
+            replay_memory,
         })
     }
 }
@@ -824,6 +847,7 @@ impl ServeConfig {
             dashboard_queue: Some(self.queues.dashboard),
             user_queue: Some(self.queues.user),
             pool_size: Some(self.pool_size),
+            replay_memory: Some(self.replay_memory >> 20),
             allowed_origin: self.allowed_origins.clone(),
             admin_query: self.admin_query.clone(),
             admin_cache: Some(self.admin_cache),
@@ -951,6 +975,8 @@ mod tests {
             "2h",
             "--pool-size",
             "3",
+            "--replay-memory",
+            "5",
             "--allowed-origin",
             "https://app.example",
             "--admin-query",
@@ -988,6 +1014,7 @@ mod tests {
         .expect("printed config resolves");
         assert_eq!(again.to_string(), printed);
         assert_eq!(again.auth.leeway, Duration::from_secs(90));
+        assert_eq!(again.replay_memory, 5 << 20);
         assert_eq!(again.limits.handshake_timeout, Duration::from_millis(250));
         assert_eq!(again.admin_query.as_deref(), Some("SELECT $1 = 'x\"y'"));
         assert_eq!(

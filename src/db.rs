@@ -1,5 +1,6 @@
 //! The deadpool pool and every query pgrelay makes through it: replay pages,
-//! the log's epoch and retention cursor, pruning, the admin and stream
+//! the newest events at start ([`Db::newest`], which `recent` is primed
+//! with), the log's epoch and retention cursor, pruning, the admin and stream
 //! queries ([`Db::ask`]), the bell's history pages, read state, unread
 //! count and `mark_read`, the listener's probe NOTIFY.
 //!
@@ -551,6 +552,43 @@ impl Db {
             };
             tx.commit().await?;
             page_from_rows(&rows)
+        })
+        .await
+    }
+
+    /// The newest events on `channels` with `floor < id <= head`, newest
+    /// first, at most `limit`, and then, in the same transaction, the log's
+    /// `pruned_through`: retention deletes rows and moves it in one
+    /// transaction, so a row missing from the page because it was pruned is
+    /// at or below the value returned. The caller bounds `head - floor`
+    /// (one [`REPLAY_WINDOW`]). What `recent` primes itself with.
+    pub async fn newest(
+        &self,
+        channels: &[String],
+        head: i64,
+        floor: i64,
+        limit: i64,
+    ) -> Result<(Page, i64), DbError> {
+        self.timed("newest events", async {
+            let mut client = self.pool.get().await?;
+            let tx = bounded(&mut client).await?;
+            let (before, lowest) = (head.saturating_add(1), floor.saturating_add(1));
+            let rows = tx
+                .query_typed(
+                    CHANNEL_HISTORY,
+                    &[
+                        (&before, Type::INT8),
+                        (&lowest, Type::INT8),
+                        (&channels, Type::TEXT_ARRAY),
+                        (&limit, Type::INT8),
+                    ],
+                )
+                .await?;
+            let pruned = tx
+                .query_typed_one("SELECT pruned_through FROM pgrelay.meta", &[])
+                .await?;
+            tx.commit().await?;
+            Ok((page_from_rows(&rows)?, pruned.try_get(0)?))
         })
         .await
     }

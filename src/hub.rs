@@ -15,6 +15,9 @@
 //! `last_id` is the newest id the listener has handed to the hub. It is read
 //! together with subscribing, under one lock, so a new socket gets every event
 //! above the `last_id` it reports in `hello`: no gap at connect.
+//!
+//! Every event is also appended to `recent` (the newest events, for
+//! replays), before its lock moves `last_id`, and `restart` empties it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;
 
 use crate::parse::Event;
+use crate::recent::{Kept, Recent};
 use crate::route::Targets;
 use crate::wire::EventFrame;
 
@@ -55,6 +59,9 @@ pub struct QueueSizes {
 
 pub struct Hub {
     state: Mutex<State>,
+    /// The newest events, for replays (`recent`): appended before
+    /// `last_id` moves, so it always reaches `last_id`.
+    recent: Recent<Delivery>,
     dashboard_queue: usize,
     user_queue: usize,
     stream_queue: usize,
@@ -100,7 +107,7 @@ pub struct Subscription {
 }
 
 impl Hub {
-    pub fn new(sizes: QueueSizes) -> Arc<Hub> {
+    pub fn new(sizes: QueueSizes, recent: Recent<Delivery>) -> Arc<Hub> {
         let dashboard_queue = sizes.dashboard.max(1);
         Arc::new(Hub {
             state: Mutex::new(State {
@@ -109,6 +116,7 @@ impl Hub {
                 users: HashMap::new(),
                 streams: HashMap::new(),
             }),
+            recent,
             dashboard_queue,
             user_queue: sizes.user.max(1),
             stream_queue: sizes.stream.max(1),
@@ -118,6 +126,11 @@ impl Hub {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock leaves plain data behind: keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest events handed to the hub.
+    pub fn recent(&self) -> &Recent<Delivery> {
+        &self.recent
     }
 
     /// The newest id handed to the hub.
@@ -136,6 +149,9 @@ impl Hub {
     /// so every socket sees its queue closed and is told to reconnect, and
     /// starts again from `last_id`.
     pub fn restart(&self, last_id: i64) {
+        // Emptied first: no socket subscribes at the new `last_id` while
+        // memory still holds the old log.
+        self.recent.reset(last_id);
         let mut state = self.state();
         state.last_id = last_id;
         state.dashboard = broadcast::channel(self.dashboard_queue).0;
@@ -149,6 +165,7 @@ impl Hub {
     /// never waits for a serialisation.
     pub fn publish(&self, event: &Event, targets: &Targets) {
         let delivery = targets.any().then(|| Delivery::new(event));
+        self.recent.push(event.id, delivery.as_ref(), targets);
         let mut state = self.state();
         state.last_id = state.last_id.max(event.id);
         let Some(delivery) = delivery else {
@@ -225,6 +242,20 @@ impl Drop for Subscription {
     }
 }
 
+/// What `recent` keeps of an event: its delivery, bytes shared with the
+/// rings.
+impl Kept for Delivery {
+    fn of(event: &Event) -> Delivery {
+        Delivery::new(event)
+    }
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn bytes(&self) -> usize {
+        self.frame.size()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,11 +273,14 @@ mod tests {
     }
 
     fn hub() -> Arc<Hub> {
-        Hub::new(QueueSizes {
-            dashboard: 4,
-            user: 2,
-            stream: 2,
-        })
+        Hub::new(
+            QueueSizes {
+                dashboard: 4,
+                user: 2,
+                stream: 2,
+            },
+            Recent::new(0),
+        )
     }
 
     #[test]

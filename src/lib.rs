@@ -13,8 +13,9 @@
 //!                the log on that same connection (db::LogReader); reconnects, catches up,
 //!                probes that it hears other connections' NOTIFYs, re-reads every heartbeat
 //!   -> route     Event -> audiences: dashboard, user:<id>, stream key (pure)
-//!   -> hub       audience -> subscribers; each frame built once, bounded rings
-//!   -> session   one task per client: hello, replay, live, refresh, close,
+//!   -> hub       audience -> subscribers; each frame built once, bounded rings;
+//!                the newest events kept (recent) for replays
+//!   -> session   one task per client: hello, replay (from memory or the log), live, refresh, close,
 //!                over a Peer: websocket (`/ws/...`) or sse (`/sse/...`)
 //! ```
 //!
@@ -29,6 +30,7 @@
 //! | JWT checks, where a token is read from | `auth` |
 //! | who gets an event; the user-id rule; `--stream` specs | `route` |
 //! | slow-socket rings, `last_id` | `hub` |
+//! | the newest events in memory (`--replay-memory`): resumes without a query, priming at start | `recent` |
 //! | a client's life: replay, live, refresh, when to close | `session` |
 //! | WebSocket frames out, client messages, pings, the close handshake | `websocket` |
 //! | the event-stream response, SSE ids, heartbeats, `event: close` | `sse` |
@@ -45,7 +47,7 @@
 //!
 //! Invariants: data flows one way; the listener never waits on a socket;
 //! nothing downstream of the listener touches PostgreSQL except, through the
-//! pool, replay reads, the admin and stream queries (at the door and on
+//! pool, replay reads of events no longer in memory, the admin and stream queries (at the door and on
 //! refresh), and the bell's reads and marks (history, `?unread=1`, read
 //! messages and `POST /read`); every
 //! spawned task is tracked and ends on the one cancellation token. No module
@@ -63,6 +65,7 @@ pub mod listen;
 pub mod metrics;
 pub mod parse;
 pub mod pgconn;
+pub mod recent;
 pub mod replays;
 pub mod retention;
 pub mod route;
@@ -91,6 +94,7 @@ use crate::db::{Db, DbError};
 use crate::hub::Hub;
 use crate::listen::Listener;
 use crate::metrics::Metrics;
+use crate::recent::Recent;
 use crate::replays::ReplayLimits;
 use crate::shared::Shared;
 
@@ -192,10 +196,20 @@ impl Relay {
         let metrics = Arc::new(Metrics::default());
         let status = Arc::new(Status::default());
         status.set_epoch(&info.epoch);
-        let hub = Hub::new(config.queues);
+        let hub = Hub::new(config.queues, Recent::new(config.replay_memory));
         // Sockets may connect before the listener is up: their `hello` must
         // already name the log's newest id, which the listener starts from.
         hub.advance(info.max_id);
+        // The newest events up to that id, read once, so that a reconnect
+        // storm right after a restart resumes from memory; the listener
+        // appends from there.
+        match hub.recent().prime(&db, &config.routes, info.max_id).await {
+            Ok(events) => tracing::debug!(events, "newest events read into memory"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not read the newest events into memory; resumes read them from the database"
+            ),
+        }
         tracker.spawn(
             Listener {
                 config: listen_database,

@@ -45,8 +45,9 @@
 //! replays share), so a storm of replays cannot starve the listener of pool
 //! connections; the driver task never waits on them. The log's epoch at
 //! connect and the probe NOTIFY go through the pool. When the log went back
-//! or changed epoch, the hub drops every queue and each socket closes with
-//! 1012 (its resume gets `reset`). Nothing here waits on a socket.
+//! or changed epoch, the hub drops every queue and the events it kept for
+//! replays (`recent`), and each socket closes with 1012 (its resume gets
+//! `reset`). Nothing here waits on a socket.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

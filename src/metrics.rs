@@ -51,6 +51,7 @@ pub struct Metrics {
     pub closes: Family<CloseLabels, Counter>,
     pub listener_reconnects: Counter,
     pub replay_rows: Counter,
+    pub replays_from_memory: Counter,
     pub replays_refused: Counter,
     pub event_lag: Histogram,
     pub notification_queue_usage: Gauge<f64, AtomicU64>,
@@ -116,6 +117,13 @@ impl Default for Metrics {
             "Rows read from pgrelay.events to replay or catch up",
             replay_rows.clone(),
         );
+        let replays_from_memory = Counter::default();
+        registry.register(
+            "replays_from_memory",
+            "Resumes replayed from the newest events held in memory (--replay-memory), \
+             without a query or a replay turn",
+            replays_from_memory.clone(),
+        );
         let replays_refused = Counter::default();
         registry.register(
             "replays_refused",
@@ -153,6 +161,7 @@ impl Default for Metrics {
             closes,
             listener_reconnects,
             replay_rows,
+            replays_from_memory,
             replays_refused,
             event_lag,
             notification_queue_usage,

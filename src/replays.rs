@@ -1,7 +1,8 @@
-//! Caps on concurrent replays: in total, because replays share the read
-//! pool with admin checks and the listener's probe, and per user, so one
-//! user's many tabs and devices reconnecting with old cursors cannot take
-//! them all. Each replay page is bounded in PostgreSQL (see `db`); these
+//! Caps on concurrent replays from the log: in total, because replays share
+//! the read pool with admin checks and the listener's probe, and per user,
+//! so one user's many tabs and devices reconnecting with old cursors cannot
+//! take them all. A replay from memory (`recent`) reads no pool connection
+//! and takes no turn. Each replay page is bounded in PostgreSQL (see `db`); these
 //! bound how many run at once.
 //!
 //! Over the per-user cap a socket is refused at once; over the total cap it

@@ -78,7 +78,7 @@ pub struct KeyFilter {
 
 /// Where one event goes: the dashboard stream, these users, and these
 /// (stream index, key) pairs.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Targets {
     pub dashboard: bool,
     pub users: Vec<String>,

@@ -9,7 +9,9 @@
 //! live meet at the hub's `last_id` taken when subscribing, and a cursor from
 //! a replica further ahead is honoured too). Queued frames are handed to the
 //! peer in one batch. A peer that stalls longer than [`WRITE_TIMEOUT`] is
-//! dropped. Database access goes through the pool only: the replay
+//! dropped. A replay whose events are all still in memory (`recent`) is
+//! sent from there, with no query and no replay turn. Database access goes
+//! through the pool only: any other replay
 //! (`db::LogReader`, under the statement timeout, a keyed stream filtered in
 //! SQL), the unread count when `hello` is asked for it (under a replay's
 //! turn), `read`/`clear` messages (`bell::mark`), and, on a refresh, the
@@ -32,6 +34,7 @@ use crate::db::{Cursor, LogReader, Source, REPLAY_WINDOW};
 use crate::hub::{Delivery, Ring, Subscription};
 use crate::metrics::CloseLabels;
 use crate::parse::Event;
+use crate::recent::Lost;
 use crate::replays::Busy;
 use crate::shared::Shared;
 use crate::wire::{self, reason, ClientMessage, Close, Endpoint, EventFrame, Reset, Resume};
@@ -89,6 +92,7 @@ pub enum Frame {
 }
 
 impl From<Delivery> for Frame {
+    /// An event's shared frame, as the hub built it.
     fn from(delivery: Delivery) -> Frame {
         Frame::Event {
             id: delivery.id,
@@ -415,8 +419,9 @@ async fn mark_read(
 }
 
 /// Replays the events after `resume.last_id` up to `upto` (the hub's `last_id`
-/// when this client subscribed) that it may see, in pages. Returns the
-/// cursor live delivery continues from.
+/// when this client subscribed) that it may see, in pages: from memory when
+/// it holds them all, else (or from where memory lost them) from the log.
+/// Returns the cursor live delivery continues from.
 async fn replay<P: Peer>(
     peer: &mut P,
     shared: &Shared,
@@ -432,6 +437,11 @@ async fn replay<P: Peer>(
     if resume.last_id == upto && resume.epoch.as_ref().is_none_or(|e| *e == epoch) {
         return Ok(upto);
     }
+    // Recent events (the usual case after a restart, a deploy or a 1012
+    // with rows written meanwhile) cost no turn and no query either.
+    let Some(after) = from_memory(peer, shared, endpoint, user, resume, upto).await? else {
+        return Ok(upto);
+    };
     let _turn = shared.replays.turn(user).await.map_err(|busy| {
         shared.metrics.replays_refused.inc();
         tracing::debug!(reason = %busy, "replay refused: retry later");
@@ -447,9 +457,9 @@ async fn replay<P: Peer>(
     let info = shared.db.log_info().await.map_err(unavailable)?;
     let reset = if resume.epoch.as_ref().is_some_and(|e| *e != info.epoch) {
         Some(Reset::EpochMismatch)
-    } else if resume.last_id < info.pruned_through {
+    } else if after < info.pruned_through {
         Some(Reset::CursorExpired)
-    } else if resume.last_id > info.max_id {
+    } else if after > info.max_id {
         Some(Reset::CursorUnknown)
     } else {
         None
@@ -492,7 +502,7 @@ async fn replay<P: Peer>(
     let mut log = LogReader::new(
         source,
         Cursor {
-            after: resume.last_id,
+            after,
             upto,
             window: REPLAY_WINDOW,
             page: REPLAY_PAGE,
@@ -515,18 +525,61 @@ async fn replay<P: Peer>(
     // Retention may have pruned into the range while it was being read: then
     // rows may be missing from it, and the client must hear so. (The cursor
     // was at or above what was pruned when the replay began.)
-    if resume.last_id < upto {
+    if after < upto {
         let pruned = shared
             .db
             .log_info()
             .await
             .map_err(unavailable)?
             .pruned_through;
-        if pruned > resume.last_id {
+        if pruned > after {
             send_reset(peer, Reset::CursorExpired, upto).await?;
         }
     }
-    Ok(resume.last_id.max(upto))
+    Ok(after.max(upto))
+}
+
+/// Sends, from memory (`recent`), the events after `resume.last_id` up to
+/// `upto` that the client may see, in pages, by live delivery's rule.
+/// Returns `None` when that is all of them, or the id after which the log
+/// must go on: the cursor itself when memory does not hold the whole range
+/// (or the cursor is from another epoch), a later one when memory lost the
+/// rest midway (evicted by newer events, or the log went back).
+async fn from_memory<P: Peer>(
+    peer: &mut P,
+    shared: &Shared,
+    endpoint: &Endpoint,
+    user: &str,
+    resume: &Resume,
+    upto: i64,
+) -> Result<Option<i64>, End> {
+    let Some(mut memory) = shared.hub.recent().read(resume.last_id, upto) else {
+        return Ok(Some(resume.last_id));
+    };
+    // The epoch is read after the range is taken: when the log goes back,
+    // memory is emptied before the new epoch is published, so a range taken
+    // before that ends in `Lost` (and the log checks the epoch), and one
+    // taken after it holds nothing until the new epoch is the one read here.
+    if (resume.epoch.as_ref()).is_some_and(|e| *e != shared.status.epoch()) {
+        return Ok(Some(resume.last_id));
+    }
+    shared.metrics.replays_from_memory.inc();
+    loop {
+        let page = match memory.next_page(REPLAY_PAGE as usize) {
+            Ok(Some(page)) => page,
+            Ok(None) => return Ok(None),
+            Err(Lost(after)) => return Ok(Some(after)),
+        };
+        let frames: Vec<Frame> = (page.iter())
+            .filter(|e| bell::reaches(endpoint, user, &e.targets))
+            .map(|e| Frame::from(e.delivery.clone()))
+            .collect();
+        let n = frames.len() as u64;
+        if n > 0 {
+            peer.send(frames).await?;
+            shared.metrics.deliveries.inc_by(n);
+        }
+    }
 }
 
 /// A `reset`; live delivery goes on from `position`.

@@ -473,13 +473,18 @@ impl EventFrame {
     }
 
     /// The complete WebSocket frame (FIN, text, unmasked).
-    pub fn websocket(&self) -> &Bytes {
-        &self.websocket
+    pub fn into_websocket(self) -> Bytes {
+        self.websocket
     }
 
     /// The frame's JSON text.
     pub fn json(&self) -> &[u8] {
         &self.websocket[self.json_at..]
+    }
+
+    /// Bytes held (the WebSocket frame, the JSON within it).
+    pub fn size(&self) -> usize {
+        self.websocket.len()
     }
 }
 

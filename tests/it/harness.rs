@@ -912,6 +912,47 @@ pub async fn ids_after(db: &TestDb, after: i64) -> Vec<i64> {
         .collect()
 }
 
+/// The ids of the events user `user` may see, above `after`, in id order
+/// (the default routes: owner of a business; business owner or customer of
+/// a reservation).
+pub async fn ids_for_user_after(db: &TestDb, user: &str, after: i64) -> Vec<i64> {
+    db.client()
+        .await
+        .query(
+            "SELECT id FROM pgrelay.events WHERE id > $1 AND ( \
+                 (channel = 'business_events' AND payload->>'owner_id' = $2) OR \
+                 (channel = 'reservation_events' AND \
+                  $2 IN (payload->>'business_owner_id', payload->>'customer_id'))) \
+             ORDER BY id",
+            &[&after, &user],
+        )
+        .await
+        .expect("read pgrelay.events")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// The ids of the events on business `business`'s stream
+/// (`/ws/businesses/ID/`: the business's own rows and its reservations),
+/// above `after`, in id order.
+pub async fn ids_for_business_after(db: &TestDb, business: i64, after: i64) -> Vec<i64> {
+    db.client()
+        .await
+        .query(
+            "SELECT id FROM pgrelay.events WHERE id > $1 AND ( \
+                 (channel = 'business_events' AND payload->>'id' = $2) OR \
+                 (channel = 'reservation_events' AND payload->>'business_id' = $2)) \
+             ORDER BY id",
+            &[&after, &business.to_string()],
+        )
+        .await
+        .expect("read pgrelay.events")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 /// The newest event id, 0 for an empty log.
 pub async fn max_id(db: &TestDb) -> i64 {
     db.value("SELECT coalesce(max(id), 0) FROM pgrelay.events")

@@ -10,6 +10,7 @@ mod harness;
 mod install;
 mod pending;
 mod pooler;
+mod recent;
 mod refusals;
 mod relay;
 mod replay_bounds;

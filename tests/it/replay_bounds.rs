@@ -34,10 +34,13 @@ async fn log_events(db: &TestDb, payloads: &[&str]) -> Vec<i64> {
     ids
 }
 
+/// Replay from the log (a relay without `--replay-memory`: the keyed SQL)
+/// and from memory follow the same rule.
 #[tokio::test]
 async fn one_user_id_rule_for_live_and_replay_with_edge_values() {
     let db = TestDb::demo("bounds_id_rule").await;
     let relay = TestRelay::start(&db).await;
+    let from_log = TestRelay::start_with(&db, |config| config.replay_memory = 0).await;
     let (start, epoch) = (max_id(&db).await, epoch(&db).await);
     let users = ["1", "01", "+1", "2.5", "2.50", "18446744073709551616", "-3"];
     let mut live = Vec::new();
@@ -82,16 +85,18 @@ async fn one_user_id_rule_for_live_and_replay_with_edge_values() {
             .collect();
         let got_live = read_ids(&mut live[n], want.len()).await;
         assert_eq!(got_live, want, "live, user {user:?}");
-        let mut replay = resume(
-            &relay,
-            "/ws/notifications/",
-            &token(user, false),
-            start,
-            &epoch,
-        )
-        .await;
-        let got_replay = read_ids(&mut replay, want.len()).await;
-        assert_eq!(got_replay, want, "replay, user {user:?}");
+        for (relay, how) in [(&relay, "from memory"), (&from_log, "from the log")] {
+            let mut replay = resume(
+                relay,
+                "/ws/notifications/",
+                &token(user, false),
+                start,
+                &epoch,
+            )
+            .await;
+            let got_replay = read_ids(&mut replay, want.len()).await;
+            assert_eq!(got_replay, want, "replay {how}, user {user:?}");
+        }
     }
 }
 
@@ -182,11 +187,11 @@ async fn sparse_users_replay_reads_only_their_rows_through_the_index() {
 /// PostgreSQL itself: the socket gets 1011, and no pgrelay query is left
 /// running in the server while the lock is still held. Meanwhile a user's
 /// third replay at once is refused with 1013, and the two that waited
-/// complete once the lock goes.
+/// complete once the lock goes. (Replays from the log: no `--replay-memory`.)
 #[tokio::test]
 async fn stuck_replays_are_stopped_by_the_server_and_capped_per_user() {
     let db = TestDb::demo("bounds_stuck").await;
-    let relay = TestRelay::start(&db).await;
+    let relay = TestRelay::start_with(&db, |config| config.replay_memory = 0).await;
     for i in 0..3 {
         db.business(2, &format!("old {i}")).await;
     }

@@ -965,6 +965,7 @@ async fn metrics_endpoint_exposes_every_documented_series() {
         "pgrelay_deliveries_total",
         "pgrelay_listener_reconnects_total",
         "pgrelay_replay_rows_total",
+        "pgrelay_replays_from_memory_total",
         "pgrelay_event_lag_seconds_bucket",
         "pgrelay_notification_queue_usage",
         "pgrelay_slow_closes_total",

@@ -1,0 +1,416 @@
+//! The newest part of the event log, in memory, so that a resume with a
+//! recent cursor is answered without PostgreSQL: no replay turn, no query,
+//! no 1013.
+//!
+//! Why: after a restart or a deploy every socket reconnects at once, most
+//! of them only seconds behind. Read from the log, each resume takes one of
+//! the pool's few replay turns (`replays`) and pages through PostgreSQL: a
+//! storm of 10,000 such resumes queued for 46 s, and thousands were told
+//! 1013 (BENCHMARKS.md, "Resume cost"). Those events are the ones the hub
+//! has just handed out; keeping them costs a few megabytes.
+//!
+//! What is kept: every event the hub publishes, in id order, with its frame
+//! (the hub's `Delivery`, whose bytes are shared with the sockets' rings:
+//! nothing is serialised again; [`Kept`] is what this module needs of it,
+//! so that it does not import the hub that holds it) and its audiences (the
+//! router's [`Targets`], computed once by the listener), so a replay decides
+//! visibility by the rule live delivery follows (`bell::reaches`) without
+//! routing again. An event nobody may see is not kept; it only moves the
+//! range.
+//!
+//! Invariant: [`Recent`] holds the range `(from, to]` of the log: every
+//! event with `from < id <= to` that anyone may see is here, in id order,
+//! exactly as the log has it (the log is append-only in id order: ids are
+//! assigned at commit under a lock, and the listener hands them on in that
+//! order). `to` is never below the hub's `last_id`: the hub appends here
+//! before it moves `last_id`, so a socket's replay up to the `last_id` it
+//! subscribed at is always inside `to`. A cursor at or above `from` (and not
+//! above `to`) is therefore answered exactly from memory; anything else goes
+//! to the log (`db::LogReader`), including a cursor beyond the head (reset).
+//!
+//! Bounded: by bytes (`--replay-memory`, in MiB; 0 turns it off), the
+//! oldest entries dropped first, which moves `from` up. Appending is O(1)
+//! amortised under one short lock; readers copy out a page of entry
+//! pointers under the same lock and filter and send outside it, so a reader
+//! never holds up the publisher for more than a page's copy.
+//!
+//! Priming: at start, one bounded read of the newest events up to the head
+//! the listener starts from (at most `REPLAY_WINDOW` ids and a number of
+//! rows the budget can hold, under the statement timeout), so a storm right
+//! after a restart finds the events written while pgrelay was down. Both
+//! meet at that head: no gap, no duplicate.
+//!
+//! Resets: when the log went back (restore, failover, reinstall: a new
+//! epoch), the hub's `restart` empties it before any socket can subscribe
+//! at the new head; a reader that started before sees its generation gone
+//! and goes on from the log, where the epoch is checked. Retention is the
+//! log's: an event still here after retention deleted its row is served
+//! (nothing is missing from the range), where the log would answer
+//! `cursor_expired`.
+//!
+//! Not here: the replay loop and its frames (`session`), the read
+//! (`db::Db::newest`), visibility (`bell::reaches`).
+
+use std::collections::VecDeque;
+use std::mem::size_of;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::db::{Db, DbError, REPLAY_WINDOW};
+use crate::parse::Event;
+use crate::route::{Routes, Targets};
+
+/// Rows the priming read asks for at most (fewer when the budget holds
+/// fewer entries).
+const PRIME_ROWS: usize = 20_000;
+
+/// What memory keeps of an event: its frame, built once (the hub's
+/// `Delivery`).
+pub trait Kept: Clone {
+    /// The frame of an event read from the log (priming).
+    fn of(event: &Event) -> Self;
+    fn id(&self) -> i64;
+    /// The frame's own bytes, counted against the budget.
+    fn bytes(&self) -> usize;
+}
+
+/// One event as a replay needs it.
+#[derive(Debug)]
+pub struct Entry<D> {
+    pub delivery: D,
+    pub targets: Targets,
+}
+
+/// What an entry costs besides its frame and its audiences' keys: the entry,
+/// the `Arc`'s counts, the deque's slot, and allocator rounding.
+const fn overhead<D>() -> usize {
+    size_of::<Entry<D>>() + 2 * size_of::<usize>() + size_of::<Arc<Entry<D>>>() + 32
+}
+
+impl<D: Kept> Entry<D> {
+    /// Bytes counted against the budget.
+    fn cost(&self) -> usize {
+        let users: usize = (self.targets.users.iter())
+            .map(|u| size_of::<String>() + u.len())
+            .sum();
+        let streams: usize = (self.targets.streams.iter())
+            .map(|(_, key)| size_of::<(usize, String)>() + key.len())
+            .sum();
+        overhead::<D>() + self.delivery.bytes() + users + streams
+    }
+}
+
+/// The newest events, bounded (see the module docs).
+pub struct Recent<D> {
+    state: Mutex<State<D>>,
+    /// Bytes at most; 0: off.
+    budget: usize,
+}
+
+struct State<D> {
+    entries: VecDeque<Arc<Entry<D>>>,
+    /// The newest id not held: every event above it, up to `to`, is.
+    from: i64,
+    /// The newest id published.
+    to: i64,
+    bytes: usize,
+    /// Moves on every reset: a reader of an older one must stop.
+    generation: u64,
+}
+
+/// Memory no longer holds the rest of a read (evicted, or the log went
+/// back): the read must go on from the log after this id.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Lost(pub i64);
+
+impl<D: Kept> Recent<D> {
+    /// Empty, at id 0, holding at most `budget` bytes (0: nothing, ever).
+    pub fn new(budget: usize) -> Recent<D> {
+        Recent {
+            state: Mutex::new(State {
+                entries: VecDeque::new(),
+                from: 0,
+                to: 0,
+                bytes: 0,
+                generation: 0,
+            }),
+            budget,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<D>> {
+        // A panic while holding this lock leaves plain data behind: keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Empties it, at `at`: the range `(at, at]`. The log's head at start,
+    /// or where the log went back to.
+    pub fn reset(&self, at: i64) {
+        let mut state = self.state();
+        state.entries.clear();
+        state.bytes = 0;
+        state.from = at;
+        state.to = at;
+        state.generation += 1;
+    }
+
+    /// Appends the event `id` published next, with its frame when anyone may
+    /// see it (`None`: nobody; only the range moves). Ids must come in
+    /// increasing order; one not above the last is ignored.
+    pub fn push(&self, id: i64, delivery: Option<&D>, targets: &Targets) {
+        // Built before the lock: the lock covers the deque only.
+        let entry = (self.budget > 0).then_some(delivery).flatten().map(|d| {
+            Arc::new(Entry {
+                delivery: d.clone(),
+                targets: targets.clone(),
+            })
+        });
+        let mut state = self.state();
+        if id <= state.to {
+            return;
+        }
+        state.to = id;
+        match entry {
+            Some(entry) => {
+                state.bytes += entry.cost();
+                state.entries.push_back(entry);
+            }
+            // Off: the range stays empty.
+            None if self.budget == 0 => state.from = id,
+            None => {}
+        }
+        while state.bytes > self.budget {
+            let Some(oldest) = state.entries.pop_front() else {
+                break;
+            };
+            state.bytes -= oldest.cost();
+            state.from = oldest.delivery.id();
+        }
+    }
+
+    /// Starts a read of the events above `after` up to `upto`, or `None`
+    /// when memory does not hold all of them (or `after` is above `upto`:
+    /// a cursor beyond the head is the log's to judge).
+    pub fn read(&self, after: i64, upto: i64) -> Option<Reader<'_, D>> {
+        if self.budget == 0 {
+            return None;
+        }
+        let state = self.state();
+        (state.from <= after && after <= upto && upto <= state.to).then(|| Reader {
+            recent: self,
+            generation: state.generation,
+            after,
+            upto,
+        })
+    }
+
+    /// The range held, `(from, to]`, and the entries in it.
+    pub fn range(&self) -> (i64, i64, usize) {
+        let state = self.state();
+        (state.from, state.to, state.entries.len())
+    }
+
+    /// Fills it with the newest events of the log up to `head`, the id the
+    /// listener starts from: one read, bounded (see the module docs).
+    /// Returns the events kept. On error it is left empty at `head`.
+    pub async fn prime(&self, db: &Db, routes: &Routes, head: i64) -> Result<usize, DbError> {
+        self.reset(head);
+        if self.budget == 0 {
+            return Ok(0);
+        }
+        let floor = head.saturating_sub(REPLAY_WINDOW);
+        let rows = PRIME_ROWS.min(self.budget / overhead::<D>() + 1);
+        let (page, pruned_through) = db
+            .newest(&routes.channels(), head, floor, rows as i64)
+            .await?;
+        // A full page may have left older rows of the window unread: the
+        // range starts at the oldest row read. Retention may have deleted
+        // rows up to `pruned_through` (read after the rows): not held.
+        let oldest = match page.last_id {
+            Some(last) if page.rows == rows => last - 1,
+            _ => floor,
+        };
+        self.reset(oldest.max(pruned_through).min(head));
+        for event in page.events.iter().rev() {
+            let targets = routes.route(event);
+            let delivery = targets.any().then(|| D::of(event));
+            self.push(event.id, delivery.as_ref(), &targets);
+        }
+        self.push(head, None, &Targets::default());
+        Ok(self.range().2)
+    }
+}
+
+/// A read of `(after, upto]` from memory, a page at a time.
+pub struct Reader<'a, D> {
+    recent: &'a Recent<D>,
+    generation: u64,
+    after: i64,
+    upto: i64,
+}
+
+impl<D: Kept> Reader<'_, D> {
+    /// The next page of at most `max` entries (at least 1), in id order, or
+    /// `None` when the read is done; [`Lost`] when memory no longer holds the
+    /// rest. An entry's visibility is the caller's to check.
+    pub fn next_page(&mut self, max: usize) -> Result<Option<Vec<Arc<Entry<D>>>>, Lost> {
+        if self.after >= self.upto {
+            return Ok(None);
+        }
+        let max = max.max(1);
+        let state = self.recent.state();
+        if state.generation != self.generation || state.from > self.after {
+            return Err(Lost(self.after));
+        }
+        let start = state
+            .entries
+            .partition_point(|e| e.delivery.id() <= self.after);
+        let page: Vec<Arc<Entry<D>>> = (state.entries.range(start..))
+            .take_while(|e| e.delivery.id() <= self.upto)
+            .take(max)
+            .cloned()
+            .collect();
+        drop(state);
+        // A short page reached `upto`; a full one goes on after its last.
+        self.after = match page.last() {
+            Some(last) if page.len() == max => last.delivery.id(),
+            _ => self.upto,
+        };
+        Ok(Some(page))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame of `.1` bytes.
+    #[derive(Debug, Clone)]
+    struct Frame(i64, usize);
+
+    impl Kept for Frame {
+        fn of(event: &Event) -> Frame {
+            Frame(event.id, event.data.get().len())
+        }
+        fn id(&self) -> i64 {
+            self.0
+        }
+        fn bytes(&self) -> usize {
+            self.1
+        }
+    }
+
+    fn delivery(id: i64, bytes: usize) -> Frame {
+        Frame(id, bytes)
+    }
+
+    fn to(user: &str) -> Targets {
+        Targets {
+            dashboard: false,
+            users: vec![user.into()],
+            streams: vec![],
+        }
+    }
+
+    /// Pushes `(id, seen)` events of `bytes` each into memory of `budget`
+    /// events of that size, starting at `start`.
+    fn filled(budget: usize, start: i64, events: &[(i64, bool)]) -> Recent<Frame> {
+        let size = Entry {
+            delivery: delivery(0, 100),
+            targets: to("u"),
+        }
+        .cost();
+        let recent = Recent::new(budget * size);
+        recent.reset(start);
+        for &(id, seen) in events {
+            let d = delivery(id, 100);
+            recent.push(id, seen.then_some(&d), &to("u"));
+        }
+        recent
+    }
+
+    /// Every page of a read of `(after, upto]`, as ids, or `None` when
+    /// memory does not hold the range.
+    fn pages(recent: &Recent<Frame>, after: i64, upto: i64, max: usize) -> Option<Vec<Vec<i64>>> {
+        let mut reader = recent.read(after, upto)?;
+        let mut pages = Vec::new();
+        while let Some(page) = reader.next_page(max).expect("held") {
+            pages.push(page.iter().map(|e| e.delivery.id()).collect());
+        }
+        Some(pages)
+    }
+
+    #[test]
+    fn a_read_is_answered_only_when_the_whole_range_is_held() {
+        let events = [(11, true), (12, false), (13, true), (15, true), (16, true)];
+        let recent = filled(10, 10, &events);
+        assert_eq!(recent.range(), (10, 16, 4));
+        // From the start, in pages; an event nobody sees is not kept.
+        assert_eq!(
+            pages(&recent, 10, 16, 2),
+            Some(vec![vec![11, 13], vec![15, 16]])
+        );
+        assert_eq!(
+            pages(&recent, 10, 16, 3),
+            Some(vec![vec![11, 13, 15], vec![16]])
+        );
+        // Up to a `last_id` below the newest; from the middle.
+        assert_eq!(pages(&recent, 12, 15, 500), Some(vec![vec![13, 15]]));
+        assert_eq!(pages(&recent, 16, 16, 500), Some(Vec::new()));
+        // Below `from`, beyond `to`, or a cursor beyond `upto`: the log's.
+        assert_eq!(pages(&recent, 9, 16, 500), None);
+        assert_eq!(pages(&recent, 10, 17, 500), None);
+        assert_eq!(pages(&recent, 16, 15, 500), None);
+        // Ids that do not move forward are ignored.
+        recent.push(14, Some(&delivery(14, 1)), &to("u"));
+        assert_eq!(recent.range(), (10, 16, 4));
+    }
+
+    #[test]
+    fn the_bound_drops_the_oldest_first_and_moves_from() {
+        let events: Vec<(i64, bool)> = (1..=10).map(|id| (id, true)).collect();
+        let recent = filled(4, 0, &events);
+        assert_eq!(recent.range(), (6, 10, 4));
+        assert_eq!(pages(&recent, 5, 10, 500), None, "evicted");
+        assert_eq!(pages(&recent, 6, 10, 500), Some(vec![vec![7, 8, 9, 10]]));
+        // An entry larger than the whole budget is dropped at once.
+        recent.push(11, Some(&delivery(11, 1 << 20)), &to("u"));
+        assert_eq!(recent.range(), (11, 11, 0));
+        // Off: nothing is kept and nothing is answered, not even an empty
+        // range.
+        let off = filled(0, 0, &events);
+        assert_eq!(off.range(), (10, 10, 0));
+        assert!(off.read(10, 10).is_none());
+    }
+
+    #[test]
+    fn a_reader_stops_where_eviction_or_a_reset_overtakes_it() {
+        let events: Vec<(i64, bool)> = (1..=4).map(|id| (id, true)).collect();
+        let recent = filled(4, 0, &events);
+        let mut reader = recent.read(0, 4).expect("held");
+        let first = reader.next_page(2).expect("held").expect("a page");
+        assert_eq!(first.len(), 2);
+        // Two more events evict 1 and 2: the reader, after 2, still reads on.
+        for id in 5..=6 {
+            recent.push(id, Some(&delivery(id, 100)), &to("u"));
+        }
+        let second = reader.next_page(2).expect("held").expect("a page");
+        assert_eq!(
+            second.iter().map(|e| e.delivery.id()).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        assert!(reader.next_page(2).expect("done").is_none());
+        // Evicted under a reader: it goes on from the log where it stood.
+        let mut reader = recent.read(2, 6).expect("held");
+        reader.next_page(1).expect("held");
+        for id in 7..=9 {
+            recent.push(id, Some(&delivery(id, 100)), &to("u"));
+        }
+        assert_eq!(reader.next_page(1).err(), Some(Lost(3)));
+        // A reset (the log went back) ends every read started before it,
+        // even where the new range would cover it.
+        let mut reader = recent.read(8, 9).expect("held");
+        recent.reset(8);
+        recent.push(9, Some(&delivery(9, 100)), &to("u"));
+        assert_eq!(reader.next_page(500).err(), Some(Lost(8)));
+    }
+}
