@@ -83,7 +83,7 @@ pub use crate::session::SHUTDOWN_GRACE;
 pub use crate::shared::{ExtraRoutes, Status};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -179,13 +179,10 @@ impl Relay {
             DbError::NotInstalled => StartError::NotInstalled,
             other => StartError::Database(other),
         })?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = bind(config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
@@ -305,4 +302,23 @@ impl Relay {
             .await
             .is_ok()
     }
+}
+
+/// Pending connections the kernel may queue for `accept` (capped by
+/// `net.core.somaxconn`, 4,096 on current Linux). A restart sends every
+/// client back at once; tokio's default of 1,024 drops the SYNs of the rest,
+/// and each dropped client waits out a 1 s retransmit.
+const ACCEPT_BACKLOG: u32 = 8192;
+
+/// The listening socket, with [`ACCEPT_BACKLOG`] (and `SO_REUSEADDR`, as
+/// `TcpListener::bind` sets it, so a restart can bind at once).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
