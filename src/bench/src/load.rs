@@ -62,8 +62,11 @@ pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
 
     let rss_before_connect = proc_sample(server.pid);
     let (connect_s, handles) = spawn_all(&ctx, specs, || Plain).await?;
-    // Let the last handshakes' allocations settle before reading RSS.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Let the handshakes' allocations settle before reading RSS: pgrelay's
+    // allocator gives freed pages back within a second (its jemalloc
+    // `dirty_decay_ms:1000`), so what is left after 1.5 s is what the idle
+    // sockets hold, not what their handshakes held a moment ago.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let rss_connected = proc_sample(server.pid);
     // Sockets idle, no rows yet: is anyone else using the machine?
     let mut quiet = quiet::check(args, server).await?;
