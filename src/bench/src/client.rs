@@ -5,8 +5,10 @@
 //! With `--transport sse` the same client reads the endpoint's event stream
 //! instead ([`crate::sse`]): the same frames, resumed with `Last-Event-ID`.
 //!
-//! A client costs little: a 4 KiB read buffer, no write buffer, frames read
-//! by [`crate::frame`] without deserialising them.
+//! A client costs little: the WebSocket is read by hand ([`crate::rawws`]:
+//! one read buffer, frames handed over in place), frames are read by
+//! [`crate::frame`] without deserialising them, and the deliveries of one
+//! read are counted together ([`Receipt`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,13 +17,6 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
-use hyper_tungstenite::tungstenite::handshake::client::generate_key;
-use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
-use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use hyper_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use hyper_tungstenite::tungstenite::Message;
-use hyper_tungstenite::WebSocketStream;
 use pgrelay::wire::Transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,18 +27,16 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{BenchError, Result};
 use crate::expected::Audience;
 use crate::frame::{self, find, Frame};
+use crate::rawws::{self, Ws};
 use crate::server::Server;
 use crate::sse::{self, SseStream};
-use crate::stats::{count_delivery, lock, Window};
-
-pub(crate) type Ws = WebSocketStream<TcpStream>;
+use crate::stats::{lock, Receipt, Window};
 
 /// What every client shares.
 pub(crate) struct Ctx {
     addr: SocketAddr,
     pub(crate) host: String,
     transport: Transport,
-    ws_config: WebSocketConfig,
     connect_gate: Semaphore,
     pub(crate) stop: CancellationToken,
     pub(crate) connected: AtomicUsize,
@@ -61,13 +54,6 @@ impl Ctx {
             addr: server.addr,
             host: server.host.clone(),
             transport: Transport::WebSocket,
-            // 16 KiB reads: a batch of events in one read at 2M deliveries/s
-            // (19,000 sockets take 300 MiB for them, which this machine has).
-            ws_config: WebSocketConfig::default()
-                .read_buffer_size(16 * 1024)
-                .write_buffer_size(0)
-                .max_message_size(Some(1 << 20))
-                .max_frame_size(Some(1 << 20)),
             connect_gate: Semaphore::new(connect_concurrency),
             stop: CancellationToken::new(),
             connected: AtomicUsize::new(0),
@@ -194,7 +180,8 @@ impl ClientReport {
         }
     }
 
-    fn on_text(&mut self, frame: &[u8], ctx: &Ctx) {
+    /// A text frame, counted in the `receipt` of the read it came in.
+    fn on_text(&mut self, frame: &[u8], receipt: &mut Receipt, ctx: &Ctx) {
         let (id, rest) = match Frame::parse(frame) {
             Frame::Event { id, rest } => (id, rest),
             Frame::Reset => {
@@ -212,7 +199,7 @@ impl ClientReport {
             _ => self.ranges.push((id, id)),
         }
         self.received += 1;
-        count_delivery(frame::event_at_us(id, rest), &ctx.window);
+        receipt.count(frame::event_at_us(id, rest), &ctx.window);
     }
 
     pub(crate) fn last_id(&self) -> i64 {
@@ -306,8 +293,8 @@ pub(crate) async fn client<W: Watch>(
         let outcome = tokio::select! {
             biased;
             _ = ctx.stop.cancelled() => Outcome::Stop,
-            outcome = link.read(|text| {
-                report.on_text(text, &ctx);
+            outcome = link.read(|text, receipt| {
+                report.on_text(text, receipt, &ctx);
                 watch.on_frame(&report);
                 ControlFlow::Continue(())
             }) => outcome,
@@ -460,10 +447,13 @@ pub(crate) enum Link {
 
 impl Link {
     /// Reads until the connection ends or `on_text` breaks, handing it each
-    /// frame (an SSE event's data).
-    async fn read(&mut self, on_text: impl FnMut(&[u8]) -> ControlFlow<()>) -> Outcome {
+    /// frame (an SSE event's data) with the receipt of its read.
+    async fn read(
+        &mut self,
+        on_text: impl FnMut(&[u8], &mut Receipt) -> ControlFlow<()>,
+    ) -> Outcome {
         match self {
-            Link::Ws(ws) => read_loop(ws, on_text).await,
+            Link::Ws(ws) => ws.read_loop(on_text).await,
             Link::Sse(stream) => stream.read_loop(on_text).await,
         }
     }
@@ -472,7 +462,7 @@ impl Link {
     /// event stream the connection dropped.
     async fn close(&mut self) {
         if let Link::Ws(ws) = self {
-            close_normally(ws).await;
+            ws.close_normally().await;
         }
     }
 }
@@ -491,46 +481,6 @@ async fn open(ctx: &Ctx, spec: &ClientSpec, resume: Option<(i64, &str)>) -> Resu
             Ok((Link::Sse(stream), hello))
         }
     }
-}
-
-/// Reads frames until the socket ends or `on_text` breaks, handing each text
-/// frame to `on_text` and answering pings.
-pub(crate) async fn read_loop(
-    ws: &mut Ws,
-    mut on_text: impl FnMut(&[u8]) -> ControlFlow<()>,
-) -> Outcome {
-    while let Some(message) = ws.next().await {
-        match message {
-            Ok(Message::Text(text)) => {
-                if on_text(text.as_bytes()).is_break() {
-                    return Outcome::Done;
-                }
-            }
-            // tungstenite queued the pong: send it.
-            Ok(Message::Ping(_)) => {
-                if let Err(e) = ws.flush().await {
-                    return Outcome::Failed(e.to_string());
-                }
-            }
-            Ok(Message::Close(frame)) => return Outcome::Closed(frame.map(|f| u16::from(f.code))),
-            Ok(_) => {}
-            Err(e) => return Outcome::Failed(e.to_string()),
-        }
-    }
-    Outcome::Failed("connection closed without a close frame".into())
-}
-
-/// A close handshake from our side, bounded.
-pub(crate) async fn close_normally(ws: &mut Ws) {
-    let close = CloseFrame {
-        code: CloseCode::Normal,
-        reason: "bench done".into(),
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = ws.close(Some(close)).await;
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
 }
 
 #[derive(serde::Deserialize)]
@@ -626,56 +576,37 @@ pub(crate) async fn connect_gated(
     Box::pin(connect(ctx, spec, resume)).await
 }
 
-/// TCP connect, the HTTP upgrade by hand (the token in `Authorization`), and
-/// the `hello` frame.
+/// TCP connect, the HTTP upgrade ([`rawws::upgrade`]: the token in
+/// `Authorization`), and the `hello` frame.
 pub(crate) async fn connect(
     ctx: &Ctx,
     spec: &ClientSpec,
     resume: Option<(i64, &str)>,
 ) -> Result<(Ws, Hello)> {
     let handshake = async {
-        let key = generate_key();
-        let path = match resume {
+        let target = match resume {
             None => spec.path(Transport::WebSocket),
             Some((last_id, epoch)) => format!(
                 "{}?last_id={last_id}&epoch={epoch}",
                 spec.path(Transport::WebSocket)
             ),
         };
-        let upgrade = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
-             Authorization: Bearer {token}\r\n\r\n",
-            host = ctx.host,
-            token = spec.token,
-        );
-        let (stream, head, rest) = request(ctx, &upgrade, "101").await?;
-        let accept = derive_accept_key(key.as_bytes());
-        if header(&head, "sec-websocket-accept") != Some(accept.as_str()) {
-            return Err(BenchError::run(
-                "upgrade response lacks the right Sec-WebSocket-Accept",
-            ));
+        let mut ws = rawws::upgrade(ctx, &target, &spec.token).await?;
+        let mut hello = None;
+        let outcome = ws
+            .read_loop(|text, _| {
+                hello = Some(Hello::parse(text));
+                ControlFlow::Break(())
+            })
+            .await;
+        match (hello, outcome) {
+            (Some(hello), _) => Ok((ws, hello?)),
+            (None, Outcome::Closed(code)) => Err(BenchError::run(format!(
+                "closed before hello: code {code:?}"
+            ))),
+            (None, Outcome::Failed(e)) => Err(BenchError::run(format!("reading hello: {e}"))),
+            (None, Outcome::Stop | Outcome::Done) => Err(BenchError::run("closed before hello")),
         }
-        let mut ws =
-            WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(ctx.ws_config))
-                .await;
-        let hello = loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => break Hello::parse(text.as_bytes())?,
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(BenchError::run(format!("closed before hello: {frame:?}")));
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(source)) => {
-                    return Err(BenchError::Ws {
-                        what: "reading hello",
-                        source,
-                    })
-                }
-                None => return Err(BenchError::run("closed before hello")),
-            }
-        };
-        Ok((ws, hello))
     };
     within_handshake_timeout(handshake).await
 }

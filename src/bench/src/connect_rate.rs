@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::args::{Args, StreamKind};
-use crate::client::{close_normally, connect, finish, spawn_all, ClientSpec, Ctx, Plain};
+use crate::client::{connect, finish, spawn_all, ClientSpec, Ctx, Plain};
 use crate::error::Result;
 use crate::expected::Audience;
 use crate::procfs::{mib, proc_sample, Load, OpenFiles, PeakRss};
@@ -97,7 +97,7 @@ async fn walk(ctx: Arc<Ctx>, door: Arc<Door>) -> Walked {
                     .saturating_record(u64::try_from(us).unwrap_or(u64::MAX));
                 walked.last_hello = Some(now);
                 door.hellos.fetch_add(1, Relaxed);
-                close_normally(&mut ws).await;
+                ws.close_normally().await;
             }
             Err(e) => {
                 door.failures.fetch_add(1, Relaxed);

@@ -33,12 +33,6 @@ pub(crate) enum BenchError {
         source: io::Error,
     },
     #[error("{what}: {source}")]
-    Ws {
-        what: &'static str,
-        #[source]
-        source: hyper_tungstenite::tungstenite::Error,
-    },
-    #[error("{what}: {source}")]
     Task {
         what: &'static str,
         #[source]
@@ -116,7 +110,6 @@ impl BenchError {
                 what.split_whitespace().next().unwrap_or("io"),
                 source.kind()
             ),
-            BenchError::Ws { what, .. } => format!("websocket error {what}"),
             other => {
                 let text = other.to_string();
                 text.split(':').next().unwrap_or_default().to_owned()

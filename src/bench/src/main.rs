@@ -14,9 +14,10 @@
 //! next to this executable as a child process (`serve`); with `--url` it
 //! targets a running pgrelay instead.
 //!
-//! It is built to cost little per delivery, or it would measure itself: frames
-//! are not deserialised, the client read buffer is 4 KiB, counters and the
-//! histogram are per worker thread, and the runtime has at most two worker
+//! It is built to cost little per delivery, or it would measure itself: the
+//! WebSocket clients are read by hand ([`rawws`]: one buffer a socket, frames
+//! handed over in place), frames are not deserialised, counters and the
+//! histogram are per worker thread and touched once a read, and the runtime has at most two worker
 //! threads.
 //!
 //! The scenarios (`--scenario`): `load` (the default, [`load`]),
@@ -50,6 +51,7 @@ mod handshake_storm;
 mod load;
 mod procfs;
 mod quiet;
+mod rawws;
 mod resume;
 mod server;
 mod sse;

@@ -16,8 +16,9 @@ use crate::client::{header, request, Ctx, Hello, Outcome};
 use crate::error::{BenchError, Result};
 use crate::eventstream::{EventStream, Kind};
 use crate::frame::close_code;
+use crate::stats::Receipt;
 
-/// The read buffer's first size, as the WebSocket client's.
+/// The read buffer's first size (it grows as an event needs).
 const READ_BUFFER: usize = 4 * 1024;
 
 /// An event stream being read.
@@ -79,33 +80,52 @@ impl SseStream {
             if let Some(kind) = self.body.next_event() {
                 return Ok(Some(kind));
             }
-            if self.body.ended() {
+            if !self.fill().await? {
                 return Ok(None);
-            }
-            let buf = self.body.read_buf()?;
-            match self.tcp.read_buf(buf).await {
-                Ok(0) => return Ok(None),
-                Ok(_) => self.body.decode()?,
-                Err(e) => return Err(e.to_string()),
             }
         }
     }
 
+    /// Reads more of the body; `false` when the body or the connection
+    /// ended.
+    async fn fill(&mut self) -> Result<bool, String> {
+        if self.body.ended() {
+            return Ok(false);
+        }
+        let buf = self.body.read_buf()?;
+        match self.tcp.read_buf(buf).await {
+            Ok(0) => Ok(false),
+            Ok(_) => {
+                self.body.decode()?;
+                Ok(true)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Reads events until the stream ends or `on_text` breaks, handing it
-    /// each event's data (heartbeats are comments: never seen here).
+    /// each event's data (heartbeats are comments: never seen here) with
+    /// the receipt of the read it came in.
     pub(crate) async fn read_loop(
         &mut self,
-        mut on_text: impl FnMut(&[u8]) -> ControlFlow<()>,
+        mut on_text: impl FnMut(&[u8], &mut Receipt) -> ControlFlow<()>,
     ) -> Outcome {
         loop {
-            match self.next().await {
-                Ok(Some(Kind::Close)) => return Outcome::Closed(close_code(self.body.data())),
-                Ok(Some(_)) => {
-                    if on_text(self.body.data()).is_break() {
+            {
+                // Not held across an await: counted before the next read.
+                let mut receipt = Receipt::new();
+                while let Some(kind) = self.body.next_event() {
+                    if kind == Kind::Close {
+                        return Outcome::Closed(close_code(self.body.data()));
+                    }
+                    if on_text(self.body.data(), &mut receipt).is_break() {
                         return Outcome::Done;
                     }
                 }
-                Ok(None) => {
+            }
+            match self.fill().await {
+                Ok(true) => {}
+                Ok(false) => {
                     return Outcome::Failed("event stream ended without event: close".into())
                 }
                 Err(e) => return Outcome::Failed(e),

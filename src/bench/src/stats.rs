@@ -72,18 +72,70 @@ impl Window {
     }
 }
 
-/// Counts one delivery on this thread, and its latency if its `at` is in
-/// the window.
-pub(crate) fn count_delivery(at: Option<i64>, window: &Window) {
-    LOCAL.with(|stats| {
-        stats.delivered.fetch_add(1, Relaxed);
-        if let Some(at) = at {
-            if window.contains(at) {
-                let latency = (now_us() - at).max(1) as u64;
-                lock(&stats.latency).saturating_record(latency.min(LATENCY_MAX_US));
-            }
+/// Latencies a [`Receipt`] holds before it records them.
+const RECEIPT_LATENCIES: usize = 64;
+
+/// The deliveries of one read: they all arrived together, so the clock is
+/// read once for them (at the first one in the window) and the thread's
+/// counters are touched once, when the receipt is dropped (before the next
+/// read), not once a frame.
+pub(crate) struct Receipt {
+    /// µs since the Unix epoch; 0 until a latency needs it.
+    now_us: i64,
+    delivered: u64,
+    latencies: [u64; RECEIPT_LATENCIES],
+    len: usize,
+}
+
+impl Receipt {
+    pub(crate) fn new() -> Receipt {
+        Receipt {
+            now_us: 0,
+            delivered: 0,
+            latencies: [0; RECEIPT_LATENCIES],
+            len: 0,
         }
-    });
+    }
+
+    /// Counts one delivery, and its latency if its `at` is in the window.
+    pub(crate) fn count(&mut self, at: Option<i64>, window: &Window) {
+        self.delivered += 1;
+        let Some(at) = at.filter(|&at| window.contains(at)) else {
+            return;
+        };
+        if self.now_us == 0 {
+            self.now_us = now_us();
+        }
+        if self.len == RECEIPT_LATENCIES {
+            self.record();
+        }
+        self.latencies[self.len] = ((self.now_us - at).max(1) as u64).min(LATENCY_MAX_US);
+        self.len += 1;
+    }
+
+    /// Adds what it holds to this thread's counters.
+    fn record(&mut self) {
+        if self.delivered == 0 && self.len == 0 {
+            return;
+        }
+        LOCAL.with(|stats| {
+            stats.delivered.fetch_add(self.delivered, Relaxed);
+            if self.len > 0 {
+                let mut latency = lock(&stats.latency);
+                for &us in &self.latencies[..self.len] {
+                    latency.saturating_record(us);
+                }
+            }
+        });
+        self.delivered = 0;
+        self.len = 0;
+    }
+}
+
+impl Drop for Receipt {
+    fn drop(&mut self) {
+        self.record();
+    }
 }
 
 pub(crate) fn delivered_total() -> u64 {
@@ -266,6 +318,28 @@ pub(crate) fn row(t: &mut String, key: &str, value: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_receipt_counts_its_read_once() {
+        let window = Window::new();
+        window.open();
+        let mine = || LOCAL.with(|s| (s.delivered.load(Relaxed), lock(&s.latency).len()));
+        let (delivered, latencies) = mine();
+        let mut receipt = Receipt::new();
+        let at = now_us();
+        for _ in 0..RECEIPT_LATENCIES + 6 {
+            receipt.count(Some(at), &window);
+        }
+        // Before the window and without an `at`: counted, no latency.
+        receipt.count(Some(0), &window);
+        receipt.count(None, &window);
+        // The first 64 latencies are recorded when the 65th comes (with the
+        // 65 deliveries so far).
+        assert_eq!(mine(), (delivered + 65, latencies + 64));
+        drop(receipt);
+        let n = RECEIPT_LATENCIES as u64 + 6;
+        assert_eq!(mine(), (delivered + n + 2, latencies + n));
+    }
 
     #[test]
     fn medians() {

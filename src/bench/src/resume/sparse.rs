@@ -15,7 +15,7 @@ use pgrelay::wire::Close;
 
 use super::{backoff, replay_rows, replay_rows_since, ResumeArgs};
 use crate::args::Args;
-use crate::client::{close_normally, connect, connect_gated, read_loop, ClientSpec, Ctx, Outcome};
+use crate::client::{connect, connect_gated, ClientSpec, Ctx, Outcome};
 use crate::error::{BenchError, Result};
 use crate::expected::Expected;
 use crate::frame::Frame;
@@ -253,12 +253,12 @@ async fn resume_until(
             Ok((mut ws, _hello)) => {
                 let read = tokio::time::timeout_at(
                     deadline.into(),
-                    read_loop(&mut ws, |frame| r.on_text(frame, from, want)),
+                    ws.read_loop(|frame, _| r.on_text(frame, from, want)),
                 )
                 .await;
                 match read {
                     Ok(Outcome::Done) => {
-                        close_normally(&mut ws).await;
+                        ws.close_normally().await;
                         return r;
                     }
                     Ok(outcome) => r.closes.push(outcome.close_code()),
@@ -303,7 +303,7 @@ async fn wait_for_head(ctx: &Ctx, spec: &ClientSpec, head: i64) -> Result<String
     let mut said = Instant::now();
     loop {
         let (mut ws, hello) = Box::pin(connect(ctx, spec, None)).await?;
-        close_normally(&mut ws).await;
+        ws.close_normally().await;
         if hello.last_id >= head {
             return Ok(hello.epoch);
         }
