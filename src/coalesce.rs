@@ -17,8 +17,9 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::wire::EventFrame;
 
 /// Bytes queued before a write through `AsyncWrite` forces a send even
 /// without a flush (the session flushes every batch; this only bounds a
@@ -29,8 +30,26 @@ const MAX_SLICES: usize = 64;
 
 pub struct Coalesce<T> {
     io: T,
-    chunks: VecDeque<Bytes>,
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the first chunk the kernel took already.
+    sent: usize,
     queued: usize,
+}
+
+/// Bytes waiting to go out: an event's shared frame, or a copy of what
+/// tungstenite wrote.
+enum Chunk {
+    Shared(EventFrame),
+    Copied(Box<[u8]>),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Shared(frame) => frame.websocket(),
+            Chunk::Copied(bytes) => bytes,
+        }
+    }
 }
 
 impl<T> Coalesce<T> {
@@ -38,32 +57,35 @@ impl<T> Coalesce<T> {
         Coalesce {
             io,
             chunks: VecDeque::new(),
+            sent: 0,
             queued: 0,
         }
     }
 
-    /// Queues a shared buffer, whole, to go out at the next flush.
-    pub fn queue(&mut self, chunk: Bytes) {
-        if !chunk.is_empty() {
-            self.queued += chunk.len();
+    /// Queues an event's frame, whole, to go out at the next flush.
+    pub fn queue(&mut self, frame: EventFrame) {
+        self.push(Chunk::Shared(frame));
+    }
+
+    fn push(&mut self, chunk: Chunk) {
+        let len = chunk.bytes().len();
+        if len > 0 {
+            self.queued += len;
             self.chunks.push_back(chunk);
         }
     }
 
     /// Drops the first `n` queued bytes, which the kernel took.
-    fn consume(&mut self, mut n: usize) {
+    fn consume(&mut self, n: usize) {
         self.queued -= n;
-        while n > 0 {
-            let Some(front) = self.chunks.front_mut() else {
+        self.sent += n;
+        while let Some(front) = self.chunks.front() {
+            let len = front.bytes().len();
+            if self.sent < len {
                 return;
-            };
-            if front.len() <= n {
-                n -= front.len();
-                self.chunks.pop_front();
-            } else {
-                let _ = front.split_to(n);
-                n = 0;
             }
+            self.sent -= len;
+            self.chunks.pop_front();
         }
     }
 }
@@ -73,8 +95,9 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let mut count = 0;
-            for (slice, chunk) in slices.iter_mut().zip(&self.chunks) {
-                *slice = IoSlice::new(chunk);
+            for (i, (slice, chunk)) in slices.iter_mut().zip(&self.chunks).enumerate() {
+                let skip = if i == 0 { self.sent } else { 0 };
+                *slice = IoSlice::new(&chunk.bytes()[skip..]);
                 count += 1;
             }
             let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
@@ -109,7 +132,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         if this.queued + data.len() > MAX_QUEUED {
             ready!(this.poll_drain(cx))?;
         }
-        this.queue(Bytes::copy_from_slice(data));
+        this.push(Chunk::Copied(data.into()));
         Poll::Ready(Ok(data.len()))
     }
 
@@ -139,12 +162,14 @@ mod tests {
         let mut out = Coalesce::new(near);
         let mut expected = Vec::new();
         for i in 0..200u32 {
-            let chunk = format!("<frame {i}>");
-            expected.extend_from_slice(chunk.as_bytes());
+            let json = format!("\"frame {i}\"");
             if i % 3 == 0 {
-                out.write_all(chunk.as_bytes()).await.expect("write");
+                expected.extend_from_slice(json.as_bytes());
+                out.write_all(json.as_bytes()).await.expect("write");
             } else {
-                out.queue(Bytes::from(chunk));
+                let frame = EventFrame::new(i64::from(i), false, json);
+                expected.extend_from_slice(frame.websocket());
+                out.queue(frame);
             }
         }
         let reader = tokio::spawn(async move {
@@ -152,7 +177,7 @@ mod tests {
             far.read_exact(&mut got).await.map(|_| (got, expected))
         });
         out.flush().await.expect("flush");
-        assert_eq!(out.queued, 0);
+        assert_eq!((out.queued, out.sent), (0, 0));
         assert!(out.chunks.is_empty());
         let (got, expected) = reader.await.expect("join").expect("read");
         assert_eq!(got, expected);

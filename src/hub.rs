@@ -29,24 +29,9 @@ use crate::recent::{Kept, Recent};
 use crate::route::Targets;
 use crate::wire::EventFrame;
 
-/// One event's frame, shared by every socket it goes to.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub id: i64,
-    pub frame: EventFrame,
-    /// A `read` frame (a read-state change), not an `event`.
-    pub read: bool,
-}
-
-impl Delivery {
-    pub fn new(event: &Event) -> Delivery {
-        Delivery {
-            id: event.id,
-            frame: EventFrame::new(event.frame()),
-            read: event.is_read_state(),
-        }
-    }
-}
+/// What the hub hands each socket that may see an event: its frame, built
+/// once and shared (one pointer, so a ring's slots stay small).
+pub type Delivery = EventFrame;
 
 /// Queue sizes, in frames.
 #[derive(Debug, Clone, Copy)]
@@ -164,7 +149,7 @@ impl Hub {
     /// shared bytes are pushed into the rings, so a subscribe or unsubscribe
     /// never waits for a serialisation.
     pub fn publish(&self, event: &Event, targets: &Targets) {
-        let delivery = targets.any().then(|| Delivery::new(event));
+        let delivery = targets.any().then(|| Delivery::of(event));
         self.recent.push(event.id, delivery.as_ref(), targets);
         let mut state = self.state();
         state.last_id = state.last_id.max(event.id);
@@ -246,13 +231,13 @@ impl Drop for Subscription {
 /// rings.
 impl Kept for Delivery {
     fn of(event: &Event) -> Delivery {
-        Delivery::new(event)
+        Delivery::of(event)
     }
     fn id(&self) -> i64 {
-        self.id
+        EventFrame::id(self)
     }
     fn bytes(&self) -> usize {
-        self.frame.size()
+        self.size()
     }
 }
 
@@ -297,7 +282,7 @@ mod tests {
                 streams: vec![],
             },
         );
-        assert_eq!(alice.rx.try_recv().map(|d| d.id).ok(), Some(1));
+        assert_eq!(alice.rx.try_recv().map(|d| d.id()).ok(), Some(1));
         assert!(bob.rx.try_recv().is_err());
         assert!(dash.rx.try_recv().is_err());
         assert_eq!(hub.last_id(), 1);
@@ -366,7 +351,7 @@ mod tests {
                 streams: vec![],
             },
         );
-        assert_eq!(new.rx.try_recv().map(|d| d.id).ok(), Some(4));
+        assert_eq!(new.rx.try_recv().map(|d| d.id()).ok(), Some(4));
     }
 
     #[test]

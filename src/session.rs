@@ -78,13 +78,9 @@ pub enum Frame {
         text: String,
         position: Option<i64>,
     },
-    /// An `event` frame, or a `read` frame when `read`: the bytes the
-    /// hub shares between every socket it goes to.
-    Event {
-        id: i64,
-        frame: EventFrame,
-        read: bool,
-    },
+    /// An `event` frame, or a `read` frame (`EventFrame::is_read`): the
+    /// bytes the hub shares between every socket it goes to.
+    Event(EventFrame),
     Reset {
         text: String,
         position: i64,
@@ -94,11 +90,7 @@ pub enum Frame {
 impl From<Delivery> for Frame {
     /// An event's shared frame, as the hub built it.
     fn from(delivery: Delivery) -> Frame {
-        Frame::Event {
-            id: delivery.id,
-            frame: delivery.frame,
-            read: delivery.read,
-        }
+        Frame::Event(delivery)
     }
 }
 
@@ -107,7 +99,7 @@ impl Frame {
     pub fn json(&self) -> &[u8] {
         match self {
             Frame::Hello { text, .. } | Frame::Reset { text, .. } => text.as_bytes(),
-            Frame::Event { frame, .. } => frame.json(),
+            Frame::Event(frame) => frame.json(),
         }
     }
 }
@@ -291,8 +283,8 @@ async fn session<P: Peer>(
                 let mut batch = Vec::new();
                 let mut next = Some(first);
                 while let Some(delivery) = next.take() {
-                    if delivery.id > cursor {
-                        cursor = delivery.id;
+                    if delivery.id() > cursor {
+                        cursor = delivery.id();
                         batch.push(delivery.into());
                     }
                     if batch.len() >= MAX_BATCH {
@@ -514,7 +506,7 @@ async fn replay<P: Peer>(
             .events
             .iter()
             .filter(|e| visible(e))
-            .map(|e| Delivery::new(e).into())
+            .map(|e| Delivery::of(e).into())
             .collect();
         let n = frames.len() as u64;
         if n > 0 {

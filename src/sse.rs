@@ -80,7 +80,10 @@ impl Peer for SsePeer {
         for frame in &frames {
             let (kind, position) = match frame {
                 Frame::Hello { position, .. } => ("hello", *position),
-                Frame::Event { id, read, .. } => (if *read { "read" } else { "event" }, Some(*id)),
+                Frame::Event(frame) => (
+                    if frame.is_read() { "read" } else { "event" },
+                    Some(frame.id()),
+                ),
                 Frame::Reset { position, .. } => ("reset", Some(*position)),
             };
             let id = position.map(|p| self.id(p));

@@ -71,7 +71,7 @@ impl Peer for WebSocketPeer {
             let mut through_tungstenite = false;
             for frame in frames {
                 match frame {
-                    Frame::Event { frame, .. } => ws.get_mut().queue(frame.into_websocket()),
+                    Frame::Event(frame) => ws.get_mut().queue(frame),
                     Frame::Hello { text, .. } | Frame::Reset { text, .. } => {
                         through_tungstenite = true;
                         ws.feed(Message::text(text)).await?

@@ -13,8 +13,8 @@
 //! here), `event` its fixed order starting with `type`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use hyper_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use serde::{Deserialize, Serialize};
@@ -445,17 +445,29 @@ impl Resume {
 /// frame, header included (server frames are unmasked, so the bytes are the
 /// same for every socket), with the JSON a slice of it. A socket's batch is
 /// these shared buffers written with one vectored write: no per-socket
-/// encoding, no copy into a write buffer.
+/// encoding, no copy into a write buffer. One pointer wide, so that a
+/// queue slot (every user's ring has 64) stays small.
 #[derive(Clone, Debug)]
-pub struct EventFrame {
-    websocket: Bytes,
+pub struct EventFrame(Arc<FrameBytes>);
+
+#[derive(Debug)]
+struct FrameBytes {
+    id: i64,
+    /// A `read` frame (a read-state change), not an `event`.
+    read: bool,
+    websocket: Box<[u8]>,
     /// Where the JSON starts in `websocket` (after the 2-10 byte header).
     json_at: usize,
 }
 
 impl EventFrame {
-    /// The frame of one event's JSON text.
-    pub fn new(json: String) -> EventFrame {
+    /// The frame of one event (`Event::frame`).
+    pub fn of(event: &Event) -> EventFrame {
+        EventFrame::new(event.id, event.is_read_state(), event.frame())
+    }
+
+    /// The frame of event `id`'s JSON text.
+    pub fn new(id: i64, read: bool, json: String) -> EventFrame {
         let header = FrameHeader {
             is_final: true,
             opcode: OpCode::Data(Data::Text),
@@ -466,25 +478,37 @@ impl EventFrame {
         let _ = header.format(json.len() as u64, &mut websocket);
         let json_at = websocket.len();
         websocket.extend_from_slice(json.as_bytes());
-        EventFrame {
-            websocket: Bytes::from(websocket),
+        EventFrame(Arc::new(FrameBytes {
+            id,
+            read,
+            websocket: websocket.into_boxed_slice(),
             json_at,
-        }
+        }))
+    }
+
+    /// The event's id.
+    pub fn id(&self) -> i64 {
+        self.0.id
+    }
+
+    /// A `read` frame (a read-state change), not an `event`.
+    pub fn is_read(&self) -> bool {
+        self.0.read
     }
 
     /// The complete WebSocket frame (FIN, text, unmasked).
-    pub fn into_websocket(self) -> Bytes {
-        self.websocket
+    pub fn websocket(&self) -> &[u8] {
+        &self.0.websocket
     }
 
     /// The frame's JSON text.
     pub fn json(&self) -> &[u8] {
-        &self.websocket[self.json_at..]
+        &self.0.websocket[self.0.json_at..]
     }
 
     /// Bytes held (the WebSocket frame, the JSON within it).
     pub fn size(&self) -> usize {
-        self.websocket.len()
+        self.0.websocket.len()
     }
 }
 
