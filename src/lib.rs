@@ -38,7 +38,7 @@
 //! | origin, socket and pre-auth caps, the admin and stream queries (cached) | `admission` |
 //! | history, read state, the unread count (the bell) | `bell` (SQL in `db`, `sql/schema.sql`) |
 //! | replays at once | `replays` |
-//! | one write per batch of frames | `coalesce` |
+//! | an event's frame built once, shared by every socket; one vectored write per batch | `wire::EventFrame`, `coalesce` |
 //! | what server, sessions and listener share (`Shared`, `Status`, `ExtraRoutes`) | `shared` |
 //! | database targets, sslmode, the one connect | `pgconn` |
 //! | the SQL installed, `--watch` specs | `install` (sql/, triggers/) |
