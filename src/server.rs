@@ -1,6 +1,6 @@
 //! HTTP: the accept loop, hyper connections with upgrades, the stream
 //! endpoints `/ws/*` and `/sse/*` and the bell's `/history/*` and `/read/*`
-//! (all through one door, [`authorize`]), the page (also at `/NAME/KEY`),
+//! (all through one door: [`authenticate`], the user's place, then [`admit`]), the page (also at `/NAME/KEY`),
 //! `/healthz`, `/readyz`, `/metrics`, and a program's extra routes. The
 //! endpoints and resume parameters are `wire`'s, the state every connection
 //! reads is `shared::Shared`; an admitted stream is handed to `session::run`
@@ -344,11 +344,11 @@ async fn handle(
     }
     let query = query_params(req.uri().query());
     let cookie_allowed = transport == Transport::ServerSentEvents;
-    let (presented, mut identity) =
-        match authorize(&req, shared, &endpoint, &query, cookie_allowed, &path).await {
-            Ok(admitted) => admitted,
-            Err(refused) => return refused,
-        };
+    let (presented, mut identity) = match authenticate(&req, shared, &query, cookie_allowed, &path)
+    {
+        Ok(authenticated) => authenticated,
+        Err(refused) => return refused,
+    };
     // A reconnecting EventSource repeats its first URL, whose `last_id` is
     // older than the `Last-Event-ID` it sends: the header wins.
     let last_event_id = (transport == Transport::ServerSentEvents)
@@ -364,6 +364,8 @@ async fn handle(
         Err(why) => return refuse(shared, StatusCode::BAD_REQUEST, "bad_resume", why, &path),
     };
     let unread = wire::wants_unread(&query);
+    // The user's place first, then the question (a query on a cache miss):
+    // a user at the cap is refused without one.
     let slot = match shared.slots.take(&identity.user) {
         Ok(slot) => slot,
         Err(NoSlot::Total) => {
@@ -385,6 +387,9 @@ async fn handle(
             )
         }
     };
+    if let Err(refused) = admit(shared, &mut identity, &endpoint, &path).await {
+        return refused;
+    }
     tracing::debug!(path, admin = identity.admin, resume = ?resume.as_ref().map(|r| r.last_id), "admitted");
     let shared = Arc::clone(shared);
     // The connection's span (client address and user) goes on with the
@@ -487,14 +492,18 @@ fn is_stream_page(path: &str, shared: &Shared) -> bool {
     )
 }
 
-/// The door every stream and the bell's routes share: an allowed origin,
-/// a token (header, `?token=`, or the `--token-cookie` cookie where
-/// `cookie_allowed`), valid, for someone who may open `endpoint`. `Err` is
-/// the refusal to send.
-async fn authorize(
+/// The first half of the door every stream and the bell's routes share: an
+/// allowed origin and a token (header, `?token=`, or the `--token-cookie`
+/// cookie where `cookie_allowed`), valid. No query: the caller takes the
+/// user's place (a socket slot, a replay turn) next, and only then
+/// [`admit`] may ask the database, so a user at a cap cannot make
+/// PostgreSQL run a query per refused request. `Err` is the refusal to send.
+// The error is the response, sent at once by the caller: boxing it would
+// only add an allocation to every refusal.
+#[allow(clippy::result_large_err)]
+fn authenticate(
     req: &Request<Incoming>,
     shared: &Shared,
-    endpoint: &Endpoint,
     query: &HashMap<String, String>,
     cookie_allowed: bool,
     path: &str,
@@ -522,7 +531,7 @@ async fn authorize(
             path,
         ));
     };
-    let mut identity = match shared.verifier().verify(&presented.token) {
+    let identity = match shared.verifier().verify(&presented.token) {
         Ok(identity) => {
             // On the connection's span: the socket's task runs in it too.
             tracing::Span::current().record("user", tracing::field::display(&identity.user));
@@ -542,7 +551,19 @@ async fn authorize(
             ));
         }
     };
-    match shared.may_open(&identity, endpoint).await {
+    Ok((presented, identity))
+}
+
+/// The second half of the door: may this user open `endpoint` (the admin or
+/// stream query, cached, for the dashboard and streams). `Err` is the
+/// refusal to send.
+async fn admit(
+    shared: &Shared,
+    identity: &mut Identity,
+    endpoint: &Endpoint,
+    path: &str,
+) -> Result<(), Response<Body>> {
+    match shared.may_open(identity, endpoint).await {
         Ok(true) => {
             if *endpoint == Endpoint::Dashboard {
                 identity.admin = true;
@@ -587,7 +608,7 @@ async fn authorize(
             ));
         }
     }
-    Ok((presented, identity))
+    Ok(())
 }
 
 /// The largest `POST /read/...` body.
@@ -612,8 +633,8 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
     let query = query_params(req.uri().query());
     // A cookie may read history, never write read state (another site's
     // form would carry it).
-    let (_, identity) = match authorize(&req, shared, &endpoint, &query, history, path).await {
-        Ok(admitted) => admitted,
+    let (_, mut identity) = match authenticate(&req, shared, &query, history, path) {
+        Ok(authenticated) => authenticated,
         Err(refused) => return refused,
     };
     // Both read the log or write the user's state through the pool: they
@@ -634,6 +655,10 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
             return refuse(shared, status, "busy", why, path);
         }
     };
+    // Asked only with the turn held (see `authenticate`).
+    if let Err(refused) = admit(shared, &mut identity, &endpoint, path).await {
+        return refused;
+    }
     if history {
         return history_answer(shared, &endpoint, &identity, &query, path).await;
     }

@@ -17,6 +17,24 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
+/// How `/ws/PATH` and `/sse/PATH` refuse `token`: the socket's status, and
+/// the event stream's status and one-line body.
+async fn refused_on_both(relay: &TestRelay, path: &str, token: &str) -> (u16, (u16, String)) {
+    let ws = Ws::connect(&relay.ws_url(&format!("/ws/{path}")), Some(token))
+        .await
+        .err()
+        .expect("the socket is refused");
+    let sse = Sse::connect(
+        relay.relay.addr(),
+        &format!("/sse/{path}"),
+        &[("authorization", &bearer(token))],
+    )
+    .await
+    .err()
+    .expect("the event stream is refused");
+    (ws.status, sse)
+}
+
 /// The next `event` events' ids on an SSE stream, checking that each
 /// `id:` is `EPOCH:ID` for the frame's id.
 async fn sse_ids(sse: &mut Sse, epoch: &str, n: usize) -> Vec<i64> {
@@ -113,22 +131,9 @@ async fn who_may_not_open_a_key_is_refused_before_the_stream_starts() {
     let customer = token("3", false);
     let owner = token("2", false);
 
-    let refused = Ws::connect(
-        &relay.ws_url(&format!("/ws/businesses/{mine}/")),
-        Some(&customer),
-    )
-    .await
-    .err()
-    .expect("a customer is refused");
-    assert_eq!(refused.status, 403, "{refused:?}");
-    let (status, why) = Sse::connect(
-        addr,
-        &format!("/sse/businesses/{mine}/"),
-        &[("authorization", &bearer(&customer))],
-    )
-    .await
-    .err()
-    .expect("a customer is refused");
+    let (ws, (status, why)) =
+        refused_on_both(&relay, &format!("businesses/{mine}/"), &customer).await;
+    assert_eq!(ws, 403, "a customer is refused");
     assert_eq!((status, why.as_str()), (403, "not allowed on this stream"));
     // The owner of nothing here, a key that is not an id, a stream that
     // does not exist, no token.
@@ -180,32 +185,46 @@ async fn a_failing_stream_query_refuses_and_never_admits() {
         c.stream_queries = vec![("businesses".into(), "SELECT 1 / 0 = 1 OR $1 = $2".into())];
     })
     .await;
-    let addr = relay.relay.addr();
     let mine = db.business(2, "Mine").await;
     let owner = token("2", false);
-    let refused = Ws::connect(
-        &relay.ws_url(&format!("/ws/businesses/{mine}/")),
-        Some(&owner),
-    )
-    .await
-    .err()
-    .expect("refused while the query fails");
-    assert_eq!(refused.status, 503, "{refused:?}");
-    let (status, why) = Sse::connect(
-        addr,
-        &format!("/sse/businesses/{mine}/"),
-        &[("authorization", &bearer(&owner))],
-    )
-    .await
-    .err()
-    .expect("refused while the query fails");
-    assert_eq!(status, 503);
+    let (ws, (status, why)) = refused_on_both(&relay, &format!("businesses/{mine}/"), &owner).await;
+    assert_eq!((ws, status), (503, 503), "refused while the query fails");
     assert!(why.contains("retry later"), "{why}");
     // An admin claim needs no query.
     let mut admin = relay
         .ws(&format!("/ws/businesses/{mine}/"), &token("1", true))
         .await;
     admin.hello().await;
+}
+
+/// The door takes the user's place before it asks the database: a user at
+/// `--max-sockets-per-user` is refused with 429 without a query, so fresh
+/// stream keys cannot make PostgreSQL run one per refused request. The
+/// query here always fails, so a request that reached it would get 503.
+#[tokio::test]
+async fn a_user_at_the_socket_cap_is_refused_before_any_query() {
+    let db = TestDb::demo("streams_cap_before_query").await;
+    let relay = TestRelay::start_with(&db, |c| {
+        c.limits.max_per_user = 1;
+        c.stream_queries = vec![("businesses".into(), "SELECT 1 / 0 = 1 OR $1 = $2".into())];
+    })
+    .await;
+    let owner = token("2", false);
+    // Below the cap the query is asked, and fails: 503.
+    let below = Ws::connect(&relay.ws_url("/ws/businesses/1/"), Some(&owner))
+        .await
+        .err()
+        .expect("refused while the query fails");
+    assert_eq!(below.status, 503, "{below:?}");
+    // At the cap (one notifications socket open), fresh keys: 429 over both
+    // transports, not 503.
+    let mut held = relay.ws("/ws/notifications/", &owner).await;
+    held.hello().await;
+    for key in 2..5 {
+        let (ws, (status, why)) =
+            refused_on_both(&relay, &format!("businesses/{key}/"), &owner).await;
+        assert_eq!((ws, status), (429, 429), "key {key}: {why}");
+    }
 }
 
 #[tokio::test]
