@@ -928,13 +928,7 @@ async fn reinstalled_log_restarts_sockets_and_a_resume_gets_reset_not_silence() 
     }
     let old_epoch = epoch(&db).await;
 
-    db.exec("DROP SCHEMA pgrelay CASCADE").await;
-    pgrelay::install::install(&InstallConfig {
-        demo: true,
-        ..InstallConfig::new(db.config())
-    })
-    .await
-    .expect("reinstall");
+    db.reinstall_demo().await;
     assert_ne!(epoch(&db).await, old_epoch, "a reinstall is a new epoch");
 
     let (code, _) = dashboard.close_code().await;

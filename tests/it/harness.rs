@@ -182,16 +182,19 @@ impl TestDb {
 
     /// Inserts a reservation and returns its id.
     pub async fn reservation(&self, business: i64, customer: i64) -> i64 {
-        self.client()
-            .await
-            .query_one(
-                "INSERT INTO reservations (business_id, customer_id, starts_at, party_size) \
-                 VALUES ($1, $2, now() + interval '1 day', 2) RETURNING id",
-                &[&business, &customer],
-            )
-            .await
-            .expect("insert reservation")
-            .get(0)
+        insert_reservation(&self.client().await, business, customer).await
+    }
+
+    /// Drops the pgrelay schema and installs it again with the demo: a new
+    /// log, a new epoch (what a restore or failover looks like to pgrelay).
+    pub async fn reinstall_demo(&self) {
+        self.exec("DROP SCHEMA pgrelay CASCADE").await;
+        pgrelay::install::install(&pgrelay::install::InstallConfig {
+            demo: true,
+            ..pgrelay::install::InstallConfig::new(self.config())
+        })
+        .await
+        .expect("reinstall");
     }
 }
 
@@ -781,6 +784,19 @@ pub async fn silent_websocket(addr: std::net::SocketAddr, path: &str, token: &st
 }
 
 /// Inserts a business on an open connection (one transaction) and returns its id.
+/// Inserts a reservation on `client` (one transaction) and returns its id.
+pub async fn insert_reservation(client: &Client, business: i64, customer: i64) -> i64 {
+    client
+        .query_one(
+            "INSERT INTO reservations (business_id, customer_id, starts_at, party_size) \
+             VALUES ($1, $2, now() + interval '1 day', 2) RETURNING id",
+            &[&business, &customer],
+        )
+        .await
+        .expect("insert reservation")
+        .get(0)
+}
+
 pub async fn insert_business(client: &Client, owner: i64, name: &str) -> i64 {
     client
         .query_one(

@@ -9,8 +9,6 @@
 
 use std::net::SocketAddr;
 
-use pgrelay::install::InstallConfig;
-
 use crate::harness::*;
 
 /// `(replay_rows, replays_from_memory)` on the relay at `addr`.
@@ -31,16 +29,26 @@ async fn traffic(db: &TestDb, mine: i64, theirs: i64, rounds: usize, tag: &str) 
         insert_business(&client, 2, &format!("{tag} mine {i}")).await;
         insert_business(&client, 4, &format!("{tag} theirs {i}")).await;
         for (business, customer) in [(mine, 3_i64), (theirs, 2)] {
-            client
-                .execute(
-                    "INSERT INTO reservations (business_id, customer_id, starts_at, party_size) \
-                     VALUES ($1, $2, now() + interval '1 day', 2)",
-                    &[&business, &customer],
-                )
-                .await
-                .expect("insert reservation");
+            insert_reservation(&client, business, customer).await;
         }
     }
+}
+
+/// Two businesses (`mine` of owner 2, `theirs` of owner 4), then `rounds`
+/// of [`traffic`] after a cursor, each event seen live by a dashboard (so
+/// handed to the hub, and in memory if it fits). Returns (mine, the
+/// cursor, the ids after it).
+async fn missed_traffic(db: &TestDb, relay: &TestRelay, rounds: usize) -> (i64, i64, Vec<i64>) {
+    let mut watcher = relay.dashboard().await;
+    let mine = db.business(2, "mine").await;
+    let theirs = db.business(4, "theirs").await;
+    read_ids(&mut watcher, 2).await;
+    let cursor = max_id(db).await;
+    traffic(db, mine, theirs, rounds, "missed").await;
+    let missed = ids_after(db, cursor).await;
+    assert_eq!(missed.len(), 4 * rounds);
+    assert_same_ids(&read_ids(&mut watcher, missed.len()).await, &missed, "live");
+    (mine, cursor, missed)
 }
 
 /// Reads `expected.len()` events from `ws`: exactly `expected`, in order.
@@ -55,16 +63,8 @@ async fn recent_resume_is_served_from_memory_exactly_on_every_endpoint() {
     let db = TestDb::demo("recent_exact").await;
     let relay = TestRelay::start(&db).await;
     let addr = relay.relay.addr();
-    let mut watcher = relay.dashboard().await;
-    let mine = db.business(2, "mine").await;
-    let theirs = db.business(4, "theirs").await;
-    read_ids(&mut watcher, 2).await;
-    let cursor = max_id(&db).await;
-    traffic(&db, mine, theirs, 30, "missed").await;
     // Handed to the hub (so in memory, below every new hello.last_id).
-    let missed = ids_after(&db, cursor).await;
-    assert_eq!(missed.len(), 120);
-    assert_same_ids(&read_ids(&mut watcher, 120).await, &missed, "live");
+    let (mine, cursor, missed) = missed_traffic(&db, &relay, 30).await;
     let epoch = epoch(&db).await;
     let before = replay_counts(addr).await;
 
@@ -109,15 +109,7 @@ async fn cursor_older_than_memory_reads_the_database_and_is_exact() {
     // Room for about a hundred events of this size.
     let relay = TestRelay::start_with(&db, |config| config.replay_memory = 64 << 10).await;
     let addr = relay.relay.addr();
-    let mut watcher = relay.dashboard().await;
-    let mine = db.business(2, "mine").await;
-    let theirs = db.business(4, "theirs").await;
-    read_ids(&mut watcher, 2).await;
-    let cursor = max_id(&db).await;
-    traffic(&db, mine, theirs, 150, "older").await;
-    let all = ids_after(&db, cursor).await;
-    assert_eq!(all.len(), 600);
-    assert_same_ids(&read_ids(&mut watcher, 600).await, &all, "live");
+    let (_, cursor, all) = missed_traffic(&db, &relay, 150).await;
     let epoch = epoch(&db).await;
 
     // The oldest cursor: the database, every page of it.
@@ -209,13 +201,7 @@ async fn a_log_that_went_back_is_never_replayed_from_memory() {
     let old = read_ids(&mut dashboard, 5).await;
     let old_epoch = epoch(&db).await;
 
-    db.exec("DROP SCHEMA pgrelay CASCADE").await;
-    pgrelay::install::install(&InstallConfig {
-        demo: true,
-        ..InstallConfig::new(db.config())
-    })
-    .await
-    .expect("reinstall");
+    db.reinstall_demo().await;
     let new_epoch = epoch(&db).await;
     assert_ne!(new_epoch, old_epoch);
     let (code, _) = dashboard.close_code().await;

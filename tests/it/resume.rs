@@ -8,20 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio_postgres::Client;
-
 use crate::harness::*;
-
-async fn insert_reservation(client: &Client, business: i64, customer: i64) {
-    client
-        .execute(
-            "INSERT INTO reservations (business_id, customer_id, starts_at, party_size) \
-             VALUES ($1, $2, now() + interval '1 day', 2)",
-            &[&business, &customer],
-        )
-        .await
-        .expect("insert reservation");
-}
 
 /// The seam: rows are committed from another task, one transaction each,
 /// before, during and after the replay, so some reach the socket through the
