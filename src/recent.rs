@@ -7,7 +7,8 @@
 //! the pool's few replay turns (`replays`) and pages through PostgreSQL: a
 //! storm of 10,000 such resumes queued for 46 s, and thousands were told
 //! 1013 (BENCHMARKS.md, "Resume cost"). Those events are the ones the hub
-//! has just handed out; keeping them costs a few megabytes.
+//! has just handed out; keeping them costs at most `--replay-memory`
+//! (32 MiB by default).
 //!
 //! What is kept: every event the hub publishes, in id order, with its frame
 //! (the hub's `Delivery`, whose bytes are shared with the sockets' rings:
@@ -35,8 +36,10 @@
 //! never holds up the publisher for more than a page's copy.
 //!
 //! Priming: at start, one bounded read of the newest events up to the head
-//! the listener starts from (at most `REPLAY_WINDOW` ids and a number of
-//! rows the budget can hold, under the statement timeout), so a storm right
+//! the listener starts from (at most `REPLAY_WINDOW` ids and 20,000 rows,
+//! under the statement timeout; the rows are read whole, so with large
+//! events the read may briefly hold more than the budget, the oldest
+//! dropped as they are pushed), so a storm right
 //! after a restart finds the events written while pgrelay was down. Both
 //! meet at that head: no gap, no duplicate.
 //!

@@ -14,7 +14,7 @@
 //! through the pool only: any other replay
 //! (`db::LogReader`, under the statement timeout, a keyed stream filtered in
 //! SQL), the unread count when `hello` is asked for it (under a replay's
-//! turn), `read`/`clear` messages (`bell::mark`), and, on a refresh, the
+//! turn, only if one is free at once), `read`/`clear` messages (`bell::mark`), and, on a refresh, the
 //! admin or stream query.
 //!
 //! Close codes, frames and client messages are `wire`'s ([`Close`] says what
@@ -183,8 +183,8 @@ async fn session<P: Peer>(
     };
     // The bell's badge before anything else arrives, when the client asks
     // (`?unread=1`): a query, so it takes a replay's turn (the same caps on
-    // the pool); without one, or if the database cannot say, the hello
-    // goes out plain.
+    // the pool) if one is free at once; without one, or if the database
+    // cannot say, the hello goes out plain.
     let read = if unread {
         Box::pin(hello_unread(shared, endpoint, &identity.user, sub.last_id)).await
     } else {
@@ -378,8 +378,12 @@ async fn hello_unread(
     user: &str,
     head: i64,
 ) -> Option<(i64, i64)> {
-    let Ok(_turn) = shared.replays.turn(user).await else {
-        tracing::debug!("no turn for the unread count; hello without it");
+    // Only a turn free now (a timeout of zero still polls once): in a
+    // reconnect storm `hello` must not wait behind replays for a badge,
+    // which the client can ask for again (history carries it too).
+    let Ok(Ok(_turn)) = tokio::time::timeout(Duration::ZERO, shared.replays.turn(user)).await
+    else {
+        tracing::debug!("no turn free for the unread count; hello without it");
         return None;
     };
     bell::unread(shared, endpoint, user, head)
@@ -555,21 +559,31 @@ async fn from_memory<P: Peer>(
     if (resume.epoch.as_ref()).is_some_and(|e| *e != shared.status.epoch()) {
         return Ok(Some(resume.last_id));
     }
-    shared.metrics.replays_from_memory.inc();
     loop {
         let page = match memory.next_page(REPLAY_PAGE as usize) {
             Ok(Some(page)) => page,
-            Ok(None) => return Ok(None),
+            Ok(None) => {
+                shared.metrics.replays_from_memory.inc();
+                return Ok(None);
+            }
             Err(Lost(after)) => return Ok(Some(after)),
         };
         let frames: Vec<Frame> = (page.iter())
             .filter(|e| bell::reaches(endpoint, user, &e.targets))
             .map(|e| Frame::from(e.delivery.clone()))
             .collect();
+        // Not held while the peer is written to: a stalled peer pins only
+        // the frames it is sent, not a page of memory.
+        drop(page);
         let n = frames.len() as u64;
         if n > 0 {
             peer.send(frames).await?;
             shared.metrics.deliveries.inc_by(n);
+        } else {
+            // A page with nothing for this client still cost a scan: give
+            // the worker back, so a scan of the whole memory never holds a
+            // thread (or the listener) for long.
+            tokio::task::yield_now().await;
         }
     }
 }
