@@ -12,6 +12,7 @@
 //! in sorted order (what `serde_json::json!` produced before they moved
 //! here), `event` its fixed order starting with `type`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -275,9 +276,11 @@ pub struct ReadState {
 struct ReadFrame<'a> {
     cleared_through: i64,
     ids: Vec<i64>,
-    stream: &'a str,
+    /// Borrowed unless the JSON escapes a character (a key with `"` or `\`).
+    #[serde(borrow)]
+    stream: Cow<'a, str>,
     #[serde(rename = "type", default)]
-    kind: &'a str,
+    kind: Cow<'a, str>,
     up_to: i64,
 }
 
@@ -286,7 +289,7 @@ struct ReadFrame<'a> {
 /// the payload is not one.
 fn read_frame(payload: &RawValue) -> Option<String> {
     let mut frame: ReadFrame = serde_json::from_str(payload.get()).ok()?;
-    frame.kind = "read";
+    frame.kind = Cow::Borrowed("read");
     Some(to_text(&frame))
 }
 
@@ -605,6 +608,22 @@ fn to_text(frame: &impl Serialize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream key whose JSON needs escapes still makes a `read` frame (a
+    /// borrowed `&str` cannot hold an unescaped copy).
+    #[test]
+    fn read_frames_survive_escaped_stream_keys() {
+        let payload = RawValue::from_string(
+            r#"{"user_id":"2","stream":"businesses/a\"b\\c","up_to":7,"ids":[],"cleared_through":0}"#
+                .into(),
+        )
+        .expect("json");
+        let frame = read_frame(&payload).expect("a read frame");
+        let value: serde_json::Value = serde_json::from_str(&frame).expect("json");
+        assert_eq!(value["type"], "read");
+        assert_eq!(value["stream"], "businesses/a\"b\\c");
+        assert_eq!(value["up_to"], 7);
+    }
 
     #[test]
     fn paths_name_endpoints_and_stream_keys() {
