@@ -9,9 +9,11 @@
 //! Every refusal happens before the stream starts, as a plain HTTP response
 //! whose body says why in one line: 404 unknown path, 405 wrong method, 400
 //! not a WebSocket request or bad resume parameters, 406 an `/sse/` request
-//! that does not accept `text/event-stream`, 401 no/invalid/expired token,
-//! 403 valid token without the right, 503 an admin or stream query that
-//! cannot answer.
+//! that does not accept `text/event-stream` (the bell's routes: 400 a bad
+//! `read` body or history parameters), 401 no/invalid/expired token, 429
+//! the user's socket cap or replay turns, 503 the total cap or an admin or
+//! stream query that cannot answer, 403 valid token without the right. The
+//! caps come before the question (see [`authenticate`]).
 //!
 //! Before any of that, the accept loop bounds what unauthenticated clients
 //! can hold: each accepted connection takes a [`Pending`] place (released
@@ -563,52 +565,34 @@ async fn admit(
     endpoint: &Endpoint,
     path: &str,
 ) -> Result<(), Response<Body>> {
-    match shared.may_open(identity, endpoint).await {
+    let dashboard = *endpoint == Endpoint::Dashboard;
+    let (status, reason, why) = match shared.may_open(identity, endpoint).await {
         Ok(true) => {
-            if *endpoint == Endpoint::Dashboard {
-                identity.admin = true;
-            }
+            identity.admin |= dashboard;
+            return Ok(());
         }
-        Ok(false) if *endpoint == Endpoint::Dashboard => {
-            return Err(refuse(
-                shared,
-                StatusCode::FORBIDDEN,
-                "not_admin",
-                "the dashboard is for super admins only",
-                path,
-            ));
-        }
-        Ok(false) => {
-            return Err(refuse(
-                shared,
-                StatusCode::FORBIDDEN,
-                "not_allowed",
-                "not allowed on this stream",
-                path,
-            ));
-        }
-        Err(e) if *endpoint == Endpoint::Dashboard => {
+        Ok(false) if dashboard => (
+            StatusCode::FORBIDDEN,
+            "not_admin",
+            "the dashboard is for super admins only",
+        ),
+        Ok(false) => (
+            StatusCode::FORBIDDEN,
+            "not_allowed",
+            "not allowed on this stream",
+        ),
+        Err(e) if dashboard => {
             tracing::warn!(error = %e, "admin query failed; refusing");
-            return Err(refuse(
-                shared,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "admin_query",
-                "cannot check admin rights right now: retry later",
-                path,
-            ));
+            let why = "cannot check admin rights right now: retry later";
+            (StatusCode::SERVICE_UNAVAILABLE, "admin_query", why)
         }
         Err(e) => {
             tracing::warn!(error = %e, "stream query failed; refusing");
-            return Err(refuse(
-                shared,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "stream_query",
-                "cannot check access to this stream right now: retry later",
-                path,
-            ));
+            let why = "cannot check access to this stream right now: retry later";
+            (StatusCode::SERVICE_UNAVAILABLE, "stream_query", why)
         }
-    }
-    Ok(())
+    };
+    Err(refuse(shared, status, reason, why, path))
 }
 
 /// The largest `POST /read/...` body.

@@ -177,7 +177,7 @@ async fn close_handshake(ws: &mut HyperWebsocketStream, kind: Close, reason: &'s
 }
 
 /// A token bucket for client frames: `rate` per second, bursts of ten times
-/// that. Clients have nothing to send but the odd `refresh` or `read`.
+/// that. Clients have nothing to send but the odd `refresh`, `read` or `clear`.
 struct RateLimit {
     tokens: f64,
     rate: f64,
