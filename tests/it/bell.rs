@@ -234,15 +234,13 @@ async fn reads_beyond_the_newest_event_or_malformed_are_refused() {
         (1008, "read beyond the newest event")
     );
 
-    // Read messages count against the client message rate (1/s, bursts of 10).
+    // Read messages count against the client message rate (1/s, bursts of
+    // 10): 40 at once is over it even if handling them took seconds.
     let mut ws = relay.notifications("2").await;
-    for _ in 0..12 {
+    for _ in 0..40 {
         ws.send_text(&json!({"type": "read", "up_to": newest}).to_string())
             .await;
     }
     let (code, reason) = ws.close_code().await;
     assert_eq!((code, reason.as_str()), (1008, "too many messages"));
-    // Its state is still one row.
-    let rows: i64 = db.value("SELECT count(*) FROM pgrelay.read_state").await;
-    assert_eq!(rows, 1);
 }

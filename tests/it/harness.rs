@@ -783,7 +783,6 @@ pub async fn silent_websocket(addr: std::net::SocketAddr, path: &str, token: &st
     stream
 }
 
-/// Inserts a business on an open connection (one transaction) and returns its id.
 /// Inserts a reservation on `client` (one transaction) and returns its id.
 pub async fn insert_reservation(client: &Client, business: i64, customer: i64) -> i64 {
     client
@@ -797,6 +796,7 @@ pub async fn insert_reservation(client: &Client, business: i64, customer: i64) -
         .get(0)
 }
 
+/// Inserts a business on an open connection (one transaction) and returns its id.
 pub async fn insert_business(client: &Client, owner: i64, name: &str) -> i64 {
     client
         .query_one(
