@@ -65,9 +65,8 @@ pub fn sees(shared: &Shared, endpoint: &Endpoint, user: &str, event: &Event) -> 
 }
 
 /// Whether an event the router sent to `targets` reaches `endpoint`'s
-/// client, `user`: live delivery's rule, for events already routed (the
-/// replay from memory, `recent`).
-pub fn reaches(endpoint: &Endpoint, user: &str, targets: &Targets) -> bool {
+/// client, `user`: live delivery's rule, for events already routed.
+fn reaches(endpoint: &Endpoint, user: &str, targets: &Targets) -> bool {
     match endpoint {
         Endpoint::Dashboard => targets.dashboard,
         Endpoint::Notifications => targets.users.iter().any(|u| u == user),

@@ -201,7 +201,11 @@ impl Relay {
         // storm right after a restart resumes from memory; the listener
         // appends from there.
         match hub.recent().prime(&db, &config.routes, info.max_id).await {
-            Ok(events) => tracing::debug!(events, "newest events read into memory"),
+            Ok(primed) => tracing::info!(
+                rows = primed.rows,
+                kept = primed.kept,
+                "newest events read into memory"
+            ),
             Err(e) => tracing::warn!(
                 error = %e,
                 "could not read the newest events into memory; resumes read them from the database"

@@ -14,8 +14,8 @@
 //! (the hub's `Delivery`, whose bytes are shared with the sockets' rings:
 //! nothing is serialised again; [`Kept`] is what this module needs of it,
 //! so that it does not import the hub that holds it) and its audiences (the
-//! router's [`Targets`], computed once by the listener), so a replay decides
-//! visibility by the rule live delivery follows (`bell::reaches`) without
+//! router's [`Targets`], computed once by the listener), which put it in
+//! the lanes of exactly the clients live delivery sent it to, without
 //! routing again. An event nobody may see is not kept; it only moves the
 //! range.
 //!
@@ -31,17 +31,25 @@
 //!
 //! Bounded: by bytes (`--replay-memory`, in MiB; 0 turns it off), the
 //! oldest entries dropped first, which moves `from` up. Appending is O(1)
-//! amortised under one short lock; readers copy out a page of entry
-//! pointers under the same lock and filter and send outside it, so a reader
+//! amortised per audience under one short lock; readers copy out a page of
+//! entry pointers under the same lock and send outside it, so a reader
 //! never holds up the publisher for more than a page's copy.
 //!
-//! Priming: at start, one bounded read of the newest events up to the head
-//! the listener starts from (at most `REPLAY_WINDOW` ids and 20,000 rows,
-//! under the statement timeout; the rows are read whole, so with large
-//! events the read may briefly hold more than the budget, the oldest
-//! dropped as they are pushed), so a storm right
-//! after a restart finds the events written while pgrelay was down. Both
-//! meet at that head: no gap, no duplicate.
+//! Indexed by audience: every entry is also in one lane per audience it
+//! has (the dashboard, each user, each stream key), in id order, and a
+//! replay walks only its client's lane ([`Audience`]). So a replay costs
+//! what it sends, plus a binary search: a client reconnecting in a loop
+//! with an old cursor cannot make pgrelay scan the whole memory for a few
+//! events of its own at every connect (without the lanes, up to about
+//! 100,000 entries a connect at the default budget).
+//!
+//! Priming: at start, the newest events up to the head the listener starts
+//! from, read newest first in pages of [`PRIME_PAGE`] rows (each under the
+//! statement timeout), until the budget is full, `REPLAY_WINDOW` ids or
+//! [`PRIME_ROWS`] rows are read, so a storm right after a restart finds the
+//! events written while pgrelay was down. What priming holds beyond the
+//! budget is one page at most (the oldest are dropped as they are pushed).
+//! Both meet at that head: no gap, no duplicate.
 //!
 //! Resets: when the log went back (restore, failover, reinstall: a new
 //! epoch), the hub's `restart` empties it before any socket can subscribe
@@ -52,19 +60,22 @@
 //! `cursor_expired`.
 //!
 //! Not here: the replay loop and its frames (`session`), the read
-//! (`db::Db::newest`), visibility (`bell::reaches`).
+//! (`db::Db::newest`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::mem::size_of;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::db::{Db, DbError, REPLAY_WINDOW};
 use crate::parse::Event;
 use crate::route::{Routes, Targets};
+use crate::wire::Endpoint;
 
-/// Rows the priming read asks for at most (fewer when the budget holds
-/// fewer entries).
+/// Rows priming reads at most, whatever the budget: it bounds the start's
+/// reads when events are small or seen by nobody.
 const PRIME_ROWS: usize = 20_000;
+/// Rows per priming read.
+const PRIME_PAGE: usize = 1_000;
 
 /// What memory keeps of an event: its frame, built once (the hub's
 /// `Delivery`).
@@ -83,22 +94,33 @@ pub struct Entry<D> {
     pub targets: Targets,
 }
 
-/// What an entry costs besides its frame and its audiences' keys: the entry,
-/// the `Arc`'s counts, the deque's slot, and allocator rounding.
+/// What an entry costs besides its frame and its audiences: the entry, the
+/// `Arc`'s counts, the deque's slot, and allocator rounding.
 const fn overhead<D>() -> usize {
     size_of::<Entry<D>>() + 2 * size_of::<usize>() + size_of::<Arc<Entry<D>>>() + 32
+}
+
+/// What each audience of an entry costs besides its key: a slot in its lane,
+/// counted twice for the deque's spare room.
+const fn lane_slot<D>() -> usize {
+    2 * size_of::<Arc<Entry<D>>>()
 }
 
 impl<D: Kept> Entry<D> {
     /// Bytes counted against the budget.
     fn cost(&self) -> usize {
         let users: usize = (self.targets.users.iter())
-            .map(|u| size_of::<String>() + u.len())
+            .map(|u| size_of::<String>() + u.len() + lane_slot::<D>())
             .sum();
         let streams: usize = (self.targets.streams.iter())
-            .map(|(_, key)| size_of::<(usize, String)>() + key.len())
+            .map(|(_, key)| size_of::<(usize, String)>() + key.len() + lane_slot::<D>())
             .sum();
-        overhead::<D>() + self.delivery.bytes() + users + streams
+        let dashboard = if self.targets.dashboard {
+            lane_slot::<D>()
+        } else {
+            0
+        };
+        overhead::<D>() + self.delivery.bytes() + users + streams + dashboard
     }
 }
 
@@ -109,8 +131,37 @@ pub struct Recent<D> {
     budget: usize,
 }
 
+/// Whose events a replay reads: one lane of memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience<'a> {
+    Dashboard,
+    User(&'a str),
+    Stream(usize, &'a str),
+}
+
+impl<'a> Audience<'a> {
+    /// The events `endpoint`'s client, `user`, may see: the hub's ring its
+    /// socket reads live (`bell::reaches` says the same of routed events).
+    pub fn of(endpoint: &'a Endpoint, user: &'a str) -> Audience<'a> {
+        match endpoint {
+            Endpoint::Dashboard => Audience::Dashboard,
+            Endpoint::Notifications => Audience::User(user),
+            Endpoint::Stream { index, key, .. } => Audience::Stream(*index, key),
+        }
+    }
+}
+
+type Lane<D> = VecDeque<Arc<Entry<D>>>;
+
 struct State<D> {
-    entries: VecDeque<Arc<Entry<D>>>,
+    /// Every entry, oldest first: what the budget drops from.
+    entries: Lane<D>,
+    /// The same entries by audience (see the module docs). A lane is
+    /// removed with its last entry.
+    dashboard: Lane<D>,
+    users: HashMap<String, Lane<D>>,
+    /// Stream index -> key -> lane.
+    streams: HashMap<usize, HashMap<String, Lane<D>>>,
     /// The newest id not held: every event above it, up to `to`, is.
     from: i64,
     /// The newest id published.
@@ -118,6 +169,83 @@ struct State<D> {
     bytes: usize,
     /// Moves on every reset: a reader of an older one must stop.
     generation: u64,
+}
+
+impl<D> State<D> {
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.dashboard.clear();
+        self.users.clear();
+        self.streams.clear();
+        self.bytes = 0;
+    }
+
+    /// Appends `entry`, the newest, to the log's lane and its audiences'.
+    fn append(&mut self, entry: Arc<Entry<D>>) {
+        let targets = &entry.targets;
+        if targets.dashboard {
+            self.dashboard.push_back(Arc::clone(&entry));
+        }
+        for user in &targets.users {
+            match self.users.get_mut(user) {
+                Some(lane) => lane.push_back(Arc::clone(&entry)),
+                None => {
+                    self.users.insert(user.clone(), [Arc::clone(&entry)].into());
+                }
+            }
+        }
+        for (index, key) in &targets.streams {
+            let keys = self.streams.entry(*index).or_default();
+            match keys.get_mut(key) {
+                Some(lane) => lane.push_back(Arc::clone(&entry)),
+                None => {
+                    keys.insert(key.clone(), [Arc::clone(&entry)].into());
+                }
+            }
+        }
+        self.entries.push_back(entry);
+    }
+
+    /// Drops the oldest entry from every lane: being the oldest of all, it
+    /// is first in each of its audiences' lanes.
+    fn drop_oldest(&mut self) -> Option<Arc<Entry<D>>> {
+        let oldest = self.entries.pop_front()?;
+        let targets = &oldest.targets;
+        if targets.dashboard {
+            self.dashboard.pop_front();
+        }
+        for user in &targets.users {
+            if let Some(lane) = self.users.get_mut(user) {
+                lane.pop_front();
+                if lane.is_empty() {
+                    self.users.remove(user);
+                }
+            }
+        }
+        for (index, key) in &targets.streams {
+            if let Some(keys) = self.streams.get_mut(index) {
+                if let Some(lane) = keys.get_mut(key) {
+                    lane.pop_front();
+                    if lane.is_empty() {
+                        keys.remove(key);
+                    }
+                }
+                if keys.is_empty() {
+                    self.streams.remove(index);
+                }
+            }
+        }
+        Some(oldest)
+    }
+
+    /// `audience`'s lane, if it has any entry.
+    fn lane(&self, audience: Audience<'_>) -> Option<&Lane<D>> {
+        match audience {
+            Audience::Dashboard => Some(&self.dashboard),
+            Audience::User(user) => self.users.get(user),
+            Audience::Stream(index, key) => self.streams.get(&index)?.get(key),
+        }
+    }
 }
 
 /// Memory no longer holds the rest of a read (evicted, or the log went
@@ -131,6 +259,9 @@ impl<D: Kept> Recent<D> {
         Recent {
             state: Mutex::new(State {
                 entries: VecDeque::new(),
+                dashboard: VecDeque::new(),
+                users: HashMap::new(),
+                streams: HashMap::new(),
                 from: 0,
                 to: 0,
                 bytes: 0,
@@ -149,8 +280,7 @@ impl<D: Kept> Recent<D> {
     /// or where the log went back to.
     pub fn reset(&self, at: i64) {
         let mut state = self.state();
-        state.entries.clear();
-        state.bytes = 0;
+        state.clear();
         state.from = at;
         state.to = at;
         state.generation += 1;
@@ -160,13 +290,18 @@ impl<D: Kept> Recent<D> {
     /// see it (`None`: nobody; only the range moves). Ids must come in
     /// increasing order; one not above the last is ignored.
     pub fn push(&self, id: i64, delivery: Option<&D>, targets: &Targets) {
-        // Built before the lock: the lock covers the deque only.
+        // Built before the lock: the lock covers the lanes only.
         let entry = (self.budget > 0).then_some(delivery).flatten().map(|d| {
             Arc::new(Entry {
                 delivery: d.clone(),
                 targets: targets.clone(),
             })
         });
+        self.push_entry(id, entry);
+    }
+
+    /// [`Recent::push`], with the entry built.
+    fn push_entry(&self, id: i64, entry: Option<Arc<Entry<D>>>) {
         let mut state = self.state();
         if id <= state.to {
             return;
@@ -175,14 +310,14 @@ impl<D: Kept> Recent<D> {
         match entry {
             Some(entry) => {
                 state.bytes += entry.cost();
-                state.entries.push_back(entry);
+                state.append(entry);
             }
             // Off: the range stays empty.
             None if self.budget == 0 => state.from = id,
             None => {}
         }
         while state.bytes > self.budget {
-            let Some(oldest) = state.entries.pop_front() else {
+            let Some(oldest) = state.drop_oldest() else {
                 break;
             };
             state.bytes -= oldest.cost();
@@ -190,16 +325,22 @@ impl<D: Kept> Recent<D> {
         }
     }
 
-    /// Starts a read of the events above `after` up to `upto`, or `None`
-    /// when memory does not hold all of them (or `after` is above `upto`:
-    /// a cursor beyond the head is the log's to judge).
-    pub fn read(&self, after: i64, upto: i64) -> Option<Reader<'_, D>> {
+    /// Starts a read of `audience`'s events above `after` up to `upto`, or
+    /// `None` when memory does not hold all of them (or `after` is above
+    /// `upto`: a cursor beyond the head is the log's to judge).
+    pub fn read<'a>(
+        &'a self,
+        audience: Audience<'a>,
+        after: i64,
+        upto: i64,
+    ) -> Option<Reader<'a, D>> {
         if self.budget == 0 {
             return None;
         }
         let state = self.state();
         (state.from <= after && after <= upto && upto <= state.to).then(|| Reader {
             recent: self,
+            audience,
             generation: state.generation,
             after,
             upto,
@@ -213,48 +354,79 @@ impl<D: Kept> Recent<D> {
     }
 
     /// Fills it with the newest events of the log up to `head`, the id the
-    /// listener starts from: one read, bounded (see the module docs).
-    /// Returns the events kept. On error it is left empty at `head`.
-    pub async fn prime(&self, db: &Db, routes: &Routes, head: i64) -> Result<usize, DbError> {
+    /// listener starts from, newest first until the budget is full (see the
+    /// module docs). On error it is left empty at `head`.
+    pub async fn prime(&self, db: &Db, routes: &Routes, head: i64) -> Result<Primed, DbError> {
         self.reset(head);
         if self.budget == 0 {
-            return Ok(0);
+            return Ok(Primed { rows: 0, kept: 0 });
         }
+        let channels = routes.channels();
         let floor = head.saturating_sub(REPLAY_WINDOW);
-        let rows = PRIME_ROWS.min(self.budget / overhead::<D>() + 1);
-        let (page, pruned_through) = db
-            .newest(&routes.channels(), head, floor, rows as i64)
-            .await?;
-        // A full page may have left older rows of the window unread: the
-        // range starts at the oldest row read. Retention may have deleted
-        // rows up to `pruned_through` (read after the rows): not held.
-        let oldest = match page.last_id {
-            Some(last) if page.rows == rows => last - 1,
-            _ => floor,
+        // Newest first: (id, entry), and the bytes the entries cost.
+        let mut read: Vec<(i64, Option<Entry<D>>)> = Vec::new();
+        let (mut rows, mut bytes, mut below, mut pruned_through) = (0, 0, head, 0);
+        // Where the range held starts: below the oldest row read, or the
+        // floor once every row above it is read.
+        let oldest = loop {
+            let limit = PRIME_PAGE.min(PRIME_ROWS - rows);
+            let (page, pruned) = db.newest(&channels, below, floor, limit as i64).await?;
+            // Retention may have deleted rows up to `pruned` (read after
+            // the page's rows): not held.
+            pruned_through = pruned_through.max(pruned);
+            rows += page.rows;
+            for event in &page.events {
+                let targets = routes.route(event);
+                let entry = targets.any().then(|| Entry {
+                    delivery: D::of(event),
+                    targets,
+                });
+                bytes += entry.as_ref().map_or(0, Entry::cost);
+                read.push((event.id, entry));
+            }
+            match page.last_id {
+                // A full page may have left older rows unread.
+                Some(last) if page.rows == limit => {
+                    below = last - 1;
+                    if bytes >= self.budget || rows >= PRIME_ROWS {
+                        break below;
+                    }
+                }
+                _ => break floor,
+            }
         };
         self.reset(oldest.max(pruned_through).min(head));
-        for event in page.events.iter().rev() {
-            let targets = routes.route(event);
-            let delivery = targets.any().then(|| D::of(event));
-            self.push(event.id, delivery.as_ref(), &targets);
+        for (id, entry) in read.into_iter().rev() {
+            self.push_entry(id, entry.map(Arc::new));
         }
         self.push(head, None, &Targets::default());
-        Ok(self.range().2)
+        Ok(Primed {
+            rows,
+            kept: self.range().2,
+        })
     }
 }
 
-/// A read of `(after, upto]` from memory, a page at a time.
+/// What priming did: rows read from the log, events kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Primed {
+    pub rows: usize,
+    pub kept: usize,
+}
+
+/// A read of one audience's `(after, upto]` from memory, a page at a time.
 pub struct Reader<'a, D> {
     recent: &'a Recent<D>,
+    audience: Audience<'a>,
     generation: u64,
     after: i64,
     upto: i64,
 }
 
 impl<D: Kept> Reader<'_, D> {
-    /// The next page of at most `max` entries (at least 1), in id order, or
-    /// `None` when the read is done; [`Lost`] when memory no longer holds the
-    /// rest. An entry's visibility is the caller's to check.
+    /// The next page of at most `max` of the audience's entries (at least
+    /// 1), in id order, or `None` when the read is done; [`Lost`] when
+    /// memory no longer holds the rest.
     pub fn next_page(&mut self, max: usize) -> Result<Option<Vec<Arc<Entry<D>>>>, Lost> {
         if self.after >= self.upto {
             return Ok(None);
@@ -264,14 +436,17 @@ impl<D: Kept> Reader<'_, D> {
         if state.generation != self.generation || state.from > self.after {
             return Err(Lost(self.after));
         }
-        let start = state
-            .entries
-            .partition_point(|e| e.delivery.id() <= self.after);
-        let page: Vec<Arc<Entry<D>>> = (state.entries.range(start..))
-            .take_while(|e| e.delivery.id() <= self.upto)
-            .take(max)
-            .cloned()
-            .collect();
+        let page: Vec<Arc<Entry<D>>> = match state.lane(self.audience) {
+            Some(lane) => {
+                let start = lane.partition_point(|e| e.delivery.id() <= self.after);
+                (lane.range(start..))
+                    .take_while(|e| e.delivery.id() <= self.upto)
+                    .take(max)
+                    .cloned()
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         drop(state);
         // A short page reached `upto`; a full one goes on after its last.
         self.after = match page.last() {
@@ -301,6 +476,9 @@ mod tests {
             self.1
         }
     }
+
+    /// The one user of most tests.
+    const U: Audience<'static> = Audience::User("u");
 
     fn delivery(id: i64, bytes: usize) -> Frame {
         Frame(id, bytes)
@@ -334,7 +512,7 @@ mod tests {
     /// Every page of a read of `(after, upto]`, as ids, or `None` when
     /// memory does not hold the range.
     fn pages(recent: &Recent<Frame>, after: i64, upto: i64, max: usize) -> Option<Vec<Vec<i64>>> {
-        let mut reader = recent.read(after, upto)?;
+        let mut reader = recent.read(Audience::User("u"), after, upto)?;
         let mut pages = Vec::new();
         while let Some(page) = reader.next_page(max).expect("held") {
             pages.push(page.iter().map(|e| e.delivery.id()).collect());
@@ -382,14 +560,14 @@ mod tests {
         // range.
         let off = filled(0, 0, &events);
         assert_eq!(off.range(), (10, 10, 0));
-        assert!(off.read(10, 10).is_none());
+        assert!(off.read(U, 10, 10).is_none());
     }
 
     #[test]
     fn a_reader_stops_where_eviction_or_a_reset_overtakes_it() {
         let events: Vec<(i64, bool)> = (1..=4).map(|id| (id, true)).collect();
         let recent = filled(4, 0, &events);
-        let mut reader = recent.read(0, 4).expect("held");
+        let mut reader = recent.read(U, 0, 4).expect("held");
         let first = reader.next_page(2).expect("held").expect("a page");
         assert_eq!(first.len(), 2);
         // Two more events evict 1 and 2: the reader, after 2, still reads on.
@@ -403,7 +581,7 @@ mod tests {
         );
         assert!(reader.next_page(2).expect("done").is_none());
         // Evicted under a reader: it goes on from the log where it stood.
-        let mut reader = recent.read(2, 6).expect("held");
+        let mut reader = recent.read(U, 2, 6).expect("held");
         reader.next_page(1).expect("held");
         for id in 7..=9 {
             recent.push(id, Some(&delivery(id, 100)), &to("u"));
@@ -411,9 +589,60 @@ mod tests {
         assert_eq!(reader.next_page(1).err(), Some(Lost(3)));
         // A reset (the log went back) ends every read started before it,
         // even where the new range would cover it.
-        let mut reader = recent.read(8, 9).expect("held");
+        let mut reader = recent.read(U, 8, 9).expect("held");
         recent.reset(8);
         recent.push(9, Some(&delivery(9, 100)), &to("u"));
         assert_eq!(reader.next_page(500).err(), Some(Lost(8)));
+    }
+
+    #[test]
+    fn a_read_walks_only_its_audience_and_lanes_leave_with_their_last_entry() {
+        let recent: Recent<Frame> = Recent::new(1 << 20);
+        let targets = |dashboard: bool, users: &[&str], streams: &[(usize, &str)]| Targets {
+            dashboard,
+            users: users.iter().map(|u| u.to_string()).collect(),
+            streams: streams.iter().map(|(i, k)| (*i, k.to_string())).collect(),
+        };
+        let events = [
+            (1, targets(true, &["a"], &[(0, "42")])),
+            (2, targets(false, &["b"], &[])),
+            (3, targets(true, &["a", "b"], &[(0, "43")])),
+            (4, targets(false, &[], &[(1, "42")])),
+        ];
+        for (id, targets) in &events {
+            recent.push(*id, Some(&delivery(*id, 10)), targets);
+        }
+        let ids = |audience: Audience<'_>, after: i64| -> Vec<i64> {
+            let mut reader = recent.read(audience, after, 4).expect("held");
+            let mut ids = Vec::new();
+            while let Some(page) = reader.next_page(1).expect("held") {
+                ids.extend(page.iter().map(|e| e.delivery.id()));
+            }
+            ids
+        };
+        assert_eq!(ids(Audience::Dashboard, 0), [1, 3]);
+        assert_eq!(ids(Audience::User("a"), 0), [1, 3]);
+        assert_eq!(ids(Audience::User("b"), 0), [2, 3]);
+        assert_eq!(ids(Audience::User("b"), 2), [3]);
+        assert_eq!(ids(Audience::User("c"), 0), Vec::<i64>::new());
+        assert_eq!(ids(Audience::Stream(0, "42"), 0), [1]);
+        assert_eq!(ids(Audience::Stream(1, "42"), 0), [4]);
+        assert_eq!(ids(Audience::Stream(0, "43"), 1), [3]);
+        // Dropping the oldest three takes them out of every lane, and a
+        // lane with nothing left goes with them.
+        let mut state = recent.state();
+        for _ in 0..3 {
+            state.drop_oldest().expect("an entry");
+        }
+        assert!(state.dashboard.is_empty());
+        assert!(state.users.is_empty(), "a's and b's lanes are gone");
+        assert_eq!(state.streams.len(), 1, "only stream 1 is left");
+        assert_eq!(state.streams[&1]["42"].len(), 1);
+        drop(state);
+        recent.reset(4);
+        assert!(
+            recent.state().streams.is_empty(),
+            "a reset empties every lane"
+        );
     }
 }

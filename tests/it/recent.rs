@@ -364,3 +364,69 @@ async fn events_pruned_after_they_were_handed_out_are_still_replayed_from_memory
         serde_json::json!({"type": "reset", "reason": "cursor_expired"})
     );
 }
+
+/// Priming reads the newest events newest first, a page of 1,000 rows at a
+/// time, until the budget is full. 2,500 rows written before the relay
+/// starts take three pages and are all resumed from memory; with a 1 MiB
+/// budget, 1,500 rows of 4 KiB stop it after its first page (what that
+/// page holds beyond the budget is dropped), and the newest are still
+/// resumed from memory while the oldest cursor reads the log.
+#[tokio::test]
+async fn priming_reads_newest_first_in_pages_until_the_budget_is_full() {
+    let db = TestDb::demo("recent_prime_pages").await;
+    let client = db.client().await;
+    let start = max_id(&db).await;
+    client
+        .execute(
+            "INSERT INTO businesses (owner_id, name) \
+             SELECT 2, 'before start ' || i FROM generate_series(1, 2500) AS i",
+            &[],
+        )
+        .await
+        .expect("insert 2,500 businesses");
+    let all = ids_after(&db, start).await;
+    assert_eq!(all.len(), 2500);
+    let args = ["--database-url", &db.url, "--jwt-secret", SECRET];
+    let serve = ServeProcess::ready(&args, &[]).await;
+    let admin = token("1", true);
+    let epoch = epoch(&db).await;
+    let resume_path = |from: i64| format!("/ws/dashboard/?last_id={from}&epoch={epoch}");
+    let mut dashboard = serve.socket(&resume_path(start), &admin).await;
+    assert_resumed(&mut dashboard, &all, "2,500 primed events").await;
+    assert_eq!(
+        replay_counts(serve.addr).await,
+        (0.0, 1.0),
+        "all from memory"
+    );
+    let (status, log) = serve.stop().await;
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("rows=2500 kept=2500"), "{log}");
+
+    let start = max_id(&db).await;
+    let description = "d".repeat(4096);
+    client
+        .execute(
+            "INSERT INTO businesses (owner_id, name, description) \
+             SELECT 2, 'big ' || i, $1 FROM generate_series(1, 1500) AS i",
+            &[&description],
+        )
+        .await
+        .expect("insert 1,500 described businesses");
+    let all = ids_after(&db, start).await;
+    let mut args = args.to_vec();
+    args.extend(["--replay-memory", "1"]);
+    let serve = ServeProcess::ready(&args, &[]).await;
+    let mut newest = serve
+        .socket(&resume_path(all[all.len() - 101]), &admin)
+        .await;
+    assert_resumed(&mut newest, &all[all.len() - 100..], "the newest 100").await;
+    assert_eq!(replay_counts(serve.addr).await, (0.0, 1.0), "from memory");
+    let mut oldest = serve.socket(&resume_path(start), &admin).await;
+    assert_resumed(&mut oldest, &all, "from the oldest cursor").await;
+    let (rows, from_memory) = replay_counts(serve.addr).await;
+    assert!(rows >= 1500.0, "read from the database: {rows}");
+    assert_eq!(from_memory, 1.0);
+    let (status, log) = serve.stop().await;
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("rows=1000 "), "one page read: {log}");
+}
