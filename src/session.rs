@@ -191,7 +191,7 @@ async fn session<P: Peer>(
         None
     };
     let hello = Frame::Hello {
-        text: wire::hello_with_read(
+        text: wire::hello(
             endpoint,
             &identity.user,
             sub.last_id,

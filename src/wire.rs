@@ -311,14 +311,10 @@ struct HelloFrame<'a> {
 }
 
 /// The `hello` frame: the endpoint (and a stream's key), the user, the
-/// newest event id at connect time and the log's epoch.
-pub fn hello(endpoint: &Endpoint, user: &str, last_id: i64, epoch: &str) -> String {
-    hello_with_read(endpoint, user, last_id, epoch, None)
-}
-
-/// [`hello`] with the user's read cursor and unread count (at most
-/// [`UNREAD_CAP`]) on this stream, for the bell.
-pub fn hello_with_read(
+/// newest event id at connect time and the log's epoch; with `read`, the
+/// user's read cursor and unread count (at most [`UNREAD_CAP`]) on this
+/// stream, for the bell.
+pub fn hello(
     endpoint: &Endpoint,
     user: &str,
     last_id: i64,
@@ -736,7 +732,7 @@ mod tests {
     #[test]
     fn hello_and_reset_bytes_are_unchanged() {
         assert_eq!(
-            hello(&Endpoint::Dashboard, "42", 1234, "9f2c"),
+            hello(&Endpoint::Dashboard, "42", 1234, "9f2c", None),
             serde_json::json!({
                 "type": "hello",
                 "stream": "dashboard",
@@ -747,7 +743,7 @@ mod tests {
             .to_string()
         );
         assert_eq!(
-            hello(&Endpoint::Notifications, "7", 0, ""),
+            hello(&Endpoint::Notifications, "7", 0, "", None),
             r#"{"epoch":"","last_id":0,"stream":"notifications","type":"hello","user":"7"}"#
         );
         for why in [

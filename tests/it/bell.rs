@@ -7,10 +7,6 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-fn bearer(user: &str) -> String {
-    format!("Bearer {}", token(user, false))
-}
-
 /// The next frame of `kind` on a socket, skipping others; panics after
 /// [`WAIT`] in all.
 async fn next_of(ws: &mut Ws, kind: &str) -> Value {
@@ -32,7 +28,7 @@ async fn post_read(relay: &TestRelay, user: &str, body: Value) -> HttpAnswer {
         relay.relay.addr(),
         "POST",
         "/read/notifications/",
-        &[("authorization", &bearer(user))],
+        &[("authorization", &bearer(&token(user, false)))],
         &body.to_string(),
     )
     .await
@@ -121,7 +117,7 @@ async fn history(relay: &TestRelay, path: &str, user: &str) -> (u16, Value) {
         relay.relay.addr(),
         "GET",
         path,
-        &[("authorization", &bearer(user))],
+        &[("authorization", &bearer(&token(user, false)))],
     )
     .await;
     let body = serde_json::from_str(&answer.body).unwrap_or(Value::String(answer.body));
@@ -194,7 +190,7 @@ async fn history_pages_are_exact_newest_first_and_only_the_users_own() {
         relay.relay.addr(),
         "POST",
         "/history/notifications/",
-        &[("authorization", &bearer("2"))],
+        &[("authorization", &bearer(&token("2", false)))],
     )
     .await;
     assert_eq!(answer.status, 405);

@@ -117,7 +117,7 @@ impl Careless {
         let mut request = relay.ws_url(path).into_client_request().expect("request");
         request.headers_mut().insert(
             "Authorization",
-            HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+            HeaderValue::from_str(&bearer(token)).expect("header"),
         );
         let (ws, _) = tokio::time::timeout(WAIT, client_async(request, watched))
             .await

@@ -474,7 +474,7 @@ async fn small_buffer_dashboard(relay: &TestRelay) -> (Ws, i64) {
         .expect("request");
     request.headers_mut().insert(
         "Authorization",
-        HeaderValue::from_str(&format!("Bearer {}", token("1", true))).expect("header"),
+        HeaderValue::from_str(&bearer(&token("1", true))).expect("header"),
     );
     let (stream, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
         .await

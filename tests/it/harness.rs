@@ -312,6 +312,11 @@ impl TestRelay {
     }
 }
 
+/// `token` as an `Authorization` header's value.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
 /// A one-hour HS256 token for `sub`, a super admin when `admin`.
 pub fn token(sub: &str, admin: bool) -> String {
     pgrelay::auth::mint(

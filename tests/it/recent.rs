@@ -302,15 +302,9 @@ async fn a_tiny_replay_memory_holds_only_the_newest_and_older_cursors_read_the_d
     assert_same_ids(&read_ids(&mut watcher, 600).await, &all, "live");
     let epoch = epoch(&db).await;
     let resume_at = |from: i64| {
-        let (url, admin) = (
-            serve.ws_url(&format!("/ws/dashboard/?last_id={from}&epoch={epoch}")),
-            admin.clone(),
-        );
-        async move {
-            let mut ws = Ws::connect(&url, Some(&admin)).await.expect("connect");
-            ws.hello().await;
-            ws
-        }
+        let path = format!("/ws/dashboard/?last_id={from}&epoch={epoch}");
+        let (serve, admin) = (&serve, &admin);
+        async move { serve.socket(&path, admin).await }
     };
 
     // 600 events of 4 KiB do not fit in 1 MiB: the oldest cursor reads the log.

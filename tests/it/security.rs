@@ -35,7 +35,7 @@ async fn connect_with(
         .expect("valid ws url");
     request.headers_mut().insert(
         "Authorization",
-        HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+        HeaderValue::from_str(&bearer(token)).expect("header"),
     );
     for (name, value) in headers {
         request.headers_mut().insert(

@@ -13,10 +13,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::harness::*;
 
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
-
 /// How `/ws/PATH` and `/sse/PATH` refuse `token`: the socket's status, and
 /// the event stream's status and one-line body.
 async fn refused_on_both(relay: &TestRelay, path: &str, token: &str) -> (u16, (u16, String)) {
