@@ -345,6 +345,36 @@ pub struct Page {
     pub rows: usize,
 }
 
+/// The rows on `channels` with `floor <= id < before`, newest first, at
+/// most `limit` ([`CHANNEL_HISTORY`]).
+async fn channel_history(
+    tx: &deadpool_postgres::Transaction<'_>,
+    channels: &[String],
+    before: i64,
+    floor: i64,
+    limit: i64,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    tx.query_typed(
+        CHANNEL_HISTORY,
+        &[
+            (&before, Type::INT8),
+            (&floor, Type::INT8),
+            (&channels, Type::TEXT_ARRAY),
+            (&limit, Type::INT8),
+        ],
+    )
+    .await
+}
+
+/// A `(read_up_to, read_ids, cleared_through)` row.
+fn read_state(row: &Row) -> Result<ReadState, DbError> {
+    Ok(ReadState {
+        up_to: row.try_get(0)?,
+        ids: row.try_get(1)?,
+        cleared_through: row.try_get(2)?,
+    })
+}
+
 /// Where a read of the log stands: the events above `after`, up to `upto`,
 /// at most `page` rows a page, each page within `window` ids of its start
 /// (`i64::MAX` for either: no bound).
@@ -533,16 +563,7 @@ impl Db {
             let tx = bounded(&mut client).await?;
             let rows = match visible {
                 Visible::Channels(channels) => {
-                    tx.query_typed(
-                        CHANNEL_HISTORY,
-                        &[
-                            (&before, Type::INT8),
-                            (&floor, Type::INT8),
-                            (&channels, Type::TEXT_ARRAY),
-                            (&limit, Type::INT8),
-                        ],
-                    )
-                    .await?
+                    channel_history(&tx, channels, before, floor, limit).await?
                 }
                 Visible::Keyed(filter) => {
                     let range = [before, floor];
@@ -573,17 +594,7 @@ impl Db {
             let mut client = self.pool.get().await?;
             let tx = bounded(&mut client).await?;
             let (before, lowest) = (head.saturating_add(1), floor.saturating_add(1));
-            let rows = tx
-                .query_typed(
-                    CHANNEL_HISTORY,
-                    &[
-                        (&before, Type::INT8),
-                        (&lowest, Type::INT8),
-                        (&channels, Type::TEXT_ARRAY),
-                        (&limit, Type::INT8),
-                    ],
-                )
-                .await?;
+            let rows = channel_history(&tx, channels, before, lowest, limit).await?;
             let pruned = tx
                 .query_typed_one("SELECT pruned_through FROM pgrelay.meta", &[])
                 .await?;
@@ -608,11 +619,7 @@ impl Db {
             tx.commit().await?;
             Ok(match row {
                 None => ReadState::default(),
-                Some(row) => ReadState {
-                    up_to: row.try_get(0)?,
-                    ids: row.try_get(1)?,
-                    cleared_through: row.try_get(2)?,
-                },
+                Some(row) => read_state(&row)?,
             })
         })
         .await
@@ -693,11 +700,7 @@ impl Db {
                     _ => DbError::Query(e),
                 })?;
             tx.commit().await?;
-            Ok(ReadState {
-                up_to: row.try_get(0)?,
-                ids: row.try_get(1)?,
-                cleared_through: row.try_get(2)?,
-            })
+            read_state(&row)
         })
         .await
     }
