@@ -127,7 +127,7 @@ impl Default for Metrics {
         let replays_refused = Counter::default();
         registry.register(
             "replays_refused",
-            "Resumes closed with 1013 because too many replays ran at once",
+            "Replays (closed with 1013), history pages and read marks (429 or 503; a read message is dropped) refused because too many ran at once",
             replays_refused.clone(),
         );
         let event_lag = Histogram::new(exponential_buckets(0.0005, 2.0, 16));

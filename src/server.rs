@@ -597,6 +597,8 @@ async fn admit(
 
 /// The largest `POST /read/...` body.
 const MAX_READ_BODY: usize = 4096;
+/// The longest a `POST /read` body may take to arrive.
+const READ_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `GET /history/STREAM` (the bell's past events, newest first) and
 /// `POST /read/STREAM` (read state, for clients without a socket): the
@@ -620,6 +622,25 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
     let (_, mut identity) = match authenticate(&req, shared, &query, history, path) {
         Ok(authenticated) => authenticated,
         Err(refused) => return refused,
+    };
+    // A read's body is read before the turn is taken, bounded in size and
+    // time: a client that sends it slowly holds its own connection, never
+    // one of the user's turns.
+    let body = if history {
+        Bytes::new()
+    } else {
+        let body = http_body_util::Limited::new(req.into_body(), MAX_READ_BODY);
+        match tokio::time::timeout(READ_BODY_TIMEOUT, body.collect()).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(_)) => {
+                let why = "body too large or cut short";
+                return refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
+            }
+            Err(_) => {
+                let why = "body not received in time";
+                return refuse(shared, StatusCode::REQUEST_TIMEOUT, "bad_read", why, path);
+            }
+        }
     };
     // Both read the log or write the user's state through the pool: they
     // take a replay's turn, under the same caps (two at once a user, the
@@ -646,11 +667,6 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
     if history {
         return history_answer(shared, &endpoint, &identity, &query, path).await;
     }
-    let body = http_body_util::Limited::new(req.into_body(), MAX_READ_BODY);
-    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
-        let why = "body too large or cut short";
-        return refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
-    };
     let mark = serde_json::from_slice::<ClientMessage>(&body)
         .ok()
         .and_then(bell::Mark::from_message);

@@ -395,13 +395,25 @@ async fn hello_unread(
 /// A `read` or `clear` message: the new state reaches this socket (and every
 /// other of the user's) as a `read` frame through the log. A read beyond
 /// the newest event closes with 1008; a database that cannot take it now is
-/// logged, and the socket goes on (the client may send it again).
+/// logged, and the socket goes on (the client may send it again). It writes
+/// through the pool, so it takes a replay's turn, under the same caps as
+/// `POST /read`: the user's sockets together cannot keep more than two
+/// pool connections busy. No turn: the same as a database that cannot take
+/// it.
 async fn mark_read(
     shared: &Shared,
     endpoint: &Endpoint,
     identity: &Identity,
     mark: bell::Mark,
 ) -> Result<(), End> {
+    let _turn = match shared.replays.turn(&identity.user).await {
+        Ok(turn) => turn,
+        Err(busy) => {
+            shared.metrics.replays_refused.inc();
+            tracing::warn!(reason = %busy, "read message dropped: retry later");
+            return Ok(());
+        }
+    };
     match bell::mark(shared, endpoint, identity, mark).await {
         Ok(_) => Ok(()),
         Err(DbError::ReadBeyondHead) => {

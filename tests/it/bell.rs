@@ -240,3 +240,130 @@ async fn reads_beyond_the_newest_event_or_malformed_are_refused() {
     let (code, reason) = ws.close_code().await;
     assert_eq!((code, reason.as_str()), (1008, "too many messages"));
 }
+
+/// A `POST /read` whose body is sent only in part holds nothing but its own
+/// connection: the body is read (bounded in size and time) before the
+/// request takes one of the user's replay turns. Two such requests used to
+/// hold both of the user's turns for as long as their clients liked, and
+/// the user's every history page, read mark and replay got 429. A body
+/// that does not arrive in 10 s is answered 408.
+#[tokio::test]
+async fn a_read_request_with_a_stalled_body_holds_no_turn() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let db = TestDb::demo("bell_stalled_body").await;
+    let relay = TestRelay::start(&db).await;
+    let id = db.business(2, "One").await;
+    let addr = relay.relay.addr();
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let head = format!(
+            "POST /read/notifications/ HTTP/1.1\r\nHost: {addr}\r\n\
+             Authorization: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+            bearer(&token("2", false))
+        );
+        stream.write_all(head.as_bytes()).await.expect("send head");
+        // hyper says 100 Continue when the handler first reads the body:
+        // from then on the request is as far in as it will get.
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\r\n\r\n") {
+            let byte = tokio::time::timeout(WAIT, stream.read_u8())
+                .await
+                .expect("no 100 Continue in time")
+                .expect("read 100 Continue");
+            answer.push(byte);
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 100"), "{answer}");
+        stream
+            .write_all(b"{\"type\":")
+            .await
+            .expect("send part of the body");
+        stalled.push(stream);
+    }
+    let answer = post_read(&relay, "2", json!({"type": "read", "up_to": id})).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let (status, body) = history(&relay, "/history/notifications/", "2").await;
+    assert_eq!(status, 200, "{body}");
+    // The stalled bodies are given up on after 10 s: 408.
+    for mut stream in stalled {
+        let mut answer = vec![0; 12];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut answer))
+            .await
+            .expect("no answer to the stalled request in time")
+            .expect("read the answer");
+        assert_eq!(answer, b"HTTP/1.1 408");
+    }
+}
+
+/// A read message takes one of the user's replay turns, like `POST /read`:
+/// with both held (two replays stuck on a locked log), a socket's read
+/// message starts no query. It is dropped, logged and counted, and the
+/// socket goes on; with a turn free again the next one goes through.
+/// Before, every read message started a query of its own, so a user's
+/// sockets could keep any number of pool connections busy.
+#[tokio::test]
+async fn a_read_message_takes_a_turn_and_without_one_starts_no_query() {
+    let db = TestDb::demo("bell_read_turn").await;
+    let relay = TestRelay::start_with(&db, |config| config.replay_memory = 0).await;
+    let addr = relay.relay.addr();
+    let mut reader = relay.notifications("2").await;
+    let id = db.business(2, "One").await;
+    assert_eq!(reader.event().await["id"], id);
+    let epoch = epoch(&db).await;
+    let path = format!("/ws/notifications/?last_id=0&epoch={epoch}");
+    let owner = token("2", false);
+
+    let locker = db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pgrelay.events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the log");
+    let mut stuck = Vec::new();
+    for _ in 0..2 {
+        let mut ws = relay.ws(&path, &owner).await;
+        ws.hello().await;
+        stuck.push(ws);
+    }
+    let watcher = db.client().await;
+    wait_for("both replays to wait on the lock", || async {
+        lock_waits(&watcher).await == 2
+    })
+    .await;
+    let refused = || async { sample(&metrics(addr).await, "pgrelay_replays_refused_total") };
+    assert_eq!(refused().await, Some(0.0));
+    reader
+        .send_text(&json!({"type": "read", "up_to": id}).to_string())
+        .await;
+    wait_for("the read message to be refused", || async {
+        refused().await == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        lock_waits(&watcher).await,
+        2,
+        "the read message started a query"
+    );
+
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    for ws in &mut stuck {
+        assert_eq!(ws.event().await["id"], id, "the stuck replay completes");
+    }
+    drop(stuck);
+    // The replays' turns come back as they end: a read message goes
+    // through once one is free (retried, bounded, meanwhile).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        reader
+            .send_text(&json!({"type": "read", "up_to": id}).to_string())
+            .await;
+        let read = next_of(&mut reader, "read");
+        let read = tokio::time::timeout(std::time::Duration::from_millis(500), read).await;
+        if read.is_ok_and(|read| read["up_to"] == id) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no read frame");
+    }
+}

@@ -312,6 +312,20 @@ impl TestRelay {
     }
 }
 
+/// pgrelay's queries waiting on a lock now, seen from `watcher` (-1 if
+/// it cannot tell).
+pub async fn lock_waits(watcher: &tokio_postgres::Client) -> i64 {
+    watcher
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'pgrelay' AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .map(|row| row.get::<_, i64>(0))
+        .unwrap_or(-1)
+}
+
 /// `token` as an `Authorization` header's value.
 pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")

@@ -210,17 +210,7 @@ async fn stuck_replays_are_stopped_by_the_server_and_capped_per_user() {
     let mut second = relay.ws(&path, &owner).await;
     second.hello().await;
     let watcher = db.client().await;
-    let waiting = || async {
-        watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE application_name = 'pgrelay' AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .map(|row| row.get::<_, i64>(0))
-            .unwrap_or(-1)
-    };
+    let waiting = || lock_waits(&watcher);
     wait_for("both replays to wait on the lock", || async {
         waiting().await == 2
     })
