@@ -267,15 +267,7 @@ async fn a_read_request_with_a_stalled_body_holds_no_turn() {
         stream.write_all(head.as_bytes()).await.expect("send head");
         // hyper says 100 Continue when the handler first reads the body:
         // from then on the request is as far in as it will get.
-        let mut answer = Vec::new();
-        while !answer.ends_with(b"\r\n\r\n") {
-            let byte = tokio::time::timeout(WAIT, stream.read_u8())
-                .await
-                .expect("no 100 Continue in time")
-                .expect("read 100 Continue");
-            answer.push(byte);
-        }
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = response_head(&mut stream).await;
         assert!(answer.starts_with("HTTP/1.1 100"), "{answer}");
         stream
             .write_all(b"{\"type\":")

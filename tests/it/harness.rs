@@ -777,7 +777,7 @@ impl ServeProcess {
 /// Completes a WebSocket handshake on a raw TCP socket and returns it; the
 /// caller then neither reads nor answers anything.
 pub async fn silent_websocket(addr: std::net::SocketAddr, path: &str, token: &str) -> TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -788,18 +788,24 @@ pub async fn silent_websocket(addr: std::net::SocketAddr, path: &str, token: &st
         .write_all(request.as_bytes())
         .await
         .expect("send handshake");
-    // The response head only, a byte at a time, so no frame is consumed.
+    let head = response_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
+}
+
+/// The next response head on `stream`, read a byte at a time so that
+/// nothing after it is consumed; panics after [`WAIT`].
+pub async fn response_head(stream: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let byte = tokio::time::timeout(WAIT, stream.read_u8())
             .await
-            .expect("handshake response timed out")
-            .expect("handshake response");
+            .expect("response head timed out")
+            .expect("response head");
         head.push(byte);
     }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    stream
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// Inserts a reservation on `client` (one transaction) and returns its id.
