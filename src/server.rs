@@ -81,11 +81,12 @@ fn websocket_config(limits: &Limits) -> WebSocketConfig {
     // frames: a 128-byte read buffer (a larger frame grows it; 1 KiB cost
     // 10,000 idle sockets 9 MiB more). Writes go straight through to
     // `Coalesce`, which queues a batch until the flush, sends it with one
-    // vectored write and frees its queue, so an idle socket holds none.
+    // vectored write and frees its queue, so an idle socket holds none
+    // (tungstenite's write limit has nothing to limit: what bounds a
+    // stalled peer is the batch size and the write timeout).
     WebSocketConfig::default()
         .read_buffer_size(128)
         .write_buffer_size(0)
-        .max_write_buffer_size(16 * 1024 * 1024)
         .max_message_size(Some(limits.max_client_message))
         .max_frame_size(Some(limits.max_client_message))
 }
@@ -461,7 +462,10 @@ async fn handle(
     // config built there, rather than captured: whatever a task captures
     // stays in its state for the socket's whole life, beside the session's
     // own copy (measured with size_of_val: 3,416 bytes a task that way,
-    // 2,512 this way, which jemalloc keeps in its 2,560-byte class).
+    // 2,512 this way). It is 1,936 bytes now, which with tokio's task
+    // header fits jemalloc's 2,048-byte class: rare paths (the heartbeat,
+    // a write that has to wait, the client's ping or close) keep their
+    // futures boxed so that they do not widen every socket's task.
     let tracker = shared.tracker.clone();
     let task = async move {
         let _slot = slot;

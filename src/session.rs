@@ -21,6 +21,7 @@
 //! each code means); the session decides when each is sent, the peer how.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -303,7 +304,9 @@ async fn session<P: Peer>(
                 shared.metrics.deliveries.inc_by(n);
             },
             _ = ping.tick() => {
-                if let Err(end) = peer.heartbeat().await {
+                // Boxed, like the refresh: it is the largest of these
+                // futures, and comes once a ping interval.
+                if let Err(end) = Box::pin(peer.heartbeat()).await {
                     return end;
                 }
             }
@@ -606,15 +609,18 @@ async fn send_reset<P: Peer>(peer: &mut P, why: Reset, position: i64) -> Result<
 /// Runs `write` within [`WRITE_TIMEOUT`]: a failure or a stall is the end
 /// of the peer. The write is tried once first, and the timer armed only if
 /// it must wait: a socket with room in its kernel buffer (nearly every
-/// batch) costs no timer registration.
+/// batch) costs no timer registration, and, boxed, no room in the socket's
+/// task. The caller pins `write` where it is: passed by value, it was
+/// stored twice in the task (as the argument and as the pinned local).
 pub async fn within_write_timeout<E: std::fmt::Display>(
-    write: impl Future<Output = Result<(), E>>,
+    mut write: Pin<&mut impl Future<Output = Result<(), E>>>,
 ) -> Result<(), End> {
-    let mut write = std::pin::pin!(write);
     let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
     let done = match first {
         Poll::Ready(done) => done,
-        Poll::Pending => match timeout(WRITE_TIMEOUT, write).await {
+        // Boxed: inline, the timer would sit in every socket's task for
+        // its whole life, for a path few writes take.
+        Poll::Pending => match Box::pin(timeout(WRITE_TIMEOUT, write)).await {
             Ok(done) => done,
             Err(_) => {
                 tracing::debug!("write stalled: dropping the client");

@@ -16,6 +16,7 @@
 //! A client that leaves drops the body, which closes the channel.
 
 use std::convert::Infallible;
+use std::pin::pin;
 
 use futures_util::stream::poll_fn;
 use http_body_util::{BodyExt, StreamBody};
@@ -66,7 +67,7 @@ pub fn open(epoch: String) -> (Response<EventStreamBody>, SsePeer) {
 impl SsePeer {
     async fn write(&mut self, chunk: impl Into<Bytes>) -> Result<(), End> {
         let tx = &self.tx;
-        within_write_timeout(tx.send(chunk.into())).await
+        within_write_timeout(pin!(tx.send(chunk.into()))).await
     }
 
     fn id(&self, position: i64) -> String {

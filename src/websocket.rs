@@ -10,6 +10,7 @@
 //! until its close frame before TCP is closed, or the kernel would reset the
 //! connection and the peer would never see the code.
 
+use std::pin::pin;
 use std::time::Duration;
 
 use futures_util::stream::FusedStream;
@@ -49,12 +50,12 @@ impl WebSocketPeer {
     /// [`WRITE_TIMEOUT`].
     async fn write(&mut self, messages: impl IntoIterator<Item = Message>) -> Result<(), End> {
         let ws = &mut self.ws;
-        within_write_timeout(async {
+        within_write_timeout(pin!(async {
             for message in messages {
                 ws.feed(message).await?;
             }
             ws.flush().await
-        })
+        }))
         .await
     }
 }
@@ -67,7 +68,7 @@ impl Peer for WebSocketPeer {
     /// (its writes go straight through to the queue).
     async fn send(&mut self, frames: Vec<Frame>) -> Result<(), End> {
         let ws = &mut self.ws;
-        within_write_timeout(async {
+        within_write_timeout(pin!(async {
             let mut through_tungstenite = false;
             for frame in frames {
                 match frame {
@@ -83,10 +84,12 @@ impl Peer for WebSocketPeer {
             } else {
                 Ok(ws.get_mut().flush().await?)
             }
-        })
+        }))
         .await
     }
 
+    /// Its two timed flushes (a close reply, a pong) are boxed: the input
+    /// future lives in every socket's task, and they are rare.
     async fn input(&mut self) -> Input {
         loop {
             match self.ws.next().await {
@@ -95,7 +98,7 @@ impl Peer for WebSocketPeer {
                 }
                 None | Some(Ok(Message::Close(_))) => {
                     // tungstenite queued the close reply: send it.
-                    let _ = timeout(Duration::from_secs(1), self.ws.flush()).await;
+                    let _ = Box::pin(timeout(Duration::from_secs(1), self.ws.flush())).await;
                     return Input::End(End::Gone);
                 }
                 Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
@@ -110,7 +113,7 @@ impl Peer for WebSocketPeer {
                 Some(Ok(Message::Pong(_))) => self.awaiting_pong = false,
                 Some(Ok(Message::Ping(_))) => {
                     // tungstenite queued the pong: send it.
-                    let flushed = timeout(WRITE_TIMEOUT, self.ws.flush()).await;
+                    let flushed = Box::pin(timeout(WRITE_TIMEOUT, self.ws.flush())).await;
                     if flushed.map_or(true, |r| r.is_err()) {
                         return Input::End(End::Gone);
                     }
