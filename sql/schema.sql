@@ -153,6 +153,14 @@ BEGIN
        = (coalesce(v_old.read_up_to, 0), coalesce(v_old.read_ids, '{}'), coalesce(v_old.cleared_through, 0)) THEN
         RETURN v_row;
     END IF;
+    -- A user's rows are bounded: a super admin may open any key of any
+    -- stream, and each key's state is a row. A new one only while the user
+    -- has fewer than 10,000 (counted through the primary key, 10,000 at
+    -- most; two marks at once may pass it by one each).
+    IF v_old.user_id IS NULL AND (SELECT count(*) FROM (
+            SELECT 1 FROM pgrelay.read_state WHERE user_id = p_user LIMIT 10000) AS mine) >= 10000 THEN
+        RAISE EXCEPTION 'read state kept for too many streams (10000)' USING ERRCODE = '54000';
+    END IF;
     -- A concurrent mark may have moved the row since: merge, never go back.
     INSERT INTO pgrelay.read_state AS r VALUES (v_row.*)
     ON CONFLICT (user_id, stream) DO UPDATE SET

@@ -60,6 +60,8 @@ pub enum DbError {
     BadRow { id: i64, reason: String },
     #[error("read beyond the newest event")]
     ReadBeyondHead,
+    #[error("read state kept for too many streams")]
+    TooManyReadStates,
 }
 
 /// One line for a database error: the server's own message when there is one,
@@ -696,6 +698,9 @@ impl Db {
                 .map_err(|e| match e.code() {
                     Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) => {
                         DbError::ReadBeyondHead
+                    }
+                    Some(&tokio_postgres::error::SqlState::PROGRAM_LIMIT_EXCEEDED) => {
+                        DbError::TooManyReadStates
                     }
                     _ => DbError::Query(e),
                 })?;

@@ -681,15 +681,11 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
             return refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
         }
     };
+    let bad_read = |why| refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
     match bell::mark(shared, &endpoint, &identity, mark).await {
         Ok(state) => json(StatusCode::OK, &wire::read_state_frame(&endpoint, &state)),
-        Err(DbError::ReadBeyondHead) => refuse(
-            shared,
-            StatusCode::BAD_REQUEST,
-            "bad_read",
-            wire::reason::READ_BEYOND_HEAD,
-            path,
-        ),
+        Err(DbError::ReadBeyondHead) => bad_read(wire::reason::READ_BEYOND_HEAD),
+        Err(DbError::TooManyReadStates) => bad_read(wire::reason::TOO_MANY_READ_STATES),
         Err(e) => {
             tracing::warn!(error = %e, "marking read failed");
             let why = "cannot save read state right now: retry later";

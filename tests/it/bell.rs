@@ -359,3 +359,62 @@ async fn a_read_message_takes_a_turn_and_without_one_starts_no_query() {
         assert!(tokio::time::Instant::now() < deadline, "no read frame");
     }
 }
+
+/// A user keeps read state for at most 10,000 streams: a super admin may
+/// open any key of a stream, and each key's state is a row. At the cap a
+/// mark on a new key is refused (400) and writes nothing, not even a log
+/// event; a key the user already has still moves.
+#[tokio::test]
+async fn read_state_is_kept_for_at_most_ten_thousand_streams_a_user() {
+    let db = TestDb::demo("bell_read_cap").await;
+    let relay = TestRelay::start(&db).await;
+    let business = db.business(2, "One").await;
+    let up_to = max_id(&db).await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO pgrelay.read_state (user_id, stream) \
+             SELECT '1', 'businesses/' || i FROM generate_series(1, 10000) AS i",
+            &[],
+        )
+        .await
+        .expect("10,000 read states of user 1");
+    let mark = |user: &str, admin: bool, key: String| {
+        let path = format!("/read/businesses/{key}/");
+        let (addr, token) = (relay.relay.addr(), token(user, admin));
+        async move {
+            let body = json!({"type": "read", "up_to": up_to}).to_string();
+            http_body(
+                addr,
+                "POST",
+                &path,
+                &[("authorization", &bearer(&token))],
+                &body,
+            )
+            .await
+        }
+    };
+    let refused = mark("1", true, "10001".into()).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.body.contains("too many streams"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(max_id(&db).await, up_to, "a refused mark wrote an event");
+    let rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgrelay.read_state WHERE user_id = '1'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 10000);
+    // A stream the admin has state for still moves; another user's new
+    // one is not counted against user 1.
+    let moved = mark("1", true, "42".into()).await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    let owner = mark("2", false, business.to_string()).await;
+    assert_eq!(owner.status, 200, "{}", owner.body);
+}
