@@ -100,23 +100,31 @@ const fn overhead<D>() -> usize {
     size_of::<Entry<D>>() + 2 * size_of::<usize>() + size_of::<Arc<Entry<D>>>() + 32
 }
 
-/// What each audience of an entry costs besides its key: a slot in its lane,
-/// counted twice for the deque's spare room.
-const fn lane_slot<D>() -> usize {
+/// What each audience of an entry costs besides its copy in `targets`: a
+/// slot in its lane, counted twice for the deque's spare room, and, as if
+/// the entry were its lane's only one, the lane itself (its key, its deque,
+/// its map slot). Shared by many entries, a lane is counted many times:
+/// memory then holds fewer entries than the budget would allow, never more.
+const fn lane_slot<D>(key: usize) -> usize {
     2 * size_of::<Arc<Entry<D>>>()
+        + size_of::<String>()
+        + key
+        + size_of::<Lane<D>>()
+        + 2 * size_of::<usize>()
 }
 
 impl<D: Kept> Entry<D> {
     /// Bytes counted against the budget.
     fn cost(&self) -> usize {
         let users: usize = (self.targets.users.iter())
-            .map(|u| size_of::<String>() + u.len() + lane_slot::<D>())
+            .map(|u| size_of::<String>() + u.len() + lane_slot::<D>(u.len()))
             .sum();
         let streams: usize = (self.targets.streams.iter())
-            .map(|(_, key)| size_of::<(usize, String)>() + key.len() + lane_slot::<D>())
+            .map(|(_, key)| size_of::<(usize, String)>() + key.len() + lane_slot::<D>(key.len()))
             .sum();
+        // One lane for every dashboard entry: its slot only.
         let dashboard = if self.targets.dashboard {
-            lane_slot::<D>()
+            2 * size_of::<Arc<Entry<D>>>()
         } else {
             0
         };
