@@ -159,7 +159,8 @@ BEGIN
     -- most; two marks at once may pass it by one each).
     IF v_old.user_id IS NULL AND (SELECT count(*) FROM (
             SELECT 1 FROM pgrelay.read_state WHERE user_id = p_user LIMIT 10000) AS mine) >= 10000 THEN
-        RAISE EXCEPTION 'read state kept for too many streams (10000)' USING ERRCODE = '54000';
+        -- pgrelay's own code (class PR): PostgreSQL's 54000 has other causes.
+        RAISE EXCEPTION 'read state kept for too many streams (10000)' USING ERRCODE = 'PR001';
     END IF;
     -- A concurrent mark may have moved the row since: merge, never go back.
     INSERT INTO pgrelay.read_state AS r VALUES (v_row.*)

@@ -308,6 +308,9 @@ const KEYED_HISTORY: &str = concat!(
     " ORDER BY id DESC LIMIT $8"
 );
 
+/// The SQLSTATE `pgrelay.mark_read` raises for a user's 10,000th stream.
+const TOO_MANY_READ_STATES: &str = "PR001";
+
 /// History on channels (the dashboard), newest first: up to `$4` events
 /// with `$2 <= id < $1` on channels `$3`.
 const CHANNEL_HISTORY: &str = "SELECT id, channel, table_name, op, \
@@ -670,7 +673,8 @@ impl Db {
 
     /// `pgrelay.mark_read`: moves `user`'s read state on `stream` forward
     /// and puts the change in the log. An id beyond the newest event is
-    /// [`DbError::ReadBeyondHead`].
+    /// [`DbError::ReadBeyondHead`]; a new stream for a user with state on
+    /// 10,000 already, [`DbError::TooManyReadStates`].
     pub async fn mark_read(
         &self,
         user: &str,
@@ -699,9 +703,7 @@ impl Db {
                     Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) => {
                         DbError::ReadBeyondHead
                     }
-                    Some(&tokio_postgres::error::SqlState::PROGRAM_LIMIT_EXCEEDED) => {
-                        DbError::TooManyReadStates
-                    }
+                    Some(code) if code.code() == TOO_MANY_READ_STATES => DbError::TooManyReadStates,
                     _ => DbError::Query(e),
                 })?;
             tx.commit().await?;

@@ -49,6 +49,7 @@
 //! [`PRIME_ROWS`] rows are read, so a storm right after a restart finds the
 //! events written while pgrelay was down. What priming holds beyond the
 //! budget is one page at most (the oldest are dropped as they are pushed).
+//! A page that fails after the first ends priming with what was read.
 //! Both meet at that head: no gap, no duplicate.
 //!
 //! Resets: when the log went back (restore, failover, reinstall: a new
@@ -220,11 +221,11 @@ impl<D> State<D> {
         let oldest = self.entries.pop_front()?;
         let targets = &oldest.targets;
         if targets.dashboard {
-            self.dashboard.pop_front();
+            pop_front(&mut self.dashboard);
         }
         for user in &targets.users {
             if let Some(lane) = self.users.get_mut(user) {
-                lane.pop_front();
+                pop_front(lane);
                 if lane.is_empty() {
                     self.users.remove(user);
                 }
@@ -233,7 +234,7 @@ impl<D> State<D> {
         for (index, key) in &targets.streams {
             if let Some(keys) = self.streams.get_mut(index) {
                 if let Some(lane) = keys.get_mut(key) {
-                    lane.pop_front();
+                    pop_front(lane);
                     if lane.is_empty() {
                         keys.remove(key);
                     }
@@ -253,6 +254,17 @@ impl<D> State<D> {
             Audience::User(user) => self.users.get(user),
             Audience::Stream(index, key) => self.streams.get(&index)?.get(key),
         }
+    }
+}
+
+/// Drops a lane's first entry, and gives back the room a lane that was
+/// long keeps once it is a quarter full: a user's lane that once held most
+/// of memory must not keep that room for as long as it holds one entry,
+/// uncounted by the budget.
+fn pop_front<D>(lane: &mut Lane<D>) {
+    lane.pop_front();
+    if lane.capacity() > 64 && lane.len() < lane.capacity() / 4 {
+        lane.shrink_to(lane.len() * 2);
     }
 }
 
@@ -378,7 +390,15 @@ impl<D: Kept> Recent<D> {
         // floor once every row above it is read.
         let oldest = loop {
             let limit = PRIME_PAGE.min(PRIME_ROWS - rows);
-            let (page, pruned) = db.newest(&channels, below, floor, limit as i64).await?;
+            let (page, pruned) = match db.newest(&channels, below, floor, limit as i64).await {
+                Ok(read) => read,
+                Err(e) if rows == 0 => return Err(e),
+                // What the pages before held is whole down to `below`.
+                Err(e) => {
+                    tracing::warn!(error = %e, rows, "priming stopped early; keeping what it read");
+                    break below;
+                }
+            };
             // Retention may have deleted rows up to `pruned` (read after
             // the page's rows): not held.
             pruned_through = pruned_through.max(pruned);
@@ -652,5 +672,20 @@ mod tests {
             recent.state().streams.is_empty(),
             "a reset empties every lane"
         );
+    }
+
+    #[test]
+    fn a_lane_that_was_long_gives_its_room_back() {
+        let recent = filled(10_000, 0, &[]);
+        for id in 1..=4_000 {
+            recent.push(id, Some(&delivery(id, 100)), &to("busy"));
+        }
+        let mut state = recent.state();
+        for _ in 0..3_990 {
+            state.drop_oldest().expect("an entry");
+        }
+        let lane = &state.users["busy"];
+        assert_eq!(lane.len(), 10);
+        assert!(lane.capacity() <= 64, "kept room for {}", lane.capacity());
     }
 }

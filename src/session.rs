@@ -401,19 +401,26 @@ async fn hello_unread(
 /// logged, and the socket goes on (the client may send it again). It writes
 /// through the pool, so it takes a replay's turn, under the same caps as
 /// `POST /read`: the user's sockets together cannot keep more than two
-/// pool connections busy. No turn: the same as a database that cannot take
-/// it.
+/// pool connections busy. Only a turn free now: waiting for one would stop
+/// this socket's events (and its shutdown) behind a reconnect storm's
+/// replays. No turn: the same as a database that cannot take it.
 async fn mark_read(
     shared: &Shared,
     endpoint: &Endpoint,
     identity: &Identity,
     mark: bell::Mark,
 ) -> Result<(), End> {
-    let _turn = match shared.replays.turn(&identity.user).await {
-        Ok(turn) => turn,
-        Err(busy) => {
+    let turn = tokio::time::timeout(Duration::ZERO, shared.replays.turn(&identity.user)).await;
+    let _turn = match turn {
+        Ok(Ok(turn)) => turn,
+        Ok(Err(busy)) => {
             shared.metrics.replays_refused.inc();
-            tracing::warn!(reason = %busy, "read message dropped: retry later");
+            tracing::debug!(reason = %busy, "read message dropped: retry later");
+            return Ok(());
+        }
+        Err(_) => {
+            shared.metrics.replays_refused.inc();
+            tracing::debug!("read message dropped: no turn free now");
             return Ok(());
         }
     };
@@ -421,6 +428,9 @@ async fn mark_read(
         Ok(_) => Ok(()),
         Err(DbError::ReadBeyondHead) => {
             Err(End::Close(Close::Unexpected, reason::READ_BEYOND_HEAD))
+        }
+        Err(DbError::TooManyReadStates) => {
+            Err(End::Close(Close::Unexpected, reason::TOO_MANY_READ_STATES))
         }
         Err(e) => {
             tracing::warn!(error = %e, "marking read failed");

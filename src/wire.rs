@@ -218,8 +218,8 @@ pub mod reason {
     pub const BAD_READ: &str = "read takes up_to or ids (at most 100)";
     /// 1008: a `read` naming an id beyond the newest event.
     pub const READ_BEYOND_HEAD: &str = "read beyond the newest event";
-    /// 400: a mark that would keep read state for one stream key more than
-    /// the 10,000 a user may have.
+    /// 400 (`POST /read`), 1008 (a socket): a mark that would keep read
+    /// state for one stream key more than the 10,000 a user may have.
     pub const TOO_MANY_READ_STATES: &str = "read state kept for too many streams (10,000 a user)";
     /// 1008: over `--client-messages-per-second`.
     pub const TOO_MANY_MESSAGES: &str = "too many messages";

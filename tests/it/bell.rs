@@ -417,4 +417,13 @@ async fn read_state_is_kept_for_at_most_ten_thousand_streams_a_user() {
     assert_eq!(moved.status, 200, "{}", moved.body);
     let owner = mark("2", false, business.to_string()).await;
     assert_eq!(owner.status, 200, "{}", owner.body);
+    // On a socket, the same refusal closes it with 1008 and says why.
+    let mut socket = relay.ws("/ws/businesses/10002/", &token("1", true)).await;
+    socket.hello().await;
+    socket
+        .send_text(&json!({"type": "read", "up_to": up_to}).to_string())
+        .await;
+    let (code, reason) = socket.close_code().await;
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("too many streams"), "{reason}");
 }
