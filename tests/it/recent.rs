@@ -51,6 +51,16 @@ async fn missed_traffic(db: &TestDb, relay: &TestRelay, rounds: usize) -> (i64, 
     (mine, cursor, missed)
 }
 
+/// A business of owner 2, inserted now, is the next event on every one of
+/// `sockets` (which all see it): each went on live, with nothing replayed
+/// twice in between.
+async fn goes_live_once<const N: usize>(db: &TestDb, sockets: [&mut Ws; N]) {
+    let marker = db.business(2, "live").await;
+    for ws in sockets {
+        assert_eq!(ws.event().await["data"]["id"], marker);
+    }
+}
+
 /// Reads `expected.len()` events from `ws`: exactly `expected`, in order.
 async fn assert_resumed(ws: &mut Ws, expected: &[i64], what: &str) {
     let ids = read_ids(ws, expected.len()).await;
@@ -138,10 +148,7 @@ async fn cursor_older_than_memory_reads_the_database_and_is_exact() {
     assert_eq!(last.0, after.0, "no row was read from the database");
     assert_eq!(last.1, after.1 + 1.0, "one resume from memory");
 
-    let marker = db.business(2, "live").await;
-    for ws in [&mut dashboard, &mut notifications, &mut newest] {
-        assert_eq!(ws.event().await["data"]["id"], marker);
-    }
+    goes_live_once(&db, [&mut dashboard, &mut notifications, &mut newest]).await;
 }
 
 /// A storm right after a restart: rows written while pgrelay was down are in
@@ -178,9 +185,7 @@ async fn rows_written_while_pgrelay_was_down_are_resumed_from_memory() {
     assert_resumed(&mut notifications, &expected, "owner 2").await;
 
     // Live from the head it started at, once.
-    let marker = db.business(2, "live").await;
-    assert_eq!(dashboard.event().await["data"]["id"], marker);
-    assert_eq!(notifications.event().await["data"]["id"], marker);
+    goes_live_once(&db, [&mut dashboard, &mut notifications]).await;
     let (rows, from_memory) = replay_counts(addr).await;
     assert_eq!(rows, 0.0, "no row was read from the database to replay");
     assert_eq!(from_memory, 2.0);
@@ -259,10 +264,7 @@ async fn a_log_that_went_back_is_never_replayed_from_memory() {
         "the new log's resumes, from memory"
     );
 
-    let marker = db.business(2, "live").await;
-    for ws in [&mut stale, &mut bare, &mut fresh] {
-        assert_eq!(ws.event().await["data"]["id"], marker);
-    }
+    goes_live_once(&db, [&mut stale, &mut bare, &mut fresh]).await;
 }
 
 /// `--replay-memory` (here the flag of the real binary, 1 MiB) bounds what is
