@@ -1,14 +1,18 @@
-//! Caps on concurrent replays from the log: in total, because replays share
-//! the read pool with admin checks and the listener's probe, and per user,
-//! so one user's many tabs and devices reconnecting with old cursors cannot
-//! take them all. A replay from memory (`recent`) reads no pool connection
-//! and takes no turn. Each replay page is bounded in PostgreSQL (see `db`); these
-//! bound how many run at once.
+//! Caps on concurrent replays from the log, and on the other reads and
+//! writes a client asks for through the pool (history pages, read marks,
+//! `hello`'s unread count), which take the same turns: in total, because
+//! they share the read pool with admin checks and the listener's probe, and
+//! per user, so one user's many tabs and devices cannot take them all. A
+//! replay from memory (`recent`) reads no pool connection and takes no
+//! turn. Each replay page is bounded in PostgreSQL (see `db`); these bound
+//! how many run at once.
 //!
 //! Over the per-user cap a socket is refused at once; over the total cap it
 //! waits up to [`QUEUE_WAIT`] for a turn (a reconnect storm queues rather
 //! than fails), then is refused. A refused socket is closed with 1013 (try
-//! again later) and resumes later, with backoff, losing nothing.
+//! again later) and resumes later, with backoff, losing nothing. What must
+//! not hold up a live socket (a read mark, the unread count) takes a turn
+//! only if one is free now ([`ReplayLimits::try_turn`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -52,20 +56,7 @@ impl ReplayLimits {
 
     /// Waits for a turn for `user`'s replay, within the caps.
     pub async fn turn(&self, user: &str) -> Result<Turn<'_>, Busy> {
-        {
-            let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
-            let running = per_user.entry(user.to_owned()).or_default();
-            if *running >= PER_USER {
-                return Err(Busy::User);
-            }
-            *running += 1;
-        }
-        // From here the per-user count is ours: the slot gives it back on
-        // every path, the wait for a total permit included.
-        let user = UserSlot {
-            limits: self,
-            user: user.to_owned(),
-        };
+        let user = self.user_slot(user)?;
         let total = tokio::time::timeout(QUEUE_WAIT, self.total.acquire())
             .await
             .map_err(|_| Busy::Total)?
@@ -73,6 +64,32 @@ impl ReplayLimits {
         Ok(Turn {
             _total: total,
             _user: user,
+        })
+    }
+
+    /// A turn for `user` if one is free now, without waiting: for what must
+    /// not hold up a socket (a read mark, `hello`'s unread count).
+    pub fn try_turn(&self, user: &str) -> Result<Turn<'_>, Busy> {
+        let user = self.user_slot(user)?;
+        let total = self.total.try_acquire().map_err(|_| Busy::Total)?;
+        Ok(Turn {
+            _total: total,
+            _user: user,
+        })
+    }
+
+    /// Takes one of `user`'s places; the slot gives it back on every path,
+    /// the wait for a total permit included.
+    fn user_slot(&self, user: &str) -> Result<UserSlot<'_>, Busy> {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let running = per_user.entry(user.to_owned()).or_default();
+        if *running >= PER_USER {
+            return Err(Busy::User);
+        }
+        *running += 1;
+        Ok(UserSlot {
+            limits: self,
+            user: user.to_owned(),
         })
     }
 
@@ -121,5 +138,29 @@ mod tests {
         let b2 = b2.now_or_never().expect("a turn freed").expect("b2");
         drop((a3, b1, b2));
         assert!(limits.per_user.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn a_turn_tried_now_is_refused_over_either_cap_and_holds_nothing() {
+        let limits = ReplayLimits::new(2);
+        let a1 = limits.try_turn("a").expect("a1");
+        let b1 = limits.try_turn("b").expect("b1");
+        assert_eq!(limits.try_turn("c").err(), Some(Busy::Total));
+        let a2 = limits.try_turn("a");
+        assert_eq!(
+            a2.err(),
+            Some(Busy::Total),
+            "a's second place, but no permit"
+        );
+        drop(b1);
+        let a2 = limits.try_turn("a").expect("a2");
+        drop(a2);
+        let a2 = limits.try_turn("a").expect("a2 again");
+        assert_eq!(limits.try_turn("a").err(), Some(Busy::User));
+        drop((a1, a2));
+        assert!(
+            limits.per_user.lock().expect("lock").is_empty(),
+            "no place left taken"
+        );
     }
 }

@@ -381,11 +381,10 @@ async fn hello_unread(
     user: &str,
     head: i64,
 ) -> Option<(i64, i64)> {
-    // Only a turn free now (a timeout of zero still polls once): in a
-    // reconnect storm `hello` must not wait behind replays for a badge,
-    // which the client can ask for again (history carries it too).
-    let Ok(Ok(_turn)) = tokio::time::timeout(Duration::ZERO, shared.replays.turn(user)).await
-    else {
+    // Only a turn free now: in a reconnect storm `hello` must not wait
+    // behind replays for a badge, which the client can ask for again
+    // (history carries it too).
+    let Ok(_turn) = shared.replays.try_turn(user) else {
         tracing::debug!("no turn free for the unread count; hello without it");
         return None;
     };
@@ -410,17 +409,11 @@ async fn mark_read(
     identity: &Identity,
     mark: bell::Mark,
 ) -> Result<(), End> {
-    let turn = tokio::time::timeout(Duration::ZERO, shared.replays.turn(&identity.user)).await;
-    let _turn = match turn {
-        Ok(Ok(turn)) => turn,
-        Ok(Err(busy)) => {
+    let _turn = match shared.replays.try_turn(&identity.user) {
+        Ok(turn) => turn,
+        Err(busy) => {
             shared.metrics.replays_refused.inc();
             tracing::debug!(reason = %busy, "read message dropped: retry later");
-            return Ok(());
-        }
-        Err(_) => {
-            shared.metrics.replays_refused.inc();
-            tracing::debug!("read message dropped: no turn free now");
             return Ok(());
         }
     };

@@ -326,6 +326,16 @@ pub async fn lock_waits(watcher: &tokio_postgres::Client) -> i64 {
         .unwrap_or(-1)
 }
 
+/// `(replay_rows, replays_from_memory)` on the relay at `addr`: rows read
+/// from the log to replay, and resumes memory answered whole.
+pub async fn replay_counts(addr: std::net::SocketAddr) -> (f64, f64) {
+    let text = metrics(addr).await;
+    (
+        sample(&text, "pgrelay_replay_rows_total").unwrap_or(0.0),
+        sample(&text, "pgrelay_replays_from_memory_total").unwrap_or(0.0),
+    )
+}
+
 /// `token` as an `Authorization` header's value.
 pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")
@@ -797,14 +807,16 @@ pub async fn silent_websocket(addr: std::net::SocketAddr, path: &str, token: &st
 /// nothing after it is consumed; panics after [`WAIT`].
 pub async fn response_head(stream: &mut TcpStream) -> String {
     use tokio::io::AsyncReadExt;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let byte = tokio::time::timeout(WAIT, stream.read_u8())
-            .await
-            .expect("response head timed out")
-            .expect("response head");
-        head.push(byte);
-    }
+    let read = async {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.expect("response head"));
+        }
+        head
+    };
+    let head = tokio::time::timeout(WAIT, read)
+        .await
+        .expect("response head timed out");
     String::from_utf8_lossy(&head).into_owned()
 }
 

@@ -7,18 +7,7 @@
 //! the database is told by `/metrics`: `replay_rows` counts rows read from
 //! the log, `replays_from_memory` the resumes answered from memory.
 
-use std::net::SocketAddr;
-
 use crate::harness::*;
-
-/// `(replay_rows, replays_from_memory)` on the relay at `addr`.
-async fn replay_counts(addr: SocketAddr) -> (f64, f64) {
-    let text = metrics(addr).await;
-    (
-        sample(&text, "pgrelay_replay_rows_total").unwrap_or(0.0),
-        sample(&text, "pgrelay_replays_from_memory_total").unwrap_or(0.0),
-    )
-}
 
 /// Mixed traffic, one transaction a row: businesses of owners 2 and 4 and
 /// reservations on `mine` (owner 2, customer 3) and `theirs` (owner 4,

@@ -98,6 +98,13 @@ async fn one_user_id_rule_for_live_and_replay_with_edge_values() {
             assert_eq!(got_replay, want, "replay {how}, user {user:?}");
         }
     }
+    // Each path was the one named: memory answered every resume on one
+    // relay, and the other read the log.
+    let users = users.len() as f64;
+    assert_eq!(replay_counts(relay.relay.addr()).await, (0.0, users));
+    let (rows, from_memory) = replay_counts(from_log.relay.addr()).await;
+    assert!(rows > 0.0, "the log was read");
+    assert_eq!(from_memory, 0.0);
 }
 
 /// 300,000 events of other users with five of one user spread among them:
