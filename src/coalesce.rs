@@ -1,6 +1,7 @@
 //! A socket's write side: a queue of byte chunks that a flush sends with
 //! vectored writes and then gives back, so that a batch of frames costs one
-//! `writev` and an idle socket holds no write buffer (tungstenite's own
+//! `writev` (up to [`MAX_SLICES`] frames: a live batch; a replay page of 500
+//! takes two) and an idle socket holds no write buffer (tungstenite's own
 //! buffer never shrinks, so it is switched off: see `server`).
 //!
 //! Event frames are queued as the very buffers the hub shares between every
@@ -21,15 +22,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::wire::EventFrame;
 
-/// Chunks per `writev` (the kernel takes up to 1,024).
-const MAX_SLICES: usize = 64;
+/// Chunks per `writev` (the kernel takes up to 1,024): a live batch's
+/// `MAX_BATCH` frames (`session`), and a chunk of tungstenite's.
+const MAX_SLICES: usize = 257;
 
 pub struct Coalesce<T> {
     io: T,
     chunks: VecDeque<Chunk>,
     /// Bytes of the first chunk the kernel took already.
     sent: usize,
-    queued: usize,
 }
 
 /// Bytes waiting to go out: an event's shared frame, or a copy of what
@@ -54,7 +55,6 @@ impl<T> Coalesce<T> {
             io,
             chunks: VecDeque::new(),
             sent: 0,
-            queued: 0,
         }
     }
 
@@ -66,14 +66,12 @@ impl<T> Coalesce<T> {
     fn push(&mut self, chunk: Chunk) {
         let len = chunk.bytes().len();
         if len > 0 {
-            self.queued += len;
             self.chunks.push_back(chunk);
         }
     }
 
     /// Drops the first `n` queued bytes, which the kernel took.
     fn consume(&mut self, n: usize) {
-        self.queued -= n;
         self.sent += n;
         while let Some(front) = self.chunks.front() {
             let len = front.bytes().len();
@@ -128,7 +126,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         // keeps part of a frame back, which is what keeps its frames and the
         // queued events in order (see the module docs). The queue is bounded
         // by the caller, who flushes every batch (`session`: at most
-        // `MAX_BATCH` frames).
+        // `MAX_BATCH` live frames, or a replay page).
         let this = self.get_mut();
         this.push(Chunk::Copied(data.into()));
         Poll::Ready(Ok(data.len()))
@@ -216,7 +214,7 @@ mod tests {
             .await
             .expect("flushed in time")
             .expect("flush");
-        assert_eq!((out.queued, out.sent), (0, 0));
+        assert_eq!(out.sent, 0);
         assert!(out.chunks.is_empty());
         assert_eq!(out.io.0, expected);
     }

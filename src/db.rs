@@ -308,7 +308,8 @@ const KEYED_HISTORY: &str = concat!(
     " ORDER BY id DESC LIMIT $8"
 );
 
-/// The SQLSTATE `pgrelay.mark_read` raises for a user's 10,000th stream.
+/// The SQLSTATE `pgrelay.mark_read` raises for a stream beyond a user's
+/// 10,000.
 const TOO_MANY_READ_STATES: &str = "PR001";
 
 /// History on channels (the dashboard), newest first: up to `$4` events

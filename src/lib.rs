@@ -47,7 +47,8 @@
 //!
 //! Invariants: data flows one way; the listener never waits on a socket;
 //! nothing downstream of the listener touches PostgreSQL except, through the
-//! pool, replay reads of events no longer in memory, the admin and stream queries (at the door and on
+//! pool, the reads that prime the replay memory at start, replay reads of
+//! events no longer in memory, the admin and stream queries (at the door and on
 //! refresh), and the bell's reads and marks (history, `?unread=1`, read
 //! messages and `POST /read`); every
 //! spawned task is tracked and ends on the one cancellation token. No module

@@ -8,8 +8,10 @@
 //! connection for new events and through the pool for replays; parsing here
 //! does no read. The frame text a client receives is produced
 //! only by `Event::frame` (in `wire`, with the rest of the contract): once per
-//! event for live delivery, outside the hub's lock, the bytes shared by every
-//! socket; a replay builds the frames of the rows it read for its own socket.
+//! event for live delivery (and for the rows priming reads at start),
+//! outside the hub's lock, the bytes shared by every socket and by replays
+//! from memory; only a replay from the log builds the frames of the rows it
+//! read for its own socket.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;

@@ -10,10 +10,13 @@
 //! whose body says why in one line: 404 unknown path, 405 wrong method, 400
 //! not a WebSocket request or bad resume parameters, 406 an `/sse/` request
 //! that does not accept `text/event-stream` (the bell's routes: 400 a bad
-//! `read` body or history parameters), 401 no/invalid/expired token, 429
-//! the user's socket cap or replay turns, 503 the total cap or an admin or
-//! stream query that cannot answer, 403 valid token without the right. The
-//! caps come before the question (see [`authenticate`]).
+//! `read` body or history parameters, a read beyond the newest event or
+//! past the user's 10,000 streams; 408 a `read` body not in within 10 s;
+//! 503 read state that cannot be saved now), 401 no/invalid/expired token,
+//! 429 the user's socket cap or replay turns, 503 the total cap, every
+//! replay turn busy, or an admin or stream query that cannot answer, 403
+//! valid token without the right. The caps come before the question (see
+//! [`authenticate`]).
 //!
 //! Before any of that, the accept loop bounds what unauthenticated clients
 //! can hold: each accepted connection takes a [`Pending`] place (released

@@ -1,7 +1,9 @@
 //! The WebSocket [`Peer`]: `/ws/...` after a successful upgrade. Frames go
 //! out as text messages, flushed once per batch (the socket's IO is
-//! `coalesce`d, so a batch is one vectored write); an event's frame is the
-//! hub's shared bytes, header included, never re-encoded per socket. The client may send only
+//! `coalesce`d, so a live batch is one vectored write); a live or
+//! memory-replayed event's frame is the hub's shared bytes, header
+//! included, never re-encoded per socket (a replay from the log builds its
+//! own). The client may send only
 //! `refresh`, `read` and `clear` messages (rate-limited), pongs and pings; pgrelay pings every
 //! ping interval and drops a peer that has not answered the previous one.
 //!
