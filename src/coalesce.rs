@@ -25,6 +25,8 @@ use crate::wire::EventFrame;
 /// Chunks per `writev` (the kernel takes up to 1,024): a live batch's
 /// `MAX_BATCH` frames (`session`), and a chunk of tungstenite's.
 const MAX_SLICES: usize = 257;
+/// Chunks per `writev` of a small batch.
+const FEW_SLICES: usize = 8;
 
 pub struct Coalesce<T> {
     io: T,
@@ -87,14 +89,13 @@ impl<T> Coalesce<T> {
 impl<T: AsyncWrite + Unpin> Coalesce<T> {
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.chunks.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut count = 0;
-            for (i, (slice, chunk)) in slices.iter_mut().zip(&self.chunks).enumerate() {
-                let skip = if i == 0 { self.sent } else { 0 };
-                *slice = IoSlice::new(&chunk.bytes()[skip..]);
-                count += 1;
-            }
-            let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
+            // Most batches are a few frames: their slices are not worth
+            // setting out a whole `MAX_SLICES` array for, on every flush.
+            let n = if self.chunks.len() <= FEW_SLICES {
+                ready!(self.poll_write_up_to::<FEW_SLICES>(cx))?
+            } else {
+                ready!(self.poll_write_up_to::<MAX_SLICES>(cx))?
+            };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -103,6 +104,23 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
         // Everything is out: free the queue (the next batch allocates anew).
         self.chunks = VecDeque::new();
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Coalesce<T> {
+    /// One vectored write of the first `N` chunks at most.
+    fn poll_write_up_to<const N: usize>(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let mut slices = [IoSlice::new(&[]); N];
+        let mut count = 0;
+        for (i, (slice, chunk)) in slices.iter_mut().zip(&self.chunks).enumerate() {
+            let skip = if i == 0 { self.sent } else { 0 };
+            *slice = IoSlice::new(&chunk.bytes()[skip..]);
+            count += 1;
+        }
+        Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count])
     }
 }
 
