@@ -16,7 +16,7 @@
 use crate::auth::Identity;
 use crate::db::{DbError, Visible, REPLAY_WINDOW};
 use crate::parse::Event;
-use crate::route::{KeyFilter, Targets};
+use crate::route::KeyFilter;
 use crate::shared::Shared;
 use crate::wire::{ClientMessage, Endpoint, ReadState, MAX_READ_IDS, UNREAD_CAP};
 
@@ -56,22 +56,14 @@ impl Filter {
 /// `endpoint`'s channels or filter: the router's rule, the one live
 /// delivery follows.
 pub fn sees(shared: &Shared, endpoint: &Endpoint, user: &str, event: &Event) -> bool {
+    let targets = || shared.routes.route(event);
     match endpoint {
         // Read on the dashboard's channels: all the router checks there is
         // that it is not a read-state change (never the dashboard's).
         Endpoint::Dashboard => !event.is_read_state(),
-        _ => reaches(endpoint, user, &shared.routes.route(event)),
-    }
-}
-
-/// Whether an event the router sent to `targets` reaches `endpoint`'s
-/// client, `user`: live delivery's rule, for events already routed.
-fn reaches(endpoint: &Endpoint, user: &str, targets: &Targets) -> bool {
-    match endpoint {
-        Endpoint::Dashboard => targets.dashboard,
-        Endpoint::Notifications => targets.users.iter().any(|u| u == user),
+        Endpoint::Notifications => targets().users.iter().any(|u| u == user),
         Endpoint::Stream { index, key, .. } => {
-            (targets.streams.iter()).any(|(i, k)| i == index && k == key)
+            (targets().streams.iter()).any(|(i, k)| i == index && k == key)
         }
     }
 }

@@ -150,7 +150,8 @@ pub enum Audience<'a> {
 
 impl<'a> Audience<'a> {
     /// The events `endpoint`'s client, `user`, may see: the hub's ring its
-    /// socket reads live (`bell::reaches` says the same of routed events).
+    /// socket reads live (`bell::sees` says the same of events read from
+    /// the log).
     pub fn of(endpoint: &'a Endpoint, user: &'a str) -> Audience<'a> {
         match endpoint {
             Endpoint::Dashboard => Audience::Dashboard,
@@ -368,7 +369,7 @@ impl<D: Kept> Recent<D> {
     }
 
     /// The range held, `(from, to]`, and the entries in it.
-    pub fn range(&self) -> (i64, i64, usize) {
+    fn range(&self) -> (i64, i64, usize) {
         let state = self.state();
         (state.from, state.to, state.entries.len())
     }

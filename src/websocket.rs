@@ -48,17 +48,10 @@ impl WebSocketPeer {
         }
     }
 
-    /// Writes the messages through tungstenite and flushes, within
+    /// Writes `message` through tungstenite and flushes, within
     /// [`WRITE_TIMEOUT`].
-    async fn write(&mut self, messages: impl IntoIterator<Item = Message>) -> Result<(), End> {
-        let ws = &mut self.ws;
-        within_write_timeout(pin!(async {
-            for message in messages {
-                ws.feed(message).await?;
-            }
-            ws.flush().await
-        }))
-        .await
+    async fn write(&mut self, message: Message) -> Result<(), End> {
+        within_write_timeout(pin!(self.ws.send(message))).await
     }
 }
 
@@ -131,7 +124,7 @@ impl Peer for WebSocketPeer {
             return Err(End::Gone);
         }
         self.awaiting_pong = true;
-        self.write([Message::Ping(Default::default())]).await
+        self.write(Message::Ping(Default::default())).await
     }
 
     async fn close(&mut self, kind: Close, reason: &'static str) {
