@@ -4,7 +4,8 @@
 # so that a slow minute hurts each point once rather than one point thrice.
 # Each run is one `pgrelay-bench --json` line in $OUT/<point>.jsonl; the bench
 # refuses (exit 2) to measure on a busy machine unless ALLOW_NOISY=1, and
-# marks such runs `"noisy": true`.
+# marks such runs `"noisy": true`. A refused run is recorded as
+# `{"refused": true}`, so that medians.py counts it.
 #
 #   cargo build --release --workspace --bins
 #   tests/bench/second-round.sh                       # RUNS=3 OUT=bench-results
@@ -45,6 +46,8 @@ for round in $(seq 1 "$RUNS"); do
     for point in $POINTS; do
         echo "round $round: $point" >&2
         run "$point" --json "${NOISY[@]}" >>"$OUT/$point.jsonl" 2>>"$OUT/$point.log"
-        echo "  exit $?" >&2
+        status=$?
+        [ "$status" = 2 ] && echo '{"refused": true}' >>"$OUT/$point.jsonl"
+        echo "  exit $status" >&2
     done
 done

@@ -139,9 +139,11 @@ pub(crate) async fn run(args: &Args, server: &Server) -> Result<Report> {
         .collect();
     let progress = tokio::spawn(progress(Arc::clone(&door), server.pid, args.connect_total));
     let mut walks = Vec::with_capacity(workers.len());
+    let mut lost_workers = 0;
     for worker in workers {
-        if let Ok(walked) = worker.await {
-            walks.push(walked);
+        match worker.await {
+            Ok(walked) => walks.push(walked),
+            Err(_) => lost_workers += 1,
         }
     }
     progress.abort();
@@ -152,6 +154,10 @@ pub(crate) async fn run(args: &Args, server: &Server) -> Result<Report> {
 
     let mut to_hello = new_histogram();
     let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    if lost_workers > 0 {
+        let why = "a connecting task panicked; its sockets are not counted".to_owned();
+        failures.insert("worker".into(), (lost_workers, why));
+    }
     let mut last_hello = None;
     for walked in walks {
         let _ = to_hello.add(&walked.to_hello);
@@ -168,6 +174,7 @@ pub(crate) async fn run(args: &Args, server: &Server) -> Result<Report> {
         description: server.description.clone(),
         idle_connect_s,
         hellos: door.hellos.load(Relaxed),
+        total: args.connect_total as u64,
         failures,
         walk_s: last_hello.map_or(0.0, |at| at.duration_since(began).as_secs_f64()),
         to_hello,
@@ -212,6 +219,8 @@ pub(crate) struct Report {
     description: String,
     idle_connect_s: f64,
     hellos: u64,
+    /// Sockets the run was to open (`--connect-total`).
+    total: u64,
     failures: BTreeMap<String, (u64, String)>,
     /// From the first connect to the last hello.
     walk_s: f64,
@@ -238,8 +247,13 @@ impl Report {
         self.failures.values().map(|f| f.0).sum()
     }
 
+    /// Every socket got its `hello`, nothing failed, and the idle ones were
+    /// left alone.
     pub(crate) fn passed(&self) -> bool {
-        self.failed() == 0 && self.idle_closes == 0 && self.idle_errors == 0
+        self.hellos == self.total
+            && self.failed() == 0
+            && self.idle_closes == 0
+            && self.idle_errors == 0
     }
 
     fn rate(&self) -> f64 {
