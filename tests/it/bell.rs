@@ -302,28 +302,14 @@ async fn a_read_message_takes_a_turn_and_without_one_starts_no_query() {
     let relay = TestRelay::start_with(&db, |config| config.replay_memory = 0).await;
     let addr = relay.relay.addr();
     let mut reader = relay.notifications("2").await;
-    let id = db.business(2, "One").await;
-    assert_eq!(reader.event().await["id"], id);
+    let business = db.business(2, "One").await;
+    let event = reader.event().await;
+    assert_eq!(event["data"]["id"], business);
+    let id = event["id"].as_i64().expect("an event id");
     let epoch = epoch(&db).await;
     let path = format!("/ws/notifications/?last_id=0&epoch={epoch}");
-    let owner = token("2", false);
-
-    let locker = db.client().await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE pgrelay.events IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock the log");
-    let mut stuck = Vec::new();
-    for _ in 0..2 {
-        let mut ws = relay.ws(&path, &owner).await;
-        ws.hello().await;
-        stuck.push(ws);
-    }
+    let (locker, mut stuck) = hold_two_replays(&db, &relay, &path, &token("2", false)).await;
     let watcher = db.client().await;
-    wait_for("both replays to wait on the lock", || async {
-        lock_waits(&watcher).await == 2
-    })
-    .await;
     let refused = || async { sample(&metrics(addr).await, "pgrelay_replays_refused_total") };
     assert_eq!(refused().await, Some(0.0));
     reader

@@ -326,6 +326,34 @@ pub async fn lock_waits(watcher: &tokio_postgres::Client) -> i64 {
         .unwrap_or(-1)
 }
 
+/// Two replays of `token`'s user on `path` (a resume that reads the log),
+/// held: the log is locked (`ACCESS EXCLUSIVE`, in the returned client's
+/// open transaction) and both replays wait on the lock, so the user's two
+/// replay turns are taken. Returns once both wait; `ROLLBACK` on the client
+/// lets them go.
+pub async fn hold_two_replays(
+    db: &TestDb,
+    relay: &TestRelay,
+    path: &str,
+    token: &str,
+) -> (tokio_postgres::Client, [Ws; 2]) {
+    let locker = db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pgrelay.events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the log");
+    let mut first = relay.ws(path, token).await;
+    first.hello().await;
+    let mut second = relay.ws(path, token).await;
+    second.hello().await;
+    let watcher = db.client().await;
+    wait_for("both replays to wait on the lock", || async {
+        lock_waits(&watcher).await == 2
+    })
+    .await;
+    (locker, [first, second])
+}
+
 /// `(replay_rows, replays_from_memory)` on the relay at `addr`: rows read
 /// from the log to replay, and resumes memory answered whole.
 pub async fn replay_counts(addr: std::net::SocketAddr) -> (f64, f64) {

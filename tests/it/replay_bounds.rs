@@ -207,21 +207,8 @@ async fn stuck_replays_are_stopped_by_the_server_and_capped_per_user() {
     let path = format!("/ws/notifications/?last_id=0&epoch={epoch}");
 
     // Hold the log: every replay read now waits.
-    let locker = db.client().await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE pgrelay.events IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock the log");
-    let mut first = relay.ws(&path, &owner).await;
-    first.hello().await;
-    let mut second = relay.ws(&path, &owner).await;
-    second.hello().await;
+    let (locker, [mut first, mut second]) = hold_two_replays(&db, &relay, &path, &owner).await;
     let watcher = db.client().await;
-    let waiting = || lock_waits(&watcher);
-    wait_for("both replays to wait on the lock", || async {
-        waiting().await == 2
-    })
-    .await;
     let mut third = relay.ws(&path, &owner).await;
     third.hello().await;
     let (code, reason) = third.close_code().await;
@@ -233,7 +220,11 @@ async fn stuck_replays_are_stopped_by_the_server_and_capped_per_user() {
         let (code, reason) = ws.close_code().await;
         assert_eq!(code, 1011, "{reason}");
     }
-    assert_eq!(waiting().await, 0, "a replay query outlived its socket");
+    assert_eq!(
+        lock_waits(&watcher).await,
+        0,
+        "a replay query outlived its socket"
+    );
     locker.batch_execute("ROLLBACK").await.expect("unlock");
 
     // Retried, both complete, with every event.
