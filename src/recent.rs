@@ -88,11 +88,13 @@ pub trait Kept: Clone {
     fn bytes(&self) -> usize;
 }
 
-/// One event as a replay needs it.
+/// One event as a replay needs it, and what it costs the budget (worked
+/// out once, before any lock).
 #[derive(Debug)]
-pub struct Entry<D> {
-    pub delivery: D,
-    pub targets: Targets,
+struct Entry<D> {
+    delivery: D,
+    targets: Targets,
+    cost: usize,
 }
 
 /// What an entry costs besides its frame and its audiences: the entry, the
@@ -115,8 +117,18 @@ const fn lane_slot<D>(key: usize) -> usize {
 }
 
 impl<D: Kept> Entry<D> {
+    fn new(delivery: D, targets: Targets) -> Entry<D> {
+        let mut entry = Entry {
+            delivery,
+            targets,
+            cost: 0,
+        };
+        entry.cost = entry.measure();
+        entry
+    }
+
     /// Bytes counted against the budget.
-    fn cost(&self) -> usize {
+    fn measure(&self) -> usize {
         let users: usize = (self.targets.users.iter())
             .map(|u| size_of::<String>() + u.len() + lane_slot::<D>(u.len()))
             .sum();
@@ -311,13 +323,12 @@ impl<D: Kept> Recent<D> {
     /// see it (`None`: nobody; only the range moves). Ids must come in
     /// increasing order; one not above the last is ignored.
     pub fn push(&self, id: i64, delivery: Option<&D>, targets: &Targets) {
-        // Built before the lock: the lock covers the lanes only.
-        let entry = (self.budget > 0).then_some(delivery).flatten().map(|d| {
-            Arc::new(Entry {
-                delivery: d.clone(),
-                targets: targets.clone(),
-            })
-        });
+        // Built and measured before the lock: the lock covers the lanes
+        // and the byte count only.
+        let entry = (self.budget > 0)
+            .then_some(delivery)
+            .flatten()
+            .map(|d| Arc::new(Entry::new(d.clone(), targets.clone())));
         self.push_entry(id, entry);
     }
 
@@ -330,7 +341,7 @@ impl<D: Kept> Recent<D> {
         state.to = id;
         match entry {
             Some(entry) => {
-                state.bytes += entry.cost();
+                state.bytes += entry.cost;
                 state.append(entry);
             }
             // Off: the range stays empty.
@@ -341,7 +352,7 @@ impl<D: Kept> Recent<D> {
             let Some(oldest) = state.drop_oldest() else {
                 break;
             };
-            state.bytes -= oldest.cost();
+            state.bytes -= oldest.cost;
             state.from = oldest.delivery.id();
         }
     }
@@ -406,11 +417,8 @@ impl<D: Kept> Recent<D> {
             rows += page.rows;
             for event in &page.events {
                 let targets = routes.route(event);
-                let entry = targets.any().then(|| Entry {
-                    delivery: D::of(event),
-                    targets,
-                });
-                bytes += entry.as_ref().map_or(0, Entry::cost);
+                let entry = targets.any().then(|| Entry::new(D::of(event), targets));
+                bytes += entry.as_ref().map_or(0, |e| e.cost);
                 read.push((event.id, entry));
             }
             match page.last_id {
@@ -453,10 +461,10 @@ pub struct Reader<'a, D> {
 }
 
 impl<D: Kept> Reader<'_, D> {
-    /// The next page of at most `max` of the audience's entries (at least
-    /// 1), in id order, or `None` when the read is done; [`Lost`] when
-    /// memory no longer holds the rest.
-    pub fn next_page(&mut self, max: usize) -> Result<Option<Vec<Arc<Entry<D>>>>, Lost> {
+    /// The frames of the next page of at most `max` of the audience's
+    /// entries (at least 1), in id order, or `None` when the read is done;
+    /// [`Lost`] when memory no longer holds the rest.
+    pub fn next_page(&mut self, max: usize) -> Result<Option<Vec<D>>, Lost> {
         if self.after >= self.upto {
             return Ok(None);
         }
@@ -465,13 +473,13 @@ impl<D: Kept> Reader<'_, D> {
         if state.generation != self.generation || state.from > self.after {
             return Err(Lost(self.after));
         }
-        let page: Vec<Arc<Entry<D>>> = match state.lane(self.audience) {
+        let page: Vec<D> = match state.lane(self.audience) {
             Some(lane) => {
                 let start = lane.partition_point(|e| e.delivery.id() <= self.after);
                 (lane.range(start..))
                     .take_while(|e| e.delivery.id() <= self.upto)
                     .take(max)
-                    .cloned()
+                    .map(|e| e.delivery.clone())
                     .collect()
             }
             None => Vec::new(),
@@ -479,7 +487,7 @@ impl<D: Kept> Reader<'_, D> {
         drop(state);
         // A short page reached `upto`; a full one goes on after its last.
         self.after = match page.last() {
-            Some(last) if page.len() == max => last.delivery.id(),
+            Some(last) if page.len() == max => last.id(),
             _ => self.upto,
         };
         Ok(Some(page))
@@ -524,11 +532,7 @@ mod tests {
     /// Pushes `(id, seen)` events of `bytes` each into memory of `budget`
     /// events of that size, starting at `start`.
     fn filled(budget: usize, start: i64, events: &[(i64, bool)]) -> Recent<Frame> {
-        let size = Entry {
-            delivery: delivery(0, 100),
-            targets: to("u"),
-        }
-        .cost();
+        let size = Entry::new(delivery(0, 100), to("u")).cost;
         let recent = Recent::new(budget * size);
         recent.reset(start);
         for &(id, seen) in events {
@@ -544,7 +548,7 @@ mod tests {
         let mut reader = recent.read(Audience::User("u"), after, upto)?;
         let mut pages = Vec::new();
         while let Some(page) = reader.next_page(max).expect("held") {
-            pages.push(page.iter().map(|e| e.delivery.id()).collect());
+            pages.push(page.iter().map(Kept::id).collect());
         }
         Some(pages)
     }
@@ -604,10 +608,7 @@ mod tests {
             recent.push(id, Some(&delivery(id, 100)), &to("u"));
         }
         let second = reader.next_page(2).expect("held").expect("a page");
-        assert_eq!(
-            second.iter().map(|e| e.delivery.id()).collect::<Vec<_>>(),
-            [3, 4]
-        );
+        assert_eq!(second.iter().map(Kept::id).collect::<Vec<_>>(), [3, 4]);
         assert!(reader.next_page(2).expect("done").is_none());
         // Evicted under a reader: it goes on from the log where it stood.
         let mut reader = recent.read(U, 2, 6).expect("held");
@@ -645,7 +646,7 @@ mod tests {
             let mut reader = recent.read(audience, after, 4).expect("held");
             let mut ids = Vec::new();
             while let Some(page) = reader.next_page(1).expect("held") {
-                ids.extend(page.iter().map(|e| e.delivery.id()));
+                ids.extend(page.iter().map(Kept::id));
             }
             ids
         };

@@ -587,12 +587,9 @@ async fn from_memory<P: Peer>(
             }
             Err(Lost(after)) => return Ok(Some(after)),
         };
-        let frames: Vec<Frame> = (page.iter())
-            .map(|e| Frame::from(e.delivery.clone()))
-            .collect();
-        // Not held while the peer is written to: a stalled peer pins only
-        // the frames it is sent, not a page of memory.
-        drop(page);
+        // The page is the frames alone (memory's entries stay in memory): a
+        // stalled peer pins only what it is sent.
+        let frames: Vec<Frame> = page.into_iter().map(Frame::from).collect();
         // Only the client's own events are read (memory's lanes): an empty
         // page is the last, and costs no scan.
         let n = frames.len() as u64;
