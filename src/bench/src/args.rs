@@ -24,6 +24,9 @@ pub(crate) enum Scenario {
     /// With --sockets idle, --connect-total new sockets through the whole
     /// door (connect, token, upgrade, hello, close): sockets/s, time to hello.
     ConnectRate,
+    /// The load run against an ideal broadcaster (a child process, no
+    /// PostgreSQL) instead of pgrelay: the machine's limit, same clients.
+    Ideal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -155,6 +158,14 @@ pub(crate) struct Args {
     /// Tokio worker threads of the bench (1 or 2).
     #[arg(long, default_value_t = 2)]
     pub(crate) threads: usize,
+    /// ideal: the broadcaster's writer threads, each owning a share of the
+    /// sockets.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) ideal_threads: usize,
+    /// Be the ideal broadcaster (how --scenario ideal runs this executable):
+    /// the port on stdout, batch sizes on stdin.
+    #[arg(long, hide = true)]
+    pub(crate) ideal_serve: bool,
 }
 
 impl Args {
@@ -226,6 +237,23 @@ impl Args {
         if self.url.is_none() && (self.database_url.is_some() || self.jwt_secret.is_some()) {
             return Err(BenchError::Usage(
                 "--database-url and --jwt-secret are for --url (a running pgrelay)",
+            ));
+        }
+        if self.scenario == Scenario::Ideal {
+            if self.url.is_some() {
+                return Err(BenchError::Usage(
+                    "--scenario ideal starts its own broadcaster: drop --url",
+                ));
+            }
+            if self.stream != StreamKind::Dashboard || self.transport != TransportKind::Websocket {
+                return Err(BenchError::Usage(
+                    "--scenario ideal: every socket on the dashboard over WebSocket",
+                ));
+            }
+        }
+        if !(1..=64).contains(&self.ideal_threads) {
+            return Err(BenchError::Usage(
+                "--ideal-threads must be between 1 and 64",
             ));
         }
         if matches!(

@@ -4,7 +4,8 @@
 //! `reservation_events=dashboard,user:business_owner_id,user:customer_id`)
 //! and the default stream (`businesses=business_events:id,
 //! reservation_events:business_id`), and compares, per client, what it got
-//! with what it should have got.
+//! with what it should have got. The ideal scenario has no log: it says
+//! what its clients should get itself ([`Expected::of`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -82,6 +83,11 @@ impl Expected {
             }
         }
         Ok(expected)
+    }
+
+    /// `ids` (ascending) for `audience`, nothing for any other.
+    pub(crate) fn of(audience: Audience, ids: Vec<i64>) -> Expected {
+        Expected(HashMap::from([(audience, ids)]))
     }
 
     /// The newest id in the log (0 for an empty one).

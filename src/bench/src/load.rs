@@ -9,6 +9,10 @@
 //! the latency includes the rest of the commit, the NOTIFY, pgrelay's read of
 //! the log, routing, fan-out and the socket write. Both clocks are this
 //! machine's wall clock.
+//!
+//! The ideal scenario ([`crate::ideal`]) is this run ([`measure`]) with
+//! another [`Source`] of events: its own broadcaster instead of pgrelay and
+//! transactions, the report naming it instead of pgrelay.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -17,9 +21,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::args::Args;
-use crate::client::{self, spawn_all, ClientReport, Ctx, Plain};
+use crate::client::{self, spawn_all, ClientReport, ClientSpec, Ctx, Plain};
 use crate::error::Result;
 use crate::expected::{Expected, Tally};
+use crate::ideal::{self, Feed};
 use crate::procfs::{mib, proc_sample, Load, OpenFiles};
 use crate::quiet::{self, Quiet, Window};
 use crate::server::{connect_db, Server, Shutdown};
@@ -28,14 +33,114 @@ use crate::stats::{
     quantiles_line, row, CpuPer,
 };
 use crate::workload::{workload, Workload};
-use crate::writer::{WriterCounts, Writers};
+use crate::writer::{Rows, WriterCounts, Writers};
 
 /// The drain ends after this long without any delivery.
 const DRAIN_QUIET: Duration = Duration::from_secs(5);
 
 pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
-    let (dashboards, notifications) = args.split();
     let Workload { specs, rows } = workload(args, server).await?;
+    measure(args, server, specs, Source::Rows(rows)).await
+}
+
+/// Where a run's events come from.
+pub(crate) enum Source {
+    /// The `--stream`'s rows through real transactions, read by pgrelay;
+    /// what each client should get is read from the log.
+    Rows(Rows),
+    /// The ideal broadcaster's batches (`--scenario ideal`).
+    Ideal(Feed),
+}
+
+impl Source {
+    fn subject(&self) -> Subject {
+        match self {
+            Source::Rows(_) => Subject::Pgrelay,
+            Source::Ideal(_) => Subject::Ideal,
+        }
+    }
+
+    /// Starts the schedule: its start, and the tasks that end with it.
+    async fn start(
+        self,
+        args: &Args,
+        server: &Server,
+        counts: &Arc<WriterCounts>,
+    ) -> Result<(tokio::time::Instant, Vec<tokio::task::JoinHandle<()>>)> {
+        Ok(match self {
+            // Connect first, then start the clock.
+            Source::Rows(rows) => Writers::connect(&server.database, args.writers)
+                .await?
+                .start(args.rate, args.warmup + args.duration, &rows, counts),
+            Source::Ideal(feed) => feed.start(args, counts),
+        })
+    }
+}
+
+/// What a report measured, and names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Subject {
+    /// pgrelay, fed by transactions.
+    Pgrelay,
+    /// The ideal broadcaster.
+    Ideal,
+}
+
+impl Subject {
+    fn name(self) -> &'static str {
+        match self {
+            Subject::Pgrelay => "pgrelay",
+            Subject::Ideal => "ideal",
+        }
+    }
+
+    /// What the latency starts from: as the table says it, as the JSON does.
+    fn commit(self) -> (&'static str, &'static str) {
+        match self {
+            Subject::Pgrelay => (
+                "the event's `at`: clock_timestamp() in the deferred capture trigger at commit",
+                "event `at` = clock_timestamp() in the deferred capture trigger",
+            ),
+            Subject::Ideal => (
+                "the event's `at`: the ideal broadcaster's clock as it built the batch",
+                "event `at` = the ideal broadcaster's clock as it built the batch",
+            ),
+        }
+    }
+
+    /// The events' row and the unit they come in.
+    fn events(self) -> (&'static str, &'static str) {
+        match self {
+            Subject::Pgrelay => ("rows inserted", "transactions"),
+            Subject::Ideal => ("events broadcast", "batches"),
+        }
+    }
+
+    /// The end of the table's first line: how the events were made.
+    fn source_line(self, args: &Args) -> String {
+        match self {
+            Subject::Pgrelay => format!(
+                "{} writer connections, {} rows per INSERT",
+                args.writers, args.rows_per_insert
+            ),
+            Subject::Ideal => format!(
+                "the ideal broadcaster ({} writer threads), {} events per batch",
+                args.ideal_threads, args.rows_per_insert
+            ),
+        }
+    }
+}
+
+/// The load run: `specs` connect, then `source` makes events for the
+/// warm-up and the measured window, then the drain and the check.
+pub(crate) async fn measure(
+    args: &Args,
+    server: &Server,
+    specs: Vec<ClientSpec>,
+    source: Source,
+) -> Result<Report> {
+    let (dashboards, notifications) = args.split();
+    let subject = source.subject();
     let ctx = Arc::new(
         Ctx::new(server, args.connect_concurrency, args.sockets).over(args.transport.wire()),
     );
@@ -48,7 +153,7 @@ pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
         Arc::clone(&progress),
         Arc::clone(&ctx),
         Arc::clone(&counts),
-        server.pid,
+        (server.pid, subject),
         args.sockets,
     ));
     // Stop the progress line whatever happens below.
@@ -71,10 +176,7 @@ pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
     // Sockets idle, no rows yet: is anyone else using the machine?
     let mut quiet = quiet::check(args, server).await?;
 
-    // Writers: connect first, then start the clock.
-    let (start, writer_tasks) = Writers::connect(&server.database, args.writers)
-        .await?
-        .start(args.rate, args.warmup + args.duration, &rows, &counts);
+    let (start, writer_tasks) = source.start(args, server, &counts).await?;
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
     *lock(&progress.phase) = Phase::Warmup;
@@ -101,11 +203,19 @@ pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
     }
     let inserted_in_window = counts.inserted.load(Relaxed) - inserted_at_start;
 
-    // What each client should have got: the log, routed with the default routes.
-    let db = connect_db(&server.database).await?;
-    let end_id = Expected::head(&db).await?;
     let hellos = lock(&ctx.hellos).clone();
-    let expected = Expected::load(&db, ctx.min_hello(end_id), end_id).await?;
+    let (end_id, expected) = match subject {
+        // What each client should have got: the log, routed with the default routes.
+        Subject::Pgrelay => {
+            let db = connect_db(&server.database).await?;
+            let end_id = Expected::head(&db).await?;
+            (
+                end_id,
+                Expected::load(&db, ctx.min_hello(end_id), end_id).await?,
+            )
+        }
+        Subject::Ideal => ideal::expected(counts.inserted.load(Relaxed)),
+    };
 
     // Drain: wait (bounded) until every expected delivery has arrived.
     let drain_began = Instant::now();
@@ -130,6 +240,7 @@ pub(crate) async fn bench(args: &Args, server: &Server) -> Result<Report> {
     };
     let insert_first_error = lock(&counts.first_error).clone();
     Ok(Report {
+        subject,
         description: server.description.clone(),
         dashboards,
         notifications,
@@ -178,7 +289,7 @@ async fn progress_loop(
     progress: Arc<Progress>,
     ctx: Arc<Ctx>,
     counts: Arc<WriterCounts>,
-    pid: Option<u32>,
+    (pid, subject): (Option<u32>, Subject),
     sockets: usize,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -218,9 +329,10 @@ async fn progress_loop(
             }
         };
         eprintln!(
-            "[{:>6.1}s] {:<8} {line}  pgrelay rss {} cpu {cpu}",
+            "[{:>6.1}s] {:<8} {line}  {} rss {} cpu {cpu}",
             progress.started.elapsed().as_secs_f64(),
             format!("{phase:?}").to_lowercase(),
+            subject.name(),
             sample.map_or("-".into(), |s| format!("{:.1} MiB", mib(s.rss_kib))),
         );
         last_delivered = delivered;
@@ -241,6 +353,7 @@ struct ProcReport {
 }
 
 pub(crate) struct Report {
+    subject: Subject,
     description: String,
     dashboards: usize,
     notifications: usize,
@@ -285,6 +398,7 @@ impl Report {
             self.bench_cpu_s,
             self.deliveries_in_window,
         )
+        .of(self.subject.name())
     }
 
     fn quantile_us(&self, q: f64) -> u64 {
@@ -297,15 +411,13 @@ impl Report {
         let w = self.window_s.max(f64::EPSILON);
         let _ = writeln!(
             t,
-            "pgrelay-bench{}: {}, {} rows/s for {} (warm-up {}), {} writer connections, \
-             {} rows per INSERT",
+            "pgrelay-bench{}: {}, {} rows/s for {} (warm-up {}), {}",
             self.quiet.mark(),
             args.sockets_line(),
             args.rate,
             humantime::format_duration(args.duration),
             humantime::format_duration(args.warmup),
-            args.writers,
-            args.rows_per_insert,
+            self.subject.source_line(args),
         );
         let _ = writeln!(t, "target: {}", self.description);
         let _ = writeln!(t);
@@ -314,11 +426,12 @@ impl Report {
             "sockets connected",
             format!("{} in {:.2} s", args.sockets, self.connect_s),
         );
+        let (events, unit) = self.subject.events();
         row(
             &mut t,
-            "rows inserted",
+            events,
             format!(
-                "{} in {:.2} s = {:.1}/s, {} transactions ({} failed{})",
+                "{} in {:.2} s = {:.1}/s, {} {unit} ({} failed{})",
                 self.inserted_in_window,
                 w,
                 self.inserted_in_window as f64 / w,
@@ -351,7 +464,7 @@ impl Report {
         row(
             &mut t,
             "",
-            "(commit = the event's `at`: clock_timestamp() in the deferred capture trigger at commit)".into(),
+            format!("(commit = {})", self.subject.commit().0),
         );
         row(
             &mut t,
@@ -395,11 +508,12 @@ impl Report {
                     .unwrap_or_default()
             ),
         );
+        let name = self.subject.name();
         match &self.pgrelay {
             Some(p) => {
                 row(
                     &mut t,
-                    "pgrelay peak RSS",
+                    &format!("{name} peak RSS"),
                     format!(
                         "{:.1} MiB (VmHWM); {:.1} MiB before the sockets, {:.1} MiB with them idle ({:.1} KiB/socket)",
                         mib(p.hwm_kib),
@@ -411,7 +525,7 @@ impl Report {
                 );
                 row(
                     &mut t,
-                    "pgrelay CPU",
+                    &format!("{name} CPU"),
                     format!(
                         "{:.2} s in the window ({:.0}% of one core); {:.2} s since start",
                         p.cpu_s,
@@ -420,11 +534,7 @@ impl Report {
                     ),
                 );
             }
-            None => row(
-                &mut t,
-                "pgrelay",
-                "no pid (pass --pid) for RSS and CPU".into(),
-            ),
+            None => row(&mut t, name, "no pid (pass --pid) for RSS and CPU".into()),
         }
         row(
             &mut t,
@@ -457,7 +567,7 @@ impl Report {
         if let Some((code, secs)) = self.pgrelay_shutdown {
             row(
                 &mut t,
-                "pgrelay shutdown",
+                &format!("{name} shutdown"),
                 format!(
                     "exit {} {:.2} s after SIGTERM",
                     code.map_or("signal".into(), |c| c.to_string()),
@@ -509,7 +619,7 @@ impl Report {
                 "deliveries": self.deliveries_in_window,
                 "deliveries_per_s": self.deliveries_in_window as f64 / w,
                 "latency_us": {
-                    "commit": "event `at` = clock_timestamp() in the deferred capture trigger",
+                    "commit": self.subject.commit().1,
                     "count": self.latency.len(),
                     "p50": self.quantile_us(0.5),
                     "p99": self.quantile_us(0.99),

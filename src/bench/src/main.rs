@@ -22,8 +22,10 @@
 //!
 //! The scenarios (`--scenario`): `load` (the default, [`load`]),
 //! `handshake-storm` ([`handshake_storm`]), `connect-rate`
-//! ([`connect_rate`]), and the resume scenarios of issue 10,
-//! `sparse-resume` and `resume-storm` ([`resume`]). Each checks that the
+//! ([`connect_rate`]), the resume scenarios of issue 10,
+//! `sparse-resume` and `resume-storm` ([`resume`]), and `ideal`
+//! ([`ideal`]: the load run against an ideal broadcaster, which is this
+//! executable again, with the hidden `--ideal-serve`). Each checks that the
 //! machine is quiet before it measures ([`quiet`]). This file
 //! only reads the command line, starts the runtime and the pgrelay under
 //! test, runs the scenario and prints its report.
@@ -48,6 +50,7 @@ mod eventstream;
 mod expected;
 mod frame;
 mod handshake_storm;
+mod ideal;
 mod load;
 mod procfs;
 mod quiet;
@@ -67,6 +70,12 @@ fn main() -> ExitCode {
     // 10,000 sockets need more than the usual 1024 descriptors. A child
     // pgrelay inherits the raised limit (checked once it runs, below).
     let _ = rlimit::increase_nofile_limit(u64::MAX);
+    if args.ideal_serve {
+        return match ideal::serve(args.ideal_threads) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&BenchError::io("the ideal broadcaster")(e)),
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads)
         .enable_all()
@@ -148,6 +157,9 @@ async fn run(args: &Args, server: &mut Server) -> Result<Done> {
         Scenario::SparseResume | Scenario::ResumeStorm => {
             resume::run(args, server).await.map(Done::Printed)
         }
+        Scenario::Ideal => ideal::bench(args, server)
+            .await
+            .map(|r| Done::Deliveries(Box::new(r))),
     }
 }
 

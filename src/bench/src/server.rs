@@ -1,6 +1,8 @@
 //! The pgrelay under test: our own (a throwaway PostgreSQL cluster with the
 //! demo schema, and the `pgrelay` binary as a child process that can be
-//! stopped and started again) or a running one (`--url`, `--database-url`).
+//! stopped and started again) or a running one (`--url`, `--database-url`);
+//! for `--scenario ideal`, the ideal broadcaster in its stead (this
+//! executable as a child process, no PostgreSQL).
 //! Also what the scenarios ask of it besides WebSockets: the database, seeded
 //! users, and its HTTP endpoints (/readyz, /metrics).
 
@@ -12,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use pgrelay::install::InstallConfig;
 use pgrelay_cluster::Cluster;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 
-use crate::args::Args;
+use crate::args::{Args, Scenario};
 use crate::error::{BenchError, Result};
+use crate::ideal::Feed;
 use crate::procfs::{postgres_cpu_s, Usage};
 
 pub(crate) struct Server {
@@ -32,6 +35,8 @@ pub(crate) struct Server {
     pub(crate) description: String,
     /// How our child was started, to start it again (none for a target).
     serve: Option<Serve>,
+    /// The ideal broadcaster's stdin (none for pgrelay).
+    feed: Option<Feed>,
 }
 
 /// `pgrelay serve` as the bench runs it.
@@ -102,6 +107,9 @@ pub(crate) type Shutdown = Option<(Option<i32>, f64)>;
 
 impl Server {
     pub(crate) async fn start(args: &Args) -> Result<Server> {
+        if args.scenario == Scenario::Ideal {
+            return Server::ideal(args).await;
+        }
         let (_, notification_sockets) = args.split();
         let users = notification_sockets.max(1);
         match &args.url {
@@ -137,6 +145,7 @@ impl Server {
                     cluster: None,
                     description: format!("running pgrelay at {url}"),
                     serve: None,
+                    feed: None,
                 })
             }
             None => Server::own(args, users).await,
@@ -197,7 +206,70 @@ impl Server {
             ),
             cluster: Some(cluster),
             serve: Some(serve),
+            feed: None,
         })
+    }
+
+    /// The ideal broadcaster: this executable with `--ideal-serve`, its
+    /// port the first line of its stdout (10 s at most), its stdin kept
+    /// open as long as the server is ([`Self::feed`]).
+    async fn ideal(args: &Args) -> Result<Server> {
+        let bin = std::env::current_exe().map_err(BenchError::io("cannot find this executable"))?;
+        let mut child = tokio::process::Command::new(&bin)
+            .arg("--ideal-serve")
+            .arg("--ideal-threads")
+            .arg(args.ideal_threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(BenchError::io(format!(
+                "cannot run {} --ideal-serve",
+                bin.display()
+            )))?;
+        let (Some(stdout), feed) = (child.stdout.take(), child.stdin.take()) else {
+            return Err(BenchError::run("the ideal broadcaster's pipes are missing"));
+        };
+        let mut line = String::new();
+        let mut stdout = tokio::io::BufReader::new(stdout);
+        match tokio::time::timeout(Duration::from_secs(10), stdout.read_line(&mut line)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(BenchError::io("reading the ideal broadcaster's port")(e)),
+            Err(_) => {
+                return Err(BenchError::run(
+                    "the ideal broadcaster said no port within 10 s",
+                ))
+            }
+        }
+        let port: u16 = line.trim().parse().map_err(|_| {
+            BenchError::run(format!("the ideal broadcaster said {line:?}, not its port"))
+        })?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let pid = child.id();
+        Ok(Server {
+            addr,
+            host: addr.to_string(),
+            database: tokio_postgres::Config::new(),
+            secret: format!("ideal-{:x}", rand::random::<u64>()),
+            pid,
+            child: Some(child),
+            cluster: None,
+            description: format!(
+                "the ideal broadcaster (pid {}, {} --ideal-serve, {} writer threads) on {addr}, \
+                 no PostgreSQL",
+                pid.unwrap_or(0),
+                bin.display(),
+                args.ideal_threads
+            ),
+            serve: None,
+            feed: feed.map(Feed::new),
+        })
+    }
+
+    /// The ideal broadcaster's stdin (none for pgrelay).
+    pub(crate) fn feed(&self) -> Option<Feed> {
+        self.feed.clone()
     }
 
     /// SIGTERM to our child pgrelay (bounded wait, then SIGKILL), then the

@@ -266,11 +266,14 @@ pub(crate) fn codes_json<N: Copy + serde::Serialize>(
 /// CPU per unit of work (a delivery, a socket) of pgrelay and of the bench,
 /// side by side: the bench must cost less than what it measures, or it
 /// measures itself. The bench's figure is the whole process (clients,
-/// writers, sampling).
+/// writers, sampling). The JSON calls the server under test `pgrelay`
+/// whatever it is, so that every report has the same shape.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CpuPer {
     pgrelay_us: Option<f64>,
     bench_us: f64,
+    /// The server under test, as the table names it.
+    server: &'static str,
 }
 
 impl CpuPer {
@@ -280,7 +283,13 @@ impl CpuPer {
         CpuPer {
             pgrelay_us: pgrelay_s.map(per),
             bench_us: per(bench_s),
+            server: "pgrelay",
         }
+    }
+
+    /// The table names the server under test `server` (the ideal's, say).
+    pub(crate) fn of(self, server: &'static str) -> CpuPer {
+        CpuPer { server, ..self }
     }
 
     /// The bench's cost over pgrelay's (none without pgrelay's, or at 0).
@@ -292,8 +301,9 @@ impl CpuPer {
 
     /// `pgrelay 0.81 µs/delivery, bench 0.45 µs/delivery (bench/pgrelay 0.56)`.
     pub(crate) fn line(&self, unit: &str) -> String {
+        let server = self.server;
         format!(
-            "pgrelay {} µs/{unit}, bench {:.2} µs/{unit} (bench/pgrelay {})",
+            "{server} {} µs/{unit}, bench {:.2} µs/{unit} (bench/{server} {})",
             self.pgrelay_us.map_or("?".into(), |p| format!("{p:.2}")),
             self.bench_us,
             self.ratio().map_or("?".into(), |r| format!("{r:.2}"))
@@ -363,6 +373,10 @@ mod tests {
             "pgrelay ? µs/socket, bench 1000000.00 µs/socket (bench/pgrelay ?)"
         );
         assert!(no_pid.json()["pgrelay"].is_null());
+        assert_eq!(
+            per.of("ideal").line("delivery"),
+            "ideal 2.00 µs/delivery, bench 1.00 µs/delivery (bench/ideal 0.50)"
+        );
     }
 
     #[test]

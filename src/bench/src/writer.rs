@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pgrelay::db::db_message;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Statement;
@@ -179,25 +180,58 @@ pub(crate) struct WriterCounts {
 }
 
 impl WriterCounts {
-    fn error(&self, e: &tokio_postgres::Error) {
+    fn error(&self, message: String) {
         self.errors.fetch_add(1, Relaxed);
-        lock(&self.first_error).get_or_insert(pgrelay::db::db_message(e));
+        lock(&self.first_error).get_or_insert(message);
     }
 
-    fn written(&self, rows: u64) {
-        self.inserted.fetch_add(rows, Relaxed);
-        self.transactions.fetch_add(1, Relaxed);
+    /// A transaction's outcome: the rows it wrote, or why it failed.
+    pub(crate) fn count(&self, written: Result<u64, String>) {
+        match written {
+            Ok(rows) => {
+                self.inserted.fetch_add(rows, Relaxed);
+                self.transactions.fetch_add(1, Relaxed);
+            }
+            Err(e) => self.error(e),
+        }
     }
 }
 
 /// When the transactions go in: transaction j on writer `j % writers`,
 /// when its last row is due.
 #[derive(Clone, Copy)]
-struct Schedule {
+pub(crate) struct Schedule {
     writers: u64,
     rate: u32,
     batches: Batches,
-    start: tokio::time::Instant,
+    pub(crate) start: tokio::time::Instant,
+}
+
+impl Schedule {
+    /// `rate` rows/s for `length`, `per_insert` rows a transaction, over
+    /// `writers`, from 50 ms from now.
+    pub(crate) fn new(writers: usize, rate: u32, length: Duration, per_insert: u64) -> Schedule {
+        Schedule {
+            writers: writers.max(1) as u64,
+            rate,
+            batches: Batches {
+                rows: rows_within(length, rate),
+                per_insert,
+            },
+            start: tokio::time::Instant::now() + Duration::from_millis(50),
+        }
+    }
+
+    /// Writer `index`'s transactions in order, each with when it is due.
+    pub(crate) fn of_writer(
+        self,
+        index: u64,
+    ) -> impl Iterator<Item = (tokio::time::Instant, Range<u64>)> {
+        (index..)
+            .step_by(self.writers as usize)
+            .map_while(move |j| self.batches.get(j))
+            .map(move |rows| (self.start + due(&rows, self.rate), rows))
+    }
 }
 
 /// Writer connections, open before the clock starts.
@@ -221,16 +255,7 @@ impl Writers {
         rows: &Rows,
         counts: &Arc<WriterCounts>,
     ) -> (tokio::time::Instant, Vec<JoinHandle<()>>) {
-        let start = tokio::time::Instant::now() + Duration::from_millis(50);
-        let schedule = Schedule {
-            writers: self.0.len() as u64,
-            rate,
-            batches: Batches {
-                rows: rows_within(length, rate),
-                per_insert: rows.per_insert(),
-            },
-            start,
-        };
+        let schedule = Schedule::new(self.0.len(), rate, length, rows.per_insert());
         let tasks = self
             .0
             .into_iter()
@@ -240,7 +265,7 @@ impl Writers {
                 tokio::spawn(writer(client, i as u64, schedule, rows, counts))
             })
             .collect();
-        (start, tasks)
+        (schedule.start, tasks)
     }
 }
 
@@ -254,18 +279,14 @@ async fn writer(
     let prepared = match rows.prepare(&client).await {
         Ok(prepared) => prepared,
         Err(e) => {
-            counts.error(&e);
+            counts.error(db_message(&e));
             return;
         }
     };
-    let mut j = index;
-    while let Some(batch) = schedule.batches.get(j) {
-        tokio::time::sleep_until(schedule.start + due(&batch, schedule.rate)).await;
-        match rows.write(&client, &prepared, batch).await {
-            Ok(n) => counts.written(n),
-            Err(e) => counts.error(&e),
-        }
-        j += schedule.writers;
+    for (due, batch) in schedule.of_writer(index) {
+        tokio::time::sleep_until(due).await;
+        let written = rows.write(&client, &prepared, batch).await;
+        counts.count(written.map_err(|e| db_message(&e)));
     }
 }
 
@@ -411,13 +432,19 @@ mod tests {
         let dues: Vec<_> = all.iter().map(|b| due(b, 1000).as_millis()).collect();
         assert_eq!(dues, [2, 5, 8, 9]);
         assert_eq!(due(&(0..1), 7), Duration::ZERO);
-        // Writers take every writers-th transaction: together, all of them once.
-        let writers = 4;
-        let mut rows: Vec<u64> = (0..writers)
-            .flat_map(|w| (w..).step_by(writers as usize).map_while(|j| threes.get(j)))
-            .flatten()
+        // Writers take every writers-th transaction: together, all of them
+        // once, each when due. 1 s at 10/s in threes is `threes` again.
+        let schedule = Schedule::new(4, 10, Duration::from_secs(1), 3);
+        let mut rows: Vec<u64> = (0..4)
+            .flat_map(|w| schedule.of_writer(w))
+            .flat_map(|(due, rows)| {
+                assert_eq!(due, schedule.start + self::due(&rows, 10));
+                rows
+            })
             .collect();
         rows.sort_unstable();
         assert_eq!(rows, (0..10).collect::<Vec<_>>());
+        let mut second = schedule.of_writer(1).map(|(_, rows)| rows);
+        assert_eq!((second.next(), second.next()), (Some(3..6), None));
     }
 }

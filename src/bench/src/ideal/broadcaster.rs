@@ -1,0 +1,513 @@
+//! The ideal broadcaster, the child process of `--scenario ideal` (this
+//! executable run with `--ideal-serve`): what fan-out costs when it does
+//! nothing but fan out. Plain threads, no async runtime, no PostgreSQL, no
+//! token check.
+//!
+//! - It binds 127.0.0.1:0 and prints the port on stdout (the one line it
+//!   ever prints there).
+//! - An accept thread answers each upgrade (the request read up to its
+//!   blank line, 8 KiB at most; 101 with `Sec-WebSocket-Accept`) and hands
+//!   the socket, non-blocking with TCP_NODELAY, to writer thread i mod N.
+//! - The main thread reads stdin: each line is a batch size B, sent by the
+//!   parent when the batch is due on its schedule. It builds the batch once:
+//!   B events with the next consecutive ids, each a frame shaped like
+//!   pgrelay's for an INSERT into the demo's `businesses` (built by
+//!   pgrelay's own `Event::frame`), `at` the wall clock now, each with its
+//!   unmasked header, all in one buffer shared by every writer. End of
+//!   stdin ends the process.
+//! - A writer thread owns its sockets: on a new one it sends `hello`
+//!   (`last_id`: the last id it has sent, so the socket gets every later
+//!   one), on a batch one write a socket. A partial or refused write keeps
+//!   the rest in the socket's own pending bytes, written before the next
+//!   batch or when epoll says the socket is writable: nothing is dropped,
+//!   and nothing bounds the pending bytes (the bench's clients read
+//!   everything). Client frames are read only for a close, answered with
+//!   the same code before the socket is dropped.
+
+use std::io::{self, BufRead, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
+use hyper_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use hyper_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use pgrelay::parse::Event;
+use pgrelay::wire::{self, Endpoint};
+use serde_json::value::RawValue;
+
+use super::epoll::{self, Epoll};
+use crate::client::header;
+use crate::frame::find;
+
+/// The longest upgrade request read.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// The most a socket buffers of what its client sends before it is
+/// dropped (the bench's client sends a close, a few bytes).
+const MAX_INBOX: usize = 64 * 1024;
+
+/// The writer's own token for its wake-up socket; sockets are numbered
+/// from 0.
+const WAKE: u64 = u64::MAX;
+
+/// Serves until stdin ends, with `threads` writer threads.
+pub(crate) fn serve(threads: usize) -> io::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let mut stdout = io::stdout();
+    writeln!(stdout, "{}", listener.local_addr()?.port())?;
+    stdout.flush()?;
+    let writers: Arc<[Writer]> = (0..threads.max(1))
+        .map(|_| Writer::spawn())
+        .collect::<io::Result<Vec<_>>>()?
+        .into();
+    let for_accept = Arc::clone(&writers);
+    std::thread::Builder::new()
+        .name("ideal-accept".into())
+        .spawn(move || accept(&listener, &for_accept))?;
+    let mut next_id = 1;
+    for line in io::stdin().lock().lines() {
+        let size: i64 = line?
+            .trim()
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a batch size"))?;
+        let batch = Arc::new(build_batch(next_id, size, SystemTime::now())?);
+        next_id += size;
+        for writer in writers.iter() {
+            writer.send(Command::Batch(Arc::clone(&batch)))?;
+        }
+    }
+    Ok(())
+}
+
+/// One batch, built once and written as it is to every socket.
+struct Batch {
+    last_id: i64,
+    frames: Vec<u8>,
+}
+
+/// Events `first`, `first + 1`, ... (`size` of them), `at` `now`: their
+/// WebSocket frames end to end.
+fn build_batch(first: i64, size: i64, now: SystemTime) -> io::Result<Batch> {
+    let at = humantime::format_rfc3339_micros(now).to_string();
+    // The row's timestamps as PostgreSQL writes a timestamptz in jsonb.
+    let stamp = at.replace('Z', "+00:00");
+    let mut frames = Vec::with_capacity(400 * size.max(0) as usize);
+    for id in first..first + size {
+        // The demo `businesses` row as `to_jsonb` lays it out (shorter keys
+        // first), owner 1 as in the load scenario's dashboard runs.
+        let row = format!(
+            r#"{{"id": {id}, "name": "bench business", "owner_id": 1, "created_at": "{stamp}", "updated_at": "{stamp}", "description": ""}}"#
+        );
+        let event = Event {
+            id,
+            channel: "business_events".into(),
+            table: "businesses".into(),
+            op: "INSERT".into(),
+            at: at.clone(),
+            data: RawValue::from_string(row)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+        };
+        push_text(&mut frames, &event.frame());
+    }
+    Ok(Batch {
+        last_id: first + size - 1,
+        frames,
+    })
+}
+
+/// Appends a server text frame (final, unmasked) holding `json`.
+fn push_text(out: &mut Vec<u8>, json: &str) {
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        ..FrameHeader::default()
+    };
+    // Writing into a Vec does not fail.
+    let _ = header.format(json.len() as u64, out);
+    out.extend_from_slice(json.as_bytes());
+}
+
+/// Accepts until the writers are gone; a failed handshake costs only its
+/// socket, an accept error (out of descriptors) a pause.
+fn accept(listener: &TcpListener, writers: &[Writer]) {
+    let mut next = 0;
+    for tcp in listener.incoming() {
+        let tcp = match tcp {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                eprintln!("ideal: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let Ok(tcp) = upgrade(tcp) else {
+            continue;
+        };
+        if writers[next % writers.len()]
+            .send(Command::Socket(tcp))
+            .is_err()
+        {
+            return;
+        }
+        next += 1;
+    }
+}
+
+/// The server side of the upgrade, blocking (5 s at most per read): the
+/// request up to its blank line, then 101. The socket comes back
+/// non-blocking with TCP_NODELAY.
+fn upgrade(mut tcp: TcpStream) -> io::Result<TcpStream> {
+    let refused = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what);
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut request = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while find(&request, b"\r\n\r\n").is_none() {
+        if request.len() > MAX_REQUEST {
+            return Err(refused("an upgrade request over 8 KiB"));
+        }
+        match tcp.read(&mut chunk)? {
+            0 => return Err(refused("closed before the request ended")),
+            n => request.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let request = String::from_utf8_lossy(&request);
+    let key = header(&request, "sec-websocket-key").ok_or_else(|| refused("no key"))?;
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    );
+    tcp.write_all(response.as_bytes())?;
+    tcp.set_nodelay(true)?;
+    tcp.set_nonblocking(true)?;
+    Ok(tcp)
+}
+
+enum Command {
+    Socket(TcpStream),
+    Batch(Arc<Batch>),
+}
+
+/// A writer thread's door: its commands, and a byte on its wake-up socket
+/// to end its epoll wait.
+struct Writer {
+    commands: Sender<Command>,
+    wake: UnixStream,
+}
+
+impl Writer {
+    fn spawn() -> io::Result<Writer> {
+        let (commands, receiver) = mpsc::channel();
+        let (wake, woken) = UnixStream::pair()?;
+        woken.set_nonblocking(true)?;
+        std::thread::Builder::new()
+            .name("ideal-writer".into())
+            .spawn(move || {
+                if let Err(e) = write_loop(&receiver, &woken) {
+                    eprintln!("ideal: a writer thread failed: {e}");
+                }
+            })?;
+        Ok(Writer { commands, wake })
+    }
+
+    /// An error when the thread is gone.
+    fn send(&self, command: Command) -> io::Result<()> {
+        self.commands
+            .send(command)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "a writer thread ended"))?;
+        (&self.wake).write_all(&[1])
+    }
+}
+
+/// A writer thread: its sockets (indexed by their epoll token, never
+/// reused, so a stale readiness finds an empty slot) and the last id sent.
+fn write_loop(commands: &Receiver<Command>, woken: &UnixStream) -> io::Result<()> {
+    let epoll = Epoll::new()?;
+    epoll.add(woken.as_raw_fd(), epoll::IN | epoll::EDGE, WAKE)?;
+    let mut peers: Vec<Option<Peer>> = Vec::new();
+    let mut last_id = 0;
+    let mut ready = vec![epoll::Event::default(); 1024];
+    loop {
+        let n = epoll.wait(&mut ready)?;
+        for event in &ready[..n] {
+            if event.token() == WAKE {
+                let mut drained = [0u8; 256];
+                while matches!((&*woken).read(&mut drained), Ok(n) if n > 0) {}
+                loop {
+                    match commands.try_recv() {
+                        Ok(Command::Socket(tcp)) => {
+                            let token = peers.len() as u64;
+                            epoll.add(
+                                tcp.as_raw_fd(),
+                                epoll::IN | epoll::OUT | epoll::RDHUP | epoll::EDGE,
+                                token,
+                            )?;
+                            let mut hello = Vec::new();
+                            let text =
+                                wire::hello(&Endpoint::Dashboard, "ideal", last_id, "ideal", None);
+                            push_text(&mut hello, &text);
+                            let mut peer = Peer::new(tcp);
+                            peers.push(peer.send(&hello).is_ok().then_some(peer));
+                        }
+                        Ok(Command::Batch(batch)) => {
+                            for slot in &mut peers {
+                                if slot
+                                    .as_mut()
+                                    .is_some_and(|p| p.send(&batch.frames).is_err())
+                                {
+                                    *slot = None;
+                                }
+                            }
+                            last_id = batch.last_id;
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => return Ok(()),
+                    }
+                }
+                continue;
+            }
+            let Some(slot) = peers.get_mut(event.token() as usize) else {
+                continue;
+            };
+            let keep = slot.as_mut().is_some_and(|peer| {
+                let readiness = event.readiness();
+                let open = readiness & (epoll::IN | epoll::RDHUP | epoll::HUP | epoll::ERR) == 0
+                    || peer.read_client() == Inbound::Open;
+                open && (readiness & epoll::OUT == 0 || peer.flush().is_ok())
+            });
+            if !keep {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// One client socket.
+struct Peer {
+    tcp: TcpStream,
+    /// What the socket has not taken yet, oldest first.
+    pending: Vec<u8>,
+    /// Client bytes not parsed yet (part of a frame at most).
+    inbox: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq)]
+enum Inbound {
+    Open,
+    /// Closed, or answered a close: drop the socket.
+    Done,
+}
+
+impl Peer {
+    fn new(tcp: TcpStream) -> Peer {
+        Peer {
+            tcp,
+            pending: Vec::new(),
+            inbox: Vec::new(),
+        }
+    }
+
+    /// `bytes` after what is pending: one write straight from `bytes` when
+    /// nothing is, else the pending bytes first. An error: drop the socket.
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.pending.extend_from_slice(bytes);
+            return self.flush();
+        }
+        let written = write_some(&self.tcp, bytes)?;
+        self.pending.extend_from_slice(&bytes[written..]);
+        Ok(())
+    }
+
+    /// Writes pending bytes until the socket takes no more.
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            match write_some(&self.tcp, &self.pending)? {
+                0 => break,
+                n => drop(self.pending.drain(..n)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the client sent, all of it (the socket is
+    /// edge-triggered); a close is answered with its code.
+    fn read_client(&mut self) -> Inbound {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match (&self.tcp).read(&mut chunk) {
+                Ok(0) => return Inbound::Done,
+                Ok(n) => self.inbox.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Inbound::Done,
+            }
+            if self.inbox.len() > MAX_INBOX {
+                return Inbound::Done;
+            }
+        }
+        while let Some(frame) = ClientFrame::parse(&self.inbox) {
+            if frame.opcode == CLOSE {
+                // The client is done reading events: the answer goes alone.
+                self.pending.clear();
+                let mut close = vec![0x80 | CLOSE, 0];
+                if let Some(code) = frame.close_code {
+                    close[1] = 2;
+                    close.extend_from_slice(&code.to_be_bytes());
+                }
+                let _ = write_some(&self.tcp, &close);
+                return Inbound::Done;
+            }
+            self.inbox.drain(..frame.len);
+        }
+        Inbound::Open
+    }
+}
+
+/// Writes what the socket takes of `bytes` (0 when it takes nothing now).
+fn write_some(mut tcp: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    loop {
+        return match tcp.write(bytes) {
+            Ok(0) if !bytes.is_empty() => Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+    }
+}
+
+const CLOSE: u8 = 0x8;
+
+/// A complete client frame at the start of a buffer: masked, so its
+/// payload is unmasked only as far as a close's code.
+#[derive(Debug, PartialEq)]
+struct ClientFrame {
+    opcode: u8,
+    /// Header and payload.
+    len: usize,
+    close_code: Option<u16>,
+}
+
+impl ClientFrame {
+    /// `None` until the whole frame is in.
+    fn parse(b: &[u8]) -> Option<ClientFrame> {
+        let (&first, &second) = (b.first()?, b.get(1)?);
+        let (payload, mut at) = match second & 0x7f {
+            126 => (
+                usize::from(u16::from_be_bytes(b.get(2..4)?.try_into().ok()?)),
+                4,
+            ),
+            127 => {
+                let len = u64::from_be_bytes(b.get(2..10)?.try_into().ok()?);
+                (usize::try_from(len).ok()?, 10)
+            }
+            n => (usize::from(n), 2),
+        };
+        let mask = if second & 0x80 != 0 {
+            at += 4;
+            b.get(at - 4..at)?
+        } else {
+            &[0; 4]
+        };
+        let len = at.checked_add(payload)?;
+        let body = b.get(at..len)?;
+        let opcode = first & 0x0f;
+        let close_code = match body {
+            [hi, lo, ..] if opcode == CLOSE => {
+                Some(u16::from_be_bytes([hi ^ mask[0], lo ^ mask[1]]))
+            }
+            _ => None,
+        };
+        Some(ClientFrame {
+            opcode,
+            len,
+            close_code,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{event_at_us, Frame};
+
+    /// The text frames end to end in `b` (server frames: unmasked).
+    fn texts(mut b: &[u8]) -> Vec<Vec<u8>> {
+        let mut texts = Vec::new();
+        while !b.is_empty() {
+            assert_eq!(b[0], 0x81, "a final text frame");
+            let (len, at) = match b[1] {
+                126 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
+                n => (usize::from(n), 2),
+            };
+            texts.push(b[at..at + len].to_vec());
+            b = &b[at + len..];
+        }
+        texts
+    }
+
+    #[test]
+    fn a_batch_is_frames_the_bench_reads_like_pgrelays() {
+        // 2026-11-25T18:40:00.123456Z
+        let now = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_632_000_123_456);
+        let batch = build_batch(41, 3, now).expect("batch");
+        assert_eq!(batch.last_id, 43);
+        let texts = texts(&batch.frames);
+        assert_eq!(texts.len(), 3);
+        for (text, id) in texts.iter().zip(41..) {
+            let Frame::Event { id: read, rest } = Frame::parse(text) else {
+                panic!("not an event: {}", String::from_utf8_lossy(text));
+            };
+            assert_eq!(read, id);
+            assert_eq!(event_at_us(id, rest), Some(1_795_632_000_123_456));
+        }
+        // pgrelay's frame of the same row, keys and all.
+        let frame: serde_json::Value = serde_json::from_slice(&texts[0]).expect("json");
+        assert_eq!(
+            frame,
+            serde_json::json!({
+                "type": "event", "id": 41, "channel": "business_events",
+                "table": "businesses", "op": "INSERT", "at": "2026-11-25T18:40:00.123456Z",
+                "data": {
+                    "id": 41, "name": "bench business", "owner_id": 1,
+                    "created_at": "2026-11-25T18:40:00.123456+00:00",
+                    "updated_at": "2026-11-25T18:40:00.123456+00:00", "description": "",
+                },
+            })
+        );
+        // About the size of one of pgrelay's (its ids and timestamps).
+        assert!((250..350).contains(&texts[0].len()), "{}", texts[0].len());
+    }
+
+    #[test]
+    fn client_frames_and_close_codes() {
+        // A masked close 1000 "bye", as the bench's client sends it.
+        let mask = [1u8, 2, 3, 4];
+        let payload = [0x03, 0xe8, b'b', b'y', b'e'];
+        let mut close = vec![0x88, 0x80 | payload.len() as u8];
+        close.extend_from_slice(&mask);
+        close.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+        let frame = ClientFrame {
+            opcode: CLOSE,
+            len: close.len(),
+            close_code: Some(1000),
+        };
+        assert_eq!(ClientFrame::parse(&close), Some(frame));
+        for cut in 0..close.len() {
+            assert_eq!(ClientFrame::parse(&close[..cut]), None, "cut at {cut}");
+        }
+        // A pong of 200 bytes (a 16-bit length), then more.
+        let mut pong = vec![0x8a, 0x80 | 126, 0, 200, 9, 9, 9, 9];
+        pong.resize(8 + 200, 0);
+        pong.push(0x88);
+        let frame = ClientFrame::parse(&pong).expect("pong");
+        assert_eq!(
+            (frame.opcode, frame.len, frame.close_code),
+            (0xa, 208, None)
+        );
+    }
+}
