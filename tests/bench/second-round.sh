@@ -17,7 +17,7 @@ set -uo pipefail
 BENCH=${BENCH:-${CARGO_TARGET_DIR:-target}/release/pgrelay-bench}
 RUNS=${RUNS:-3}
 OUT=${OUT:-bench-results}
-POINTS=${POINTS:-"fanout p99-1k p99-10k most-sockets door storm"}
+POINTS=${POINTS:-"fanout p99-1k p99-10k most-sockets door storm ideal-fanout ideal-p99-1k"}
 NOISY=()
 [ "${ALLOW_NOISY:-0}" = 1 ] && NOISY=(--allow-noisy)
 mkdir -p "$OUT"
@@ -38,6 +38,11 @@ run() {
     # 5: 10,000 sockets resume at once after a restart, 1,000 rows missed
     storm) "$BENCH" --scenario resume-storm --sockets 10000 --stream mixed --rate 100 \
         --duration 5s --down-rows 1000 "$@" ;;
+    # The same clients against the plain broadcaster (`--scenario ideal`, no
+    # PostgreSQL): what points 1 and 2 cost on this machine with nothing but
+    # the fan-out's writes
+    ideal-fanout) "$BENCH" --scenario ideal --sockets 1000 --rate 2000 --rows-per-insert 10 --duration 10s "$@" ;;
+    ideal-p99-1k) "$BENCH" --scenario ideal --sockets 1000 --rate 100 --duration 10s "$@" ;;
     *) echo "unknown point $point" >&2; return 2 ;;
     esac
 }

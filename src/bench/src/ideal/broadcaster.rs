@@ -24,22 +24,21 @@
 //!   everything). Client frames are read only for a close, answered with
 //!   the same code before the socket is dropped.
 
-use std::io::{self, BufRead, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::io::{self, BufRead, Cursor, Read, Write};
+use std::net::{self, TcpListener};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
-use hyper_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use hyper_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use hyper_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token, Waker};
 use pgrelay::parse::Event;
 use pgrelay::wire::{self, Endpoint};
 use serde_json::value::RawValue;
 
-use super::epoll::{self, Epoll};
 use crate::client::header;
 use crate::frame::find;
 
@@ -50,9 +49,8 @@ const MAX_REQUEST: usize = 8 * 1024;
 /// dropped (the bench's client sends a close, a few bytes).
 const MAX_INBOX: usize = 64 * 1024;
 
-/// The writer's own token for its wake-up socket; sockets are numbered
-/// from 0.
-const WAKE: u64 = u64::MAX;
+/// The writer's own token for its waker; sockets are numbered from 0.
+const WAKE: Token = Token(usize::MAX);
 
 /// Serves until stdin ends, with `threads` writer threads.
 pub(crate) fn serve(threads: usize) -> io::Result<()> {
@@ -159,7 +157,7 @@ fn accept(listener: &TcpListener, writers: &[Writer]) {
 /// The server side of the upgrade, blocking (5 s at most per read): the
 /// request up to its blank line, then 101. The socket comes back
 /// non-blocking with TCP_NODELAY.
-fn upgrade(mut tcp: TcpStream) -> io::Result<TcpStream> {
+fn upgrade(mut tcp: net::TcpStream) -> io::Result<net::TcpStream> {
     let refused = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what);
     tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut request = Vec::with_capacity(1024);
@@ -187,30 +185,30 @@ fn upgrade(mut tcp: TcpStream) -> io::Result<TcpStream> {
 }
 
 enum Command {
-    Socket(TcpStream),
+    Socket(net::TcpStream),
     Batch(Arc<Batch>),
 }
 
-/// A writer thread's door: its commands, and a byte on its wake-up socket
-/// to end its epoll wait.
+/// A writer thread's door: its commands, and the waker that ends its
+/// poll.
 struct Writer {
     commands: Sender<Command>,
-    wake: UnixStream,
+    waker: Arc<Waker>,
 }
 
 impl Writer {
     fn spawn() -> io::Result<Writer> {
         let (commands, receiver) = mpsc::channel();
-        let (wake, woken) = UnixStream::pair()?;
-        woken.set_nonblocking(true)?;
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         std::thread::Builder::new()
             .name("ideal-writer".into())
             .spawn(move || {
-                if let Err(e) = write_loop(&receiver, &woken) {
+                if let Err(e) = write_loop(poll, &receiver) {
                     eprintln!("ideal: a writer thread failed: {e}");
                 }
             })?;
-        Ok(Writer { commands, wake })
+        Ok(Writer { commands, waker })
     }
 
     /// An error when the thread is gone.
@@ -218,32 +216,33 @@ impl Writer {
         self.commands
             .send(command)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "a writer thread ended"))?;
-        (&self.wake).write_all(&[1])
+        self.waker.wake()
     }
 }
 
-/// A writer thread: its sockets (indexed by their epoll token, never
-/// reused, so a stale readiness finds an empty slot) and the last id sent.
-fn write_loop(commands: &Receiver<Command>, woken: &UnixStream) -> io::Result<()> {
-    let epoll = Epoll::new()?;
-    epoll.add(woken.as_raw_fd(), epoll::IN | epoll::EDGE, WAKE)?;
+/// A writer thread: its sockets (indexed by their token, never reused, so
+/// a stale readiness finds an empty slot) and the last id sent. mio's
+/// registrations are edge-triggered: a socket with nothing pending costs no
+/// wake-up however often it could be written.
+fn write_loop(mut poll: Poll, commands: &Receiver<Command>) -> io::Result<()> {
     let mut peers: Vec<Option<Peer>> = Vec::new();
     let mut last_id = 0;
-    let mut ready = vec![epoll::Event::default(); 1024];
+    let mut events = Events::with_capacity(1024);
     loop {
-        let n = epoll.wait(&mut ready)?;
-        for event in &ready[..n] {
+        match poll.poll(&mut events, None) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            polled => polled?,
+        }
+        for event in &events {
             if event.token() == WAKE {
-                let mut drained = [0u8; 256];
-                while matches!((&*woken).read(&mut drained), Ok(n) if n > 0) {}
                 loop {
                     match commands.try_recv() {
                         Ok(Command::Socket(tcp)) => {
-                            let token = peers.len() as u64;
-                            epoll.add(
-                                tcp.as_raw_fd(),
-                                epoll::IN | epoll::OUT | epoll::RDHUP | epoll::EDGE,
-                                token,
+                            let mut tcp = TcpStream::from_std(tcp);
+                            poll.registry().register(
+                                &mut tcp,
+                                Token(peers.len()),
+                                Interest::READABLE | Interest::WRITABLE,
                             )?;
                             let mut hello = Vec::new();
                             let text =
@@ -269,14 +268,13 @@ fn write_loop(commands: &Receiver<Command>, woken: &UnixStream) -> io::Result<()
                 }
                 continue;
             }
-            let Some(slot) = peers.get_mut(event.token() as usize) else {
+            let Some(slot) = peers.get_mut(event.token().0) else {
                 continue;
             };
             let keep = slot.as_mut().is_some_and(|peer| {
-                let readiness = event.readiness();
-                let open = readiness & (epoll::IN | epoll::RDHUP | epoll::HUP | epoll::ERR) == 0
-                    || peer.read_client() == Inbound::Open;
-                open && (readiness & epoll::OUT == 0 || peer.flush().is_ok())
+                let heard = event.is_readable() || event.is_read_closed() || event.is_error();
+                let open = !heard || peer.read_client() == Inbound::Open;
+                open && (!event.is_writable() || peer.flush().is_ok())
             });
             if !keep {
                 *slot = None;
@@ -350,11 +348,11 @@ impl Peer {
             }
         }
         while let Some(frame) = ClientFrame::parse(&self.inbox) {
-            if frame.opcode == CLOSE {
+            if let Some(code) = frame.close {
                 // The client is done reading events: the answer goes alone.
                 self.pending.clear();
-                let mut close = vec![0x80 | CLOSE, 0];
-                if let Some(code) = frame.close_code {
+                let mut close = vec![0x88, 0];
+                if let Some(code) = code {
                     close[1] = 2;
                     close.extend_from_slice(&code.to_be_bytes());
                 }
@@ -380,53 +378,32 @@ fn write_some(mut tcp: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
     }
 }
 
-const CLOSE: u8 = 0x8;
-
-/// A complete client frame at the start of a buffer: masked, so its
-/// payload is unmasked only as far as a close's code.
+/// A complete client frame at the start of a buffer, its header read by
+/// tungstenite: its length, and a close's code unmasked.
 #[derive(Debug, PartialEq)]
 struct ClientFrame {
-    opcode: u8,
     /// Header and payload.
     len: usize,
-    close_code: Option<u16>,
+    /// `Some` for a close: its code, if it gave one.
+    close: Option<Option<u16>>,
 }
 
 impl ClientFrame {
-    /// `None` until the whole frame is in.
+    /// `None` until the whole frame is in (or if its header is not one).
     fn parse(b: &[u8]) -> Option<ClientFrame> {
-        let (&first, &second) = (b.first()?, b.get(1)?);
-        let (payload, mut at) = match second & 0x7f {
-            126 => (
-                usize::from(u16::from_be_bytes(b.get(2..4)?.try_into().ok()?)),
-                4,
-            ),
-            127 => {
-                let len = u64::from_be_bytes(b.get(2..10)?.try_into().ok()?);
-                (usize::try_from(len).ok()?, 10)
-            }
-            n => (usize::from(n), 2),
-        };
-        let mask = if second & 0x80 != 0 {
-            at += 4;
-            b.get(at - 4..at)?
-        } else {
-            &[0; 4]
-        };
-        let len = at.checked_add(payload)?;
+        let mut cursor = Cursor::new(b);
+        let (header, payload) = FrameHeader::parse(&mut cursor).ok()??;
+        let at = usize::try_from(cursor.position()).ok()?;
+        let len = at.checked_add(usize::try_from(payload).ok()?)?;
         let body = b.get(at..len)?;
-        let opcode = first & 0x0f;
-        let close_code = match body {
-            [hi, lo, ..] if opcode == CLOSE => {
-                Some(u16::from_be_bytes([hi ^ mask[0], lo ^ mask[1]]))
+        let close = (header.opcode == OpCode::Control(Control::Close)).then(|| {
+            let mask = header.mask.unwrap_or_default();
+            match body {
+                [hi, lo, ..] => Some(u16::from_be_bytes([hi ^ mask[0], lo ^ mask[1]])),
+                _ => None,
             }
-            _ => None,
-        };
-        Some(ClientFrame {
-            opcode,
-            len,
-            close_code,
-        })
+        });
+        Some(ClientFrame { len, close })
     }
 }
 
@@ -492,9 +469,8 @@ mod tests {
         close.extend_from_slice(&mask);
         close.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
         let frame = ClientFrame {
-            opcode: CLOSE,
             len: close.len(),
-            close_code: Some(1000),
+            close: Some(Some(1000)),
         };
         assert_eq!(ClientFrame::parse(&close), Some(frame));
         for cut in 0..close.len() {
@@ -505,9 +481,6 @@ mod tests {
         pong.resize(8 + 200, 0);
         pong.push(0x88);
         let frame = ClientFrame::parse(&pong).expect("pong");
-        assert_eq!(
-            (frame.opcode, frame.len, frame.close_code),
-            (0xa, 208, None)
-        );
+        assert_eq!((frame.len, frame.close), (208, None));
     }
 }

@@ -33,7 +33,6 @@ use crate::server::Server;
 use crate::writer::{Schedule, WriterCounts};
 
 mod broadcaster;
-mod epoll;
 
 pub(crate) use broadcaster::serve;
 
