@@ -17,7 +17,7 @@ set -uo pipefail
 BENCH=${BENCH:-${CARGO_TARGET_DIR:-target}/release/pgrelay-bench}
 RUNS=${RUNS:-3}
 OUT=${OUT:-bench-results}
-POINTS=${POINTS:-"fanout p99-1k p99-10k most-sockets door storm ideal-fanout ideal-p99-1k"}
+POINTS=${POINTS:-"fanout p99-1k p99-10k most-sockets door storm ideal-fanout ideal-p99-1k ideal-p99-10k"}
 NOISY=()
 [ "${ALLOW_NOISY:-0}" = 1 ] && NOISY=(--allow-noisy)
 mkdir -p "$OUT"
@@ -43,6 +43,7 @@ run() {
     # the fan-out's writes
     ideal-fanout) "$BENCH" --scenario ideal --sockets 1000 --rate 2000 --rows-per-insert 10 --duration 10s "$@" ;;
     ideal-p99-1k) "$BENCH" --scenario ideal --sockets 1000 --rate 100 --duration 10s "$@" ;;
+    ideal-p99-10k) "$BENCH" --scenario ideal --sockets 10000 --rate 100 --duration 10s "$@" ;;
     *) echo "unknown point $point" >&2; return 2 ;;
     esac
 }

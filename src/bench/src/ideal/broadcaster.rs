@@ -17,7 +17,9 @@
 //!   stdin ends the process.
 //! - A writer thread owns its sockets: on a new one it sends `hello`
 //!   (`last_id`: the last id it has sent, so the socket gets every later
-//!   one), on a batch one write a socket. A partial or refused write keeps
+//!   one), on a batch one write a socket; batches that queued while it was
+//!   writing go out together, one write a socket for all of them (a
+//!   pgrelay socket's queue coalesces the same way). A partial or refused write keeps
 //!   the rest in the socket's own pending bytes, written before the next
 //!   batch or when epoll says the socket is writable: nothing is dropped,
 //!   and nothing bounds the pending bytes (the bench's clients read
@@ -235,9 +237,18 @@ fn write_loop(mut poll: Poll, commands: &Receiver<Command>) -> io::Result<()> {
         }
         for event in &events {
             if event.token() == WAKE {
+                // The batches that came while this thread was writing go
+                // out together, one write a socket (as a pgrelay socket's
+                // queue does); a new socket waits for those before it.
+                let mut due = Vec::new();
                 loop {
                     match commands.try_recv() {
+                        Ok(Command::Batch(batch)) => {
+                            due.extend_from_slice(&batch.frames);
+                            last_id = batch.last_id;
+                        }
                         Ok(Command::Socket(tcp)) => {
+                            broadcast(&mut peers, &mut due);
                             let mut tcp = TcpStream::from_std(tcp);
                             poll.registry().register(
                                 &mut tcp,
@@ -251,21 +262,11 @@ fn write_loop(mut poll: Poll, commands: &Receiver<Command>) -> io::Result<()> {
                             let mut peer = Peer::new(tcp);
                             peers.push(peer.send(&hello).is_ok().then_some(peer));
                         }
-                        Ok(Command::Batch(batch)) => {
-                            for slot in &mut peers {
-                                if slot
-                                    .as_mut()
-                                    .is_some_and(|p| p.send(&batch.frames).is_err())
-                                {
-                                    *slot = None;
-                                }
-                            }
-                            last_id = batch.last_id;
-                        }
                         Err(TryRecvError::Empty) => break,
                         Err(TryRecvError::Disconnected) => return Ok(()),
                     }
                 }
+                broadcast(&mut peers, &mut due);
                 continue;
             }
             let Some(slot) = peers.get_mut(event.token().0) else {
@@ -281,6 +282,20 @@ fn write_loop(mut poll: Poll, commands: &Receiver<Command>) -> io::Result<()> {
             }
         }
     }
+}
+
+/// `bytes` to every socket, one write each; a socket that fails is
+/// dropped. Leaves `bytes` empty.
+fn broadcast(peers: &mut [Option<Peer>], bytes: &mut Vec<u8>) {
+    if bytes.is_empty() {
+        return;
+    }
+    for slot in peers.iter_mut() {
+        if slot.as_mut().is_some_and(|p| p.send(bytes).is_err()) {
+            *slot = None;
+        }
+    }
+    bytes.clear();
 }
 
 /// One client socket.
