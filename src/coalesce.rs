@@ -105,9 +105,7 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
         self.chunks = VecDeque::new();
         Poll::Ready(Ok(()))
     }
-}
 
-impl<T: AsyncWrite + Unpin> Coalesce<T> {
     /// One vectored write of the first `N` chunks at most.
     fn poll_write_up_to<const N: usize>(
         &mut self,

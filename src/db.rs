@@ -221,20 +221,9 @@ impl Db {
         self.timed("keyed events between", async {
             let mut client = self.pool.get().await?;
             let tx = bounded(&mut client).await?;
+            let range = [after, upto];
             let rows = tx
-                .query_typed(
-                    KEYED_EVENTS_BETWEEN,
-                    &[
-                        (&after, Type::INT8),
-                        (&upto, Type::INT8),
-                        (&filter.patterns, Type::TEXT_ARRAY),
-                        (&filter.channels, Type::TEXT_ARRAY),
-                        (&filter.fields, Type::TEXT_ARRAY),
-                        (&filter.key, Type::TEXT),
-                        (&filter.integer, Type::BOOL),
-                        (&limit, Type::INT8),
-                    ],
-                )
+                .query_typed(KEYED_EVENTS_BETWEEN, &keyed_params(&range, filter, &limit))
                 .await?;
             tx.commit().await?;
             page_from_rows(&rows)
@@ -360,20 +349,13 @@ async fn channel_history(
     floor: i64,
     limit: i64,
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
-    tx.query_typed(
-        CHANNEL_HISTORY,
-        &[
-            (&before, Type::INT8),
-            (&floor, Type::INT8),
-            (&channels, Type::TEXT_ARRAY),
-            (&limit, Type::INT8),
-        ],
-    )
-    .await
+    let range = [before, floor];
+    tx.query_typed(CHANNEL_HISTORY, &channel_params(&range, &channels, &limit))
+        .await
 }
 
 /// A `(read_up_to, read_ids, cleared_through)` row.
-fn read_state(row: &Row) -> Result<ReadState, DbError> {
+fn read_state_from_row(row: &Row) -> Result<ReadState, DbError> {
     Ok(ReadState {
         up_to: row.try_get(0)?,
         ids: row.try_get(1)?,
@@ -493,16 +475,9 @@ async fn read_events(
     channels: &[String],
     limit: i64,
 ) -> Result<Page, DbError> {
+    let range = [after, upto];
     let rows = client
-        .query_typed(
-            EVENTS_BETWEEN,
-            &[
-                (&after, Type::INT8),
-                (&upto, Type::INT8),
-                (&channels, Type::TEXT_ARRAY),
-                (&limit, Type::INT8),
-            ],
-        )
+        .query_typed(EVENTS_BETWEEN, &channel_params(&range, &channels, &limit))
         .await?;
     page_from_rows(&rows)
 }
@@ -625,7 +600,7 @@ impl Db {
             tx.commit().await?;
             Ok(match row {
                 None => ReadState::default(),
-                Some(row) => read_state(&row)?,
+                Some(row) => read_state_from_row(&row)?,
             })
         })
         .await
@@ -647,17 +622,10 @@ impl Db {
             let tx = bounded(&mut client).await?;
             let row = match visible {
                 Visible::Channels(channels) => {
-                    tx.query_typed_one(
-                        CHANNEL_UNREAD,
-                        &[
-                            (&after, Type::INT8),
-                            (&upto, Type::INT8),
-                            (&channels, Type::TEXT_ARRAY),
-                            (&cap, Type::INT8),
-                            (&read_ids, Type::INT8_ARRAY),
-                        ],
-                    )
-                    .await?
+                    let range = [after, upto];
+                    let mut params = channel_params(&range, &channels, &cap);
+                    params.push((&read_ids, Type::INT8_ARRAY));
+                    tx.query_typed_one(CHANNEL_UNREAD, &params).await?
                 }
                 Visible::Keyed(filter) => {
                     let range = [after, upto];
@@ -708,10 +676,25 @@ impl Db {
                     _ => DbError::Query(e),
                 })?;
             tx.commit().await?;
-            read_state(&row)
+            read_state_from_row(&row)
         })
         .await
     }
+}
+
+/// The first four parameters of the channel queries (the dashboard's):
+/// the id range, the channels, then `limit`.
+fn channel_params<'a>(
+    ids: &'a [i64; 2],
+    channels: &'a &'a [String],
+    limit: &'a i64,
+) -> Vec<(&'a (dyn tokio_postgres::types::ToSql + Sync), Type)> {
+    vec![
+        (&ids[0], Type::INT8),
+        (&ids[1], Type::INT8),
+        (channels, Type::TEXT_ARRAY),
+        (limit, Type::INT8),
+    ]
 }
 
 /// The first eight parameters of the keyed queries: the id range, then

@@ -10,8 +10,9 @@
 //! only by `Event::frame` (in `wire`, with the rest of the contract): once per
 //! event for live delivery (and for the rows priming reads at start),
 //! outside the hub's lock, the bytes shared by every socket and by replays
-//! from memory; only a replay from the log builds the frames of the rows it
-//! read for its own socket.
+//! from memory; only a replay from the log and a history page
+//! (`wire::history`) build the frames of the rows they read, for their own
+//! client.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;

@@ -630,14 +630,15 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
         Ok(authenticated) => authenticated,
         Err(refused) => return refused,
     };
-    // A read's body is read before the turn is taken, bounded in size and
-    // time: a client that sends it slowly holds its own connection, never
-    // one of the user's turns.
-    let body = if history {
-        Bytes::new()
+    // A read's body is read and parsed before the turn is taken, bounded in
+    // size and time: a client that sends it slowly holds its own
+    // connection, and one that sends junk is answered, never with one of
+    // the user's turns. `None`: a history page.
+    let mark = if history {
+        None
     } else {
         let body = http_body_util::Limited::new(req.into_body(), MAX_READ_BODY);
-        match tokio::time::timeout(READ_BODY_TIMEOUT, body.collect()).await {
+        let body = match tokio::time::timeout(READ_BODY_TIMEOUT, body.collect()).await {
             Ok(Ok(body)) => body.to_bytes(),
             Ok(Err(_)) => {
                 let why = "body too large or cut short";
@@ -647,7 +648,15 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
                 let why = "body not received in time";
                 return refuse(shared, StatusCode::REQUEST_TIMEOUT, "bad_read", why, path);
             }
-        }
+        };
+        let mark = serde_json::from_slice::<ClientMessage>(&body)
+            .ok()
+            .and_then(bell::Mark::from_message);
+        let Some(mark) = mark else {
+            let why = r#"expected {"type":"read","up_to":N}, {"type":"read","ids":[...]} or {"type":"clear"}"#;
+            return refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
+        };
+        Some(mark)
     };
     // Both read the log or write the user's state through the pool: they
     // take a replay's turn, under the same caps (two at once a user, the
@@ -671,18 +680,8 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
     if let Err(refused) = admit(shared, &mut identity, &endpoint, path).await {
         return refused;
     }
-    if history {
+    let Some(mark) = mark else {
         return history_answer(shared, &endpoint, &identity, &query, path).await;
-    }
-    let mark = serde_json::from_slice::<ClientMessage>(&body)
-        .ok()
-        .and_then(bell::Mark::from_message);
-    let mark = match mark {
-        Some(mark) => mark,
-        None => {
-            let why = r#"expected {"type":"read","up_to":N}, {"type":"read","ids":[...]} or {"type":"clear"}"#;
-            return refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
-        }
     };
     let bad_read = |why| refuse(shared, StatusCode::BAD_REQUEST, "bad_read", why, path);
     match bell::mark(shared, &endpoint, &identity, mark).await {
