@@ -2,8 +2,9 @@
 """medians.py: the median of each figure of every point that
 second-round.sh measured, one line a point, from DIR/<point>.jsonl (one
 `pgrelay-bench --json` object a run). Runs refused for a busy machine
-(second-round.sh writes `{"refused": true}` for them) and runs marked NOISY
-are left out and counted; runs that did not pass (lost, duplicated or
+(second-round.sh writes `{"refused": true}` for them), runs that ended
+without a report (`{"error": STATUS}`) and runs marked NOISY are left out
+and counted; runs that did not pass (lost, duplicated or
 misrouted events, failed sockets, clients left behind) are counted and
 named. A figure a run did not report is left out of its median, and said.
 
@@ -15,14 +16,15 @@ import sys
 from pathlib import Path
 
 # (label, path into the JSON object, scale, format[, value when absent]) of
-# each figure shown.
+# each figure shown. "server" is pgrelay, or the plain broadcaster of the
+# ideal-* points (the load report's JSON keeps its keys for both).
 LOAD = [
     ("deliveries/s", "deliveries_per_s", 1, "{:,.0f}"),
     ("p50 ms", "latency_us.p50", 1e-3, "{:.2f}"),
     ("p99 ms", "latency_us.p99", 1e-3, "{:.2f}"),
-    ("pgrelay us/delivery", "cpu_per_delivery_us.pgrelay", 1, "{:.3f}"),
+    ("server us/delivery", "cpu_per_delivery_us.pgrelay", 1, "{:.3f}"),
     ("bench us/delivery", "cpu_per_delivery_us.bench", 1, "{:.3f}"),
-    ("bench/pgrelay", "cpu_per_delivery_us.bench_over_pgrelay", 1, "{:.2f}"),
+    ("bench/server", "cpu_per_delivery_us.bench_over_pgrelay", 1, "{:.2f}"),
     ("RSS connected MiB", "pgrelay.rss_connected_kib", 1 / 1024, "{:.1f}"),
     ("peak RSS MiB", "pgrelay.peak_rss_kib", 1 / 1024, "{:.1f}"),
 ]
@@ -66,10 +68,12 @@ def main(directory):
     for jsonl in sorted(Path(directory).glob("*.jsonl")):
         runs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
         refused = sum(1 for r in runs if r.get("refused"))
-        runs = [r for r in runs if not r.get("refused")]
+        errors = [r["error"] for r in runs if "error" in r]
+        runs = [r for r in runs if not r.get("refused") and "error" not in r]
         quiet = [r for r in runs if not r.get("noisy")]
         if not quiet:
-            print(f"{jsonl.stem}: no quiet run ({len(runs)} noisy, {refused} refused)")
+            print(f"{jsonl.stem}: no quiet run ({len(runs)} noisy, {refused} refused, "
+                  f"{len(errors)} ended without a report)")
             continue
         scenario = quiet[0].get("scenario", "load")
         shown = []
@@ -85,6 +89,7 @@ def main(directory):
         tail += f" ({lossy} lost or duplicated events)" if lossy else ""
         tail += f"; {noisy} NOISY left out" if noisy else ""
         tail += f"; {refused} refused (busy machine)" if refused else ""
+        tail += f"; {len(errors)} ended without a report (exit {errors})" if errors else ""
         print(f"{jsonl.stem} (median of {len(quiet)}): " + ", ".join(shown) + tail)
 
 

@@ -3,9 +3,10 @@
 # (issue 14)", RUNS rounds (default 3), the points interleaved round by round
 # so that a slow minute hurts each point once rather than one point thrice.
 # Each run is one `pgrelay-bench --json` line in $OUT/<point>.jsonl; the bench
-# refuses (exit 2) to measure on a busy machine unless ALLOW_NOISY=1, and
+# refuses (exit 3) to measure on a busy machine unless ALLOW_NOISY=1, and
 # marks such runs `"noisy": true`. A refused run is recorded as
-# `{"refused": true}`, so that medians.py counts it.
+# `{"refused": true}`, and a run that ended with no report (a setup error,
+# a crash) as `{"error": STATUS}`, so that medians.py counts both.
 #
 #   cargo build --release --workspace --bins
 #   tests/bench/second-round.sh                       # RUNS=3 OUT=bench-results
@@ -51,9 +52,15 @@ run() {
 for round in $(seq 1 "$RUNS"); do
     for point in $POINTS; do
         echo "round $round: $point" >&2
+        before=$(wc -l <"$OUT/$point.jsonl" 2>/dev/null || echo 0)
         run "$point" --json "${NOISY[@]}" >>"$OUT/$point.jsonl" 2>>"$OUT/$point.log"
         status=$?
-        [ "$status" = 2 ] && echo '{"refused": true}' >>"$OUT/$point.jsonl"
+        after=$(wc -l <"$OUT/$point.jsonl")
+        if [ "$status" = 3 ]; then
+            echo '{"refused": true}' >>"$OUT/$point.jsonl"
+        elif [ "$after" = "$before" ]; then
+            echo "{\"error\": $status}" >>"$OUT/$point.jsonl"
+        fi
         echo "  exit $status" >&2
     done
 done

@@ -178,8 +178,12 @@ fn conclude(args: &Args, json: String, table: String, passed: bool) -> ExitCode 
     }
 }
 
-/// The error line on stderr; exit 2.
+/// The error line on stderr; exit 3 for a refused quiet check, 2 for any
+/// other error.
 fn fail(e: &BenchError) -> ExitCode {
     eprintln!("pgrelay-bench: error: {e}");
-    ExitCode::from(2)
+    match e {
+        BenchError::Noisy(_) => ExitCode::from(3),
+        _ => ExitCode::from(2),
+    }
 }

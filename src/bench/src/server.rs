@@ -299,7 +299,9 @@ impl Server {
                         shutdown = Some((status.code(), began.elapsed().as_secs_f64()));
                     }
                     _ => {
-                        eprintln!("pgrelay did not exit within 10 s of SIGTERM: killing it");
+                        eprintln!(
+                            "the server under test did not exit within 10 s of SIGTERM: killing it"
+                        );
                         let _ = child.kill().await;
                     }
                 }

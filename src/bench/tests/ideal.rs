@@ -28,7 +28,8 @@ fn bench(args: &[&str]) -> Output {
     match output.recv_timeout(RUN_LIMIT) {
         Ok(output) => output.expect("pgrelay-bench's output"),
         Err(_) => {
-            // Its broadcaster is killed with it (kill on drop).
+            // SIGTERM ends the bench without its destructors; its
+            // broadcaster then ends with the end of its stdin.
             let _ = Command::new("kill").arg(pid.to_string()).status();
             panic!("pgrelay-bench did not end within {RUN_LIMIT:?}");
         }

@@ -36,7 +36,7 @@ use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use hyper_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use pgrelay::parse::Event;
 use pgrelay::wire::{self, Endpoint};
 use serde_json::value::RawValue;
@@ -121,13 +121,18 @@ fn build_batch(first: i64, size: i64, now: SystemTime) -> io::Result<Batch> {
 
 /// Appends a server text frame (final, unmasked) holding `json`.
 fn push_text(out: &mut Vec<u8>, json: &str) {
+    push_frame(out, OpCode::Data(Data::Text), json.as_bytes());
+}
+
+/// Appends a server frame (final, unmasked).
+fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
     let header = FrameHeader {
-        opcode: OpCode::Data(Data::Text),
+        opcode,
         ..FrameHeader::default()
     };
     // Writing into a Vec does not fail.
-    let _ = header.format(json.len() as u64, out);
-    out.extend_from_slice(json.as_bytes());
+    let _ = header.format(payload.len() as u64, out);
+    out.extend_from_slice(payload);
 }
 
 /// Accepts until the writers are gone; a failed handshake costs only its
@@ -248,25 +253,29 @@ fn write_loop(mut poll: Poll, commands: &Receiver<Command>) -> io::Result<()> {
                             last_id = batch.last_id;
                         }
                         Ok(Command::Socket(tcp)) => {
-                            broadcast(&mut peers, &mut due);
-                            let mut tcp = TcpStream::from_std(tcp);
-                            poll.registry().register(
-                                &mut tcp,
-                                Token(peers.len()),
-                                Interest::READABLE | Interest::WRITABLE,
-                            )?;
+                            broadcast(poll.registry(), &mut peers, &mut due);
                             let mut hello = Vec::new();
                             let text =
                                 wire::hello(&Endpoint::Dashboard, "ideal", last_id, "ideal", None);
                             push_text(&mut hello, &text);
-                            let mut peer = Peer::new(tcp);
-                            peers.push(peer.send(&hello).is_ok().then_some(peer));
+                            let mut peer = Peer::new(TcpStream::from_std(tcp));
+                            // Registered once it took its hello (a socket
+                            // that failed it is dropped unregistered);
+                            // registering reports its readiness now.
+                            if peer.send(&hello).is_ok() {
+                                poll.registry().register(
+                                    &mut peer.tcp,
+                                    Token(peers.len()),
+                                    Interest::READABLE | Interest::WRITABLE,
+                                )?;
+                                peers.push(Some(peer));
+                            }
                         }
                         Err(TryRecvError::Empty) => break,
                         Err(TryRecvError::Disconnected) => return Ok(()),
                     }
                 }
-                broadcast(&mut peers, &mut due);
+                broadcast(poll.registry(), &mut peers, &mut due);
                 continue;
             }
             let Some(slot) = peers.get_mut(event.token().0) else {
@@ -278,7 +287,7 @@ fn write_loop(mut poll: Poll, commands: &Receiver<Command>) -> io::Result<()> {
                 open && (!event.is_writable() || peer.flush().is_ok())
             });
             if !keep {
-                *slot = None;
+                forget(poll.registry(), slot);
             }
         }
     }
@@ -286,16 +295,23 @@ fn write_loop(mut poll: Poll, commands: &Receiver<Command>) -> io::Result<()> {
 
 /// `bytes` to every socket, one write each; a socket that fails is
 /// dropped. Leaves `bytes` empty.
-fn broadcast(peers: &mut [Option<Peer>], bytes: &mut Vec<u8>) {
+fn broadcast(registry: &Registry, peers: &mut [Option<Peer>], bytes: &mut Vec<u8>) {
     if bytes.is_empty() {
         return;
     }
     for slot in peers.iter_mut() {
         if slot.as_mut().is_some_and(|p| p.send(bytes).is_err()) {
-            *slot = None;
+            forget(registry, slot);
         }
     }
     bytes.clear();
+}
+
+/// Drops a socket, deregistered first (mio's contract for a source).
+fn forget(registry: &Registry, slot: &mut Option<Peer>) {
+    if let Some(mut peer) = slot.take() {
+        let _ = registry.deregister(&mut peer.tcp);
+    }
 }
 
 /// One client socket.
@@ -331,8 +347,13 @@ impl Peer {
             return self.flush();
         }
         let written = write_some(&self.tcp, bytes)?;
+        if written == bytes.len() {
+            return Ok(());
+        }
+        // Written until it would block, as an edge-triggered source must
+        // be for its next writable event.
         self.pending.extend_from_slice(&bytes[written..]);
-        Ok(())
+        self.flush()
     }
 
     /// Writes pending bytes until the socket takes no more.
@@ -364,14 +385,16 @@ impl Peer {
         }
         while let Some(frame) = ClientFrame::parse(&self.inbox) {
             if let Some(code) = frame.close {
-                // The client is done reading events: the answer goes alone.
-                self.pending.clear();
-                let mut close = vec![0x88, 0];
-                if let Some(code) = code {
-                    close[1] = 2;
-                    close.extend_from_slice(&code.to_be_bytes());
-                }
-                let _ = write_some(&self.tcp, &close);
+                // After what is pending (the rest of a frame may be on
+                // the wire already), as far as the socket takes it now.
+                let mut close = Vec::new();
+                let code = code.map(u16::to_be_bytes);
+                push_frame(
+                    &mut close,
+                    OpCode::Control(Control::Close),
+                    code.as_ref().map_or(&[][..], |c| &c[..]),
+                );
+                let _ = self.send(&close);
                 return Inbound::Done;
             }
             self.inbox.drain(..frame.len);
