@@ -63,7 +63,9 @@
 //! Not here: the replay loop and its frames (`session`), the read
 //! (`db::Db::newest`).
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::mem::size_of;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -231,27 +233,17 @@ impl<D> State<D> {
     /// Drops the oldest entry from every lane: being the oldest of all, it
     /// is first in each of its audiences' lanes.
     fn drop_oldest(&mut self) -> Option<Arc<Entry<D>>> {
-        let oldest = self.entries.pop_front()?;
+        let oldest = pop_front(&mut self.entries)?;
         let targets = &oldest.targets;
         if targets.dashboard {
             pop_front(&mut self.dashboard);
         }
         for user in &targets.users {
-            if let Some(lane) = self.users.get_mut(user) {
-                pop_front(lane);
-                if lane.is_empty() {
-                    self.users.remove(user);
-                }
-            }
+            pop_lane(&mut self.users, user.as_str());
         }
         for (index, key) in &targets.streams {
             if let Some(keys) = self.streams.get_mut(index) {
-                if let Some(lane) = keys.get_mut(key) {
-                    pop_front(lane);
-                    if lane.is_empty() {
-                        keys.remove(key);
-                    }
-                }
+                pop_lane(keys, key.as_str());
                 if keys.is_empty() {
                     self.streams.remove(index);
                 }
@@ -270,15 +262,41 @@ impl<D> State<D> {
     }
 }
 
-/// Drops a lane's first entry, and gives back the room a lane that was
-/// long keeps once it is a quarter full: a user's lane that once held most
-/// of memory must not keep that room for as long as it holds one entry,
-/// uncounted by the budget.
-fn pop_front<D>(lane: &mut Lane<D>) {
-    lane.pop_front();
-    if lane.capacity() > 64 && lane.len() < lane.capacity() / 4 {
-        lane.shrink_to(lane.len() * 2);
+/// Drops the front of a queue. A queue (a lane, the whole log) or a map of
+/// lanes that was once long gives back its room once it is a quarter full:
+/// a user's lane that once held most of memory, or the map of the 100,000
+/// users a bulk update touched, must not keep that room for as long as it
+/// holds a few entries, uncounted by the budget.
+fn pop_front<T>(queue: &mut VecDeque<T>) -> Option<T> {
+    let front = queue.pop_front();
+    if sparse(queue.len(), queue.capacity()) {
+        queue.shrink_to(queue.len() * 2);
     }
+    front
+}
+
+/// Drops the front of `key`'s lane in `lanes`, and the lane with its last
+/// entry (see [`pop_front`] for the room given back).
+fn pop_lane<K, Q, D>(lanes: &mut HashMap<K, Lane<D>>, key: &Q)
+where
+    K: Borrow<Q> + Hash + Eq,
+    Q: Hash + Eq + ?Sized,
+{
+    let Some(lane) = lanes.get_mut(key) else {
+        return;
+    };
+    pop_front(lane);
+    if lane.is_empty() {
+        lanes.remove(key);
+        if sparse(lanes.len(), lanes.capacity()) {
+            lanes.shrink_to(lanes.len() * 2);
+        }
+    }
+}
+
+/// Whether a container of `capacity` holding `len` is worth shrinking.
+fn sparse(len: usize, capacity: usize) -> bool {
+    capacity > 64 && len < capacity / 4
 }
 
 /// Memory no longer holds the rest of a read (evicted, or the log went
@@ -689,5 +707,26 @@ mod tests {
         let lane = &state.users["busy"];
         assert_eq!(lane.len(), 10);
         assert!(lane.capacity() <= 64, "kept room for {}", lane.capacity());
+        assert!(state.entries.capacity() <= 64, "the log kept room");
+    }
+
+    #[test]
+    fn the_map_of_many_users_gives_its_room_back() {
+        // A bulk update: one event for each of 4,000 users, then all but
+        // the newest ten evicted.
+        let recent = filled(10_000, 0, &[]);
+        for id in 1..=4_000 {
+            recent.push(id, Some(&delivery(id, 100)), &to(&id.to_string()));
+        }
+        let mut state = recent.state();
+        for _ in 0..3_990 {
+            state.drop_oldest().expect("an entry");
+        }
+        assert_eq!(state.users.len(), 10);
+        assert!(
+            state.users.capacity() <= 64,
+            "kept room for {} users",
+            state.users.capacity()
+        );
     }
 }
