@@ -414,7 +414,9 @@ impl<D: Kept> Recent<D> {
         let channels = routes.channels();
         let floor = head.saturating_sub(REPLAY_WINDOW);
         // Newest first: (id, entry), and the bytes the entries cost.
-        let mut read: Vec<(i64, Option<Entry<D>>)> = Vec::new();
+        // The events someone may see, newest first (the others only move
+        // the range, which the head's push below does).
+        let mut read: Vec<Entry<D>> = Vec::new();
         let (mut rows, mut bytes, mut below, mut pruned_through) = (0, 0, head, 0);
         // Where the range held starts: below the oldest row read, or the
         // floor once every row above it is read.
@@ -435,9 +437,11 @@ impl<D: Kept> Recent<D> {
             rows += page.rows;
             for event in &page.events {
                 let targets = routes.route(event);
-                let entry = targets.any().then(|| Entry::new(D::of(event), targets));
-                bytes += entry.as_ref().map_or(0, |e| e.cost);
-                read.push((event.id, entry));
+                if targets.any() {
+                    let entry = Entry::new(D::of(event), targets);
+                    bytes += entry.cost;
+                    read.push(entry);
+                }
             }
             match page.last_id {
                 // A full page may have left older rows unread.
@@ -451,8 +455,8 @@ impl<D: Kept> Recent<D> {
             }
         };
         self.reset(oldest.max(pruned_through).min(head));
-        for (id, entry) in read.into_iter().rev() {
-            self.push_entry(id, entry.map(Arc::new));
+        for entry in read.into_iter().rev() {
+            self.push_entry(entry.delivery.id(), Some(Arc::new(entry)));
         }
         self.push(head, None, &Targets::default());
         Ok(Primed {

@@ -352,7 +352,7 @@ async fn events_pruned_after_they_were_handed_out_are_still_replayed_from_memory
 
 /// Priming reads the newest events newest first, a page of 1,000 rows at a
 /// time, until the budget is full. 2,500 rows written before the relay
-/// starts take three pages and are all resumed from memory; with a 1 MiB
+/// starts (more than two pages) are all read and resumed from memory; with a 1 MiB
 /// budget, 1,500 rows of 4 KiB stop it after its first page (what that
 /// page holds beyond the budget is dropped), and the newest are still
 /// resumed from memory while the oldest cursor reads the log.
