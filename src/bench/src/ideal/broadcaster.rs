@@ -5,8 +5,8 @@
 //!
 //! - It binds 127.0.0.1:0 and prints the port on stdout (the one line it
 //!   ever prints there).
-//! - An accept thread answers each upgrade (the request read up to its
-//!   blank line, 8 KiB at most; 101 with `Sec-WebSocket-Accept`) and hands
+//! - An accept thread answers each upgrade (tungstenite's server
+//!   handshake, 5 s at most a read) and hands
 //!   the socket, non-blocking with TCP_NODELAY, to writer thread i mod N.
 //! - The main thread reads stdin: each line is a batch size B, sent by the
 //!   parent when the batch is due on its schedule. It builds the batch once:
@@ -32,7 +32,7 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
+use hyper_tungstenite::tungstenite;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use hyper_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use mio::net::TcpStream;
@@ -40,12 +40,6 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use pgrelay::parse::Event;
 use pgrelay::wire::{self, Endpoint};
 use serde_json::value::RawValue;
-
-use crate::client::header;
-use crate::frame::find;
-
-/// The longest upgrade request read.
-const MAX_REQUEST: usize = 8 * 1024;
 
 /// The most a socket buffers of what its client sends before it is
 /// dropped (the bench's client sends a close, a few bytes).
@@ -161,31 +155,13 @@ fn accept(listener: &TcpListener, writers: &[Writer]) {
     }
 }
 
-/// The server side of the upgrade, blocking (5 s at most per read): the
-/// request up to its blank line, then 101. The socket comes back
-/// non-blocking with TCP_NODELAY.
-fn upgrade(mut tcp: net::TcpStream) -> io::Result<net::TcpStream> {
-    let refused = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what);
+/// The server side of the upgrade, by tungstenite, blocking (5 s at most
+/// a read). The socket comes back non-blocking with TCP_NODELAY.
+fn upgrade(tcp: net::TcpStream) -> io::Result<net::TcpStream> {
     tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut request = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while find(&request, b"\r\n\r\n").is_none() {
-        if request.len() > MAX_REQUEST {
-            return Err(refused("an upgrade request over 8 KiB"));
-        }
-        match tcp.read(&mut chunk)? {
-            0 => return Err(refused("closed before the request ended")),
-            n => request.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let request = String::from_utf8_lossy(&request);
-    let key = header(&request, "sec-websocket-key").ok_or_else(|| refused("no key"))?;
-    let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {}\r\n\r\n",
-        derive_accept_key(key.as_bytes())
-    );
-    tcp.write_all(response.as_bytes())?;
+    let tcp = tungstenite::accept(tcp)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
+        .into_inner();
     tcp.set_nodelay(true)?;
     tcp.set_nonblocking(true)?;
     Ok(tcp)
