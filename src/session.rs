@@ -233,16 +233,30 @@ async fn session<P: Peer>(
     // token (a lock every socket contends) at every event. The timer is
     // boxed: inline, its 100-odd bytes would put every socket's task in
     // jemalloc's next size class (512 bytes more).
-    let mut expired = Box::pin(tokio::time::sleep_until(expiry(identity, shared)));
+    //
+    // One timer serves both the token's expiry and the next ping: each
+    // timer is polled at every wake-up (every event), and two cost twice.
+    let mut expires = expiry(identity, shared);
+    let mut next_ping = Instant::now() + shared.ping_interval;
+    let mut timer = Box::pin(tokio::time::sleep_until(expires.min(next_ping)));
     let shutdown = shared.shutdown.cancelled();
     tokio::pin!(shutdown);
-    let mut ping =
-        tokio::time::interval_at(Instant::now() + shared.ping_interval, shared.ping_interval);
     loop {
         tokio::select! {
             biased;
             _ = &mut shutdown => return Close::Shutdown.into(),
-            _ = &mut expired => return Close::TokenExpired.into(),
+            () = &mut timer => {
+                if Instant::now() >= expires {
+                    return Close::TokenExpired.into();
+                }
+                // Boxed, like the refresh: it is the largest of these
+                // futures, and comes once a ping interval.
+                if let Err(end) = Box::pin(peer.heartbeat()).await {
+                    return end;
+                }
+                next_ping = Instant::now() + shared.ping_interval;
+                timer.as_mut().reset(expires.min(next_ping));
+            }
             // The client's input first: a busy stream must not starve
             // refreshes. A client flooding frames only slows itself.
             input = peer.input() => match input {
@@ -257,7 +271,8 @@ async fn session<P: Peer>(
                             match Box::pin(refresh(shared, endpoint, identity, &token)).await {
                                 Ok(renewed) => {
                                     *identity = renewed;
-                                    expired.as_mut().reset(expiry(identity, shared));
+                                    expires = expiry(identity, shared);
+                                    timer.as_mut().reset(expires.min(next_ping));
                                 }
                                 Err(end) => return end,
                             }
@@ -303,13 +318,6 @@ async fn session<P: Peer>(
                 }
                 shared.metrics.deliveries.inc_by(n);
             },
-            _ = ping.tick() => {
-                // Boxed, like the refresh: it is the largest of these
-                // futures, and comes once a ping interval.
-                if let Err(end) = Box::pin(peer.heartbeat()).await {
-                    return end;
-                }
-            }
         }
     }
 }
