@@ -174,17 +174,19 @@ pub async fn history(
             .db
             .history(filter.visible(), before, floor, wanted)
             .await?;
-        let full = page.rows as i64 == wanted;
+        // Ended by its bytes rather than its rows (`db::PAGE_BYTES`): the
+        // answer is as large as one page may be, and stops here.
+        let bytes_full = page.more && (page.rows as i64) < wanted;
         events.extend(
             page.events
                 .into_iter()
                 .filter(|e| sees(shared, endpoint, user, e)),
         );
         before = match page.last_id {
-            Some(last) if full => last,
+            Some(last) if page.more => last,
             _ => floor,
         };
-        if events.len() as i64 >= limit {
+        if events.len() as i64 >= limit || bytes_full {
             break;
         }
     }

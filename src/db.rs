@@ -11,7 +11,10 @@
 //! kept by pgrelay: a session setting there could leak through a transaction
 //! pooler to other clients), replays through
 //! the pool under the statement timeout (pages of 500 over windows of
-//! [`REPLAY_WINDOW`] ids, a user's stream filtered in SQL).
+//! [`REPLAY_WINDOW`] ids, a user's stream filtered in SQL). Every page of
+//! events, history and priming included, is bounded in bytes too
+//! ([`PAGE_BYTES`]): rows are counted by the thousand, but an event may be
+//! a mebibyte.
 //!
 //! The LISTEN connection is not here (see `listen`): a pooled connection
 //! cannot carry LISTEN. Every query takes typed parameters; nothing is built by
@@ -226,7 +229,7 @@ impl Db {
                 .query_typed(KEYED_EVENTS_BETWEEN, &keyed_params(&range, filter, &limit))
                 .await?;
             tx.commit().await?;
-            page_from_rows(&rows)
+            page_from_rows(&rows, limit)
         })
         .await
     }
@@ -254,11 +257,50 @@ async fn bounded(
     Ok(tx)
 }
 
-/// Up to `$4` events on channels `$3` with `$1 < id <= $2`, in id order.
-pub const EVENTS_BETWEEN: &str =
-    "SELECT id, channel, table_name, op, pgrelay.format_at(created_at), \
-     payload::text FROM pgrelay.events \
-     WHERE id > $1 AND id <= $2 AND channel = ANY($3) ORDER BY id LIMIT $4";
+/// The payload bytes a page of events holds at most, besides its last
+/// event: a page ends at its row limit or at the event that takes its
+/// payloads to this, whichever comes first (see [`sized`]). Without it a
+/// replay page of 500 rows could hold 500 MiB (`install --max-event-size`
+/// allows 1 MiB an event by default), and a priming page twice that.
+pub const PAGE_BYTES: i64 = 2 << 20;
+
+/// Wraps a page query (its rows `id, channel, table_name, op, at, payload`
+/// in id order `$order`, under a row limit) so that it returns its rows
+/// only while the payloads before each come to less than [`PAGE_BYTES`]
+/// (the first row always), with a seventh column, `more`: whether rows of
+/// the page were left out after it (on the last row returned, whether the
+/// byte bound ended the page). The window runs over the limited rows as
+/// they stream from the index (no sort, no rows held), so PostgreSQL reads
+/// what it read before, and only pgrelay's share is cut.
+macro_rules! sized {
+    ($order:literal, $($inner:expr),+ $(,)?) => {
+        concat!(
+            "SELECT id, channel, table_name, op, at, payload, more FROM (\
+             SELECT page.*, \
+             sum(octet_length(payload)) OVER w - octet_length(payload) AS earlier, \
+             lead(id) OVER w IS NOT NULL AS more FROM (",
+            $($inner),+,
+            ") AS page WINDOW w AS (ORDER BY id ", $order, " ROWS UNBOUNDED PRECEDING)\
+             ) AS sized WHERE earlier < 2097152 ORDER BY id ", $order
+        )
+    };
+}
+
+/// A page's columns from `pgrelay.events`, as [`sized`] takes them.
+macro_rules! event_columns {
+    () => {
+        "SELECT id, channel, table_name, op, pgrelay.format_at(created_at) AS at, \
+         payload::text AS payload FROM pgrelay.events"
+    };
+}
+
+/// Up to `$4` events on channels `$3` with `$1 < id <= $2`, in id order
+/// (and up to [`PAGE_BYTES`]).
+pub const EVENTS_BETWEEN: &str = sized!(
+    "ASC",
+    event_columns!(),
+    " WHERE id > $1 AND id <= $2 AND channel = ANY($3) ORDER BY id LIMIT $4"
+);
 
 /// Like [`EVENTS_BETWEEN`], for one key (a user's notifications, or one key
 /// of a stream): only rows whose routed field (`$4` channels paired with `$5`
@@ -267,9 +309,10 @@ pub const EVENTS_BETWEEN: &str =
 /// written the same), so a keyed replay ships only that key's events. `$3` holds the same as containment patterns
 /// (`{"field": "42"}`, `{"field": 42}`), which the GIN index on the payload
 /// answers without reading other users' rows.
-pub const KEYED_EVENTS_BETWEEN: &str = concat!(
-    "SELECT id, channel, table_name, op, pgrelay.format_at(created_at), payload::text \
-     FROM pgrelay.events e WHERE id > $1 AND id <= $2 AND ",
+pub const KEYED_EVENTS_BETWEEN: &str = sized!(
+    "ASC",
+    event_columns!(),
+    " e WHERE id > $1 AND id <= $2 AND ",
     keyed!(),
     " ORDER BY id LIMIT $8"
 );
@@ -290,9 +333,10 @@ use keyed;
 
 /// History, newest first: up to `$8` events of one key with
 /// `$2 <= id < $1`, read-state changes left out.
-const KEYED_HISTORY: &str = concat!(
-    "SELECT id, channel, table_name, op, pgrelay.format_at(created_at), payload::text \
-     FROM pgrelay.events e WHERE id < $1 AND id >= $2 AND channel <> 'pgrelay_read' AND ",
+const KEYED_HISTORY: &str = sized!(
+    "DESC",
+    event_columns!(),
+    " e WHERE id < $1 AND id >= $2 AND channel <> 'pgrelay_read' AND ",
     keyed!(),
     " ORDER BY id DESC LIMIT $8"
 );
@@ -303,9 +347,11 @@ const TOO_MANY_READ_STATES: &str = "PR001";
 
 /// History on channels (the dashboard), newest first: up to `$4` events
 /// with `$2 <= id < $1` on channels `$3`.
-const CHANNEL_HISTORY: &str = "SELECT id, channel, table_name, op, \
-     pgrelay.format_at(created_at), payload::text FROM pgrelay.events \
-     WHERE id < $1 AND id >= $2 AND channel = ANY($3) ORDER BY id DESC LIMIT $4";
+const CHANNEL_HISTORY: &str = sized!(
+    "DESC",
+    event_columns!(),
+    " WHERE id < $1 AND id >= $2 AND channel = ANY($3) ORDER BY id DESC LIMIT $4"
+);
 
 /// Unread events of one key with `$1 < id <= $2`, not among `$9`, counted
 /// up to `$8`.
@@ -336,8 +382,11 @@ pub struct Page {
     /// The id of the page's last row, readable or not: the next page starts
     /// after it, so a malformed row cannot stop the reader.
     pub last_id: Option<i64>,
-    /// Rows read, readable or not (a full page means there may be more).
+    /// Rows read, readable or not.
     pub rows: usize,
+    /// Rows of the page's range were left unread after `last_id`: its row
+    /// limit or [`PAGE_BYTES`] ended it, so the next page starts after it.
+    pub more: bool,
 }
 
 /// The rows on `channels` with `floor <= id < before`, newest first, at
@@ -384,13 +433,13 @@ impl Cursor {
         })
     }
 
-    /// The one stop rule, after a page read over `(after, end]`: a full page
-    /// may have more in its range, so the next starts after its last row
-    /// (readable or not); a short one covered its range, so the next starts
-    /// at `end` (a window with no match costs one cheap page).
+    /// The one stop rule, after a page read over `(after, end]`: a page that
+    /// left rows unread ([`Page::more`]) makes the next start after its last
+    /// row (readable or not); one that did not covered its range, so the
+    /// next starts at `end` (a window with no match costs one cheap page).
     fn advance(&mut self, end: i64, page: &Page) {
         self.after = match page.last_id {
-            Some(last) if page.rows as i64 == self.page => last,
+            Some(last) if page.more => last,
             _ => end,
         };
     }
@@ -479,12 +528,18 @@ async fn read_events(
     let rows = client
         .query_typed(EVENTS_BETWEEN, &channel_params(&range, &channels, &limit))
         .await?;
-    page_from_rows(&rows)
+    page_from_rows(&rows, limit)
 }
 
-fn page_from_rows(rows: &[Row]) -> Result<Page, DbError> {
+/// The page of `rows` read under a row `limit` by a [`sized`] query.
+fn page_from_rows(rows: &[Row], limit: i64) -> Result<Page, DbError> {
+    let cut = match rows.last() {
+        Some(last) => last.try_get(6)?,
+        None => false,
+    };
     let mut page = Page {
         rows: rows.len(),
+        more: cut || rows.len() as i64 >= limit,
         ..Page::default()
     };
     for row in rows {
@@ -553,7 +608,7 @@ impl Db {
                 }
             };
             tx.commit().await?;
-            page_from_rows(&rows)
+            page_from_rows(&rows, limit)
         })
         .await
     }
@@ -580,7 +635,7 @@ impl Db {
                 .query_typed_one("SELECT pruned_through FROM pgrelay.meta", &[])
                 .await?;
             tx.commit().await?;
-            Ok((page_from_rows(&rows)?, pruned.try_get(0)?))
+            Ok((page_from_rows(&rows, limit)?, pruned.try_get(0)?))
         })
         .await
     }
@@ -819,16 +874,17 @@ mod tests {
     use super::*;
 
     /// A read over `cursor` whose pages come back with these `(rows,
-    /// last_id)`: the ranges asked for, in order, and where it ends.
-    fn check(mut cursor: Cursor, pages: &[(usize, Option<i64>)], expected: &[(i64, i64)]) {
+    /// last_id, more)`: the ranges asked for, in order, and where it ends.
+    fn check(mut cursor: Cursor, pages: &[(usize, Option<i64>, bool)], expected: &[(i64, i64)]) {
         let mut asked = Vec::new();
         let mut pages = pages.iter();
         while let Some((after, end)) = cursor.next() {
             asked.push((after, end));
-            let &(rows, last_id) = pages.next().expect("a page for every range asked");
+            let &(rows, last_id, more) = pages.next().expect("a page for every range asked");
             let page = Page {
                 rows,
                 last_id,
+                more,
                 ..Page::default()
             };
             cursor.advance(end, &page);
@@ -848,16 +904,27 @@ mod tests {
         // Nothing to read: no query.
         check(replay(10, 10), &[], &[]);
         // A short page ends its window; full pages go on after their last row.
-        check(replay(0, 50), &[(1, Some(7))], &[(0, 50)]);
+        check(replay(0, 50), &[(1, Some(7), false)], &[(0, 50)]);
         check(
             replay(0, 50),
-            &[(2, Some(7)), (2, Some(9)), (0, None)],
+            &[(2, Some(7), true), (2, Some(9), true), (0, None, false)],
             &[(0, 50), (7, 50), (9, 50)],
+        );
+        // A page its bytes ended (one row of two) goes on after its last row.
+        check(
+            replay(0, 50),
+            &[(1, Some(7), true), (1, Some(9), false)],
+            &[(0, 50), (7, 50)],
         );
         // Windows: an empty one costs a page and the read moves past it.
         check(
             replay(0, 250),
-            &[(0, None), (2, Some(130)), (1, Some(140)), (0, None)],
+            &[
+                (0, None, false),
+                (2, Some(130), true),
+                (1, Some(140), false),
+                (0, None, false),
+            ],
             &[(0, 100), (100, 200), (130, 230), (230, 250)],
         );
         // The listener's read: no bound, no window; a short page ends it.
@@ -867,11 +934,25 @@ mod tests {
             window: i64::MAX,
             page: 2,
         };
-        check(new(5), &[(0, None)], &[(5, i64::MAX)]);
+        check(new(5), &[(0, None, false)], &[(5, i64::MAX)]);
         check(
             new(5),
-            &[(2, Some(8)), (1, Some(9))],
+            &[(2, Some(8), true), (1, Some(9), false)],
             &[(5, i64::MAX), (8, i64::MAX)],
         );
+    }
+
+    /// The bound written into the page queries is [`PAGE_BYTES`].
+    #[test]
+    fn every_page_query_is_bounded_by_page_bytes() {
+        let bound = format!("WHERE earlier < {PAGE_BYTES} ORDER BY id");
+        for query in [
+            EVENTS_BETWEEN,
+            KEYED_EVENTS_BETWEEN,
+            KEYED_HISTORY,
+            CHANNEL_HISTORY,
+        ] {
+            assert!(query.contains(&bound), "{query}");
+        }
     }
 }

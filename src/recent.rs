@@ -45,7 +45,7 @@
 //!
 //! Priming: at start, the newest events up to the head the listener starts
 //! from, read newest first in pages of [`PRIME_PAGE`] rows (each under the
-//! statement timeout), until the budget is full, `REPLAY_WINDOW` ids or
+//! statement timeout, and `db::PAGE_BYTES`), until the budget is full, `REPLAY_WINDOW` ids or
 //! [`PRIME_ROWS`] rows are read, so a storm right after a restart finds the
 //! events written while pgrelay was down. What priming holds beyond the
 //! budget is one page at most (the oldest are dropped as they are pushed).
@@ -444,8 +444,9 @@ impl<D: Kept> Recent<D> {
                 }
             }
             match page.last_id {
-                // A full page may have left older rows unread.
-                Some(last) if page.rows == limit => {
+                // A page that ended at its row limit or its bytes left
+                // older rows unread.
+                Some(last) if page.more => {
                     below = last - 1;
                     if bytes >= self.budget || rows >= PRIME_ROWS {
                         break below;

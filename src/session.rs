@@ -53,7 +53,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 /// Frames handed to the peer per batch at most, so one busy client yields
 /// to others.
 const MAX_BATCH: usize = 256;
-/// Events per replay page: bounds the memory a large backlog can take.
+/// Events per replay page: with `db::PAGE_BYTES`, bounds the memory a large
+/// backlog can take.
 const REPLAY_PAGE: i64 = 500;
 
 /// How a session ends.

@@ -133,6 +133,21 @@ fn event_ids(page: &Value) -> Vec<i64> {
         .collect()
 }
 
+/// The ids of the notifications page after `page` (from its
+/// `next_before`), which must be the last.
+async fn last_page_after(relay: &TestRelay, page: &Value, user: &str) -> Vec<i64> {
+    let before = page["next_before"].as_i64().expect("more to come");
+    let (status, next) = history(
+        relay,
+        &format!("/history/notifications/?limit=100&before={before}"),
+        user,
+    )
+    .await;
+    assert_eq!(status, 200, "{next}");
+    assert_eq!(next["next_before"], Value::Null, "{next}");
+    event_ids(&next)
+}
+
 #[tokio::test]
 async fn history_pages_are_exact_newest_first_and_only_the_users_own() {
     let db = TestDb::demo("bell_history").await;
@@ -152,15 +167,7 @@ async fn history_pages_are_exact_newest_first_and_only_the_users_own() {
     assert_eq!(status, 200, "{first}");
     assert_eq!(event_ids(&first), mine[..4]);
     assert_eq!(first["events"][0]["type"], "event");
-    let before = first["next_before"].as_i64().expect("more to come");
-    let (_, second) = history(
-        &relay,
-        &format!("/history/notifications/?limit=100&before={before}"),
-        "2",
-    )
-    .await;
-    assert_eq!(event_ids(&second), mine[4..]);
-    assert_eq!(second["next_before"], Value::Null, "{second}");
+    assert_eq!(last_page_after(&relay, &first, "2").await, mine[4..]);
     // Never another user's: user 4 sees only their own five.
     let (_, theirs) = history(&relay, "/history/notifications/", "4").await;
     assert_eq!(event_ids(&theirs).len(), 5);
@@ -194,6 +201,28 @@ async fn history_pages_are_exact_newest_first_and_only_the_users_own() {
     )
     .await;
     assert_eq!(answer.status, 405);
+}
+
+/// A history page is bounded in bytes too (`db::PAGE_BYTES`, 2 MiB): of six
+/// businesses of 900 KiB, a page asking for 100 holds the newest three
+/// (the third takes it past 2 MiB) and says where the next starts; the
+/// pages together are the six, newest first.
+#[tokio::test]
+async fn a_history_page_of_large_events_ends_at_its_bytes_and_goes_on() {
+    let db = TestDb::demo("bell_history_bytes").await;
+    let relay = TestRelay::start(&db).await;
+    let description = "d".repeat(900 << 10);
+    let mut mine = Vec::new();
+    for i in 0..6 {
+        db.business_described(2, &format!("Large {i}"), &description)
+            .await;
+        mine.push(max_id(&db).await);
+    }
+    mine.reverse();
+    let (status, first) = history(&relay, "/history/notifications/?limit=100", "2").await;
+    assert_eq!(status, 200);
+    assert_eq!(event_ids(&first), mine[..3]);
+    assert_eq!(last_page_after(&relay, &first, "2").await, mine[3..]);
 }
 
 #[tokio::test]

@@ -180,6 +180,20 @@ impl TestDb {
             .get(0)
     }
 
+    /// Inserts `n` businesses of `owner` with `description`, in one
+    /// statement (one transaction).
+    pub async fn businesses_described(&self, owner: i64, n: i32, description: &str) {
+        self.client()
+            .await
+            .execute(
+                "INSERT INTO businesses (owner_id, name, description) \
+                 SELECT $1, 'described ' || i, $3 FROM generate_series(1, $2) AS i",
+                &[&owner, &n, &description],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("insert {n} described businesses: {e}"));
+    }
+
     /// Inserts a reservation and returns its id.
     pub async fn reservation(&self, business: i64, customer: i64) -> i64 {
         insert_reservation(&self.client().await, business, customer).await

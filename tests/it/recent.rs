@@ -350,12 +350,13 @@ async fn events_pruned_after_they_were_handed_out_are_still_replayed_from_memory
     );
 }
 
-/// Priming reads the newest events newest first, a page of 1,000 rows at a
-/// time, until the budget is full. 2,500 rows written before the relay
-/// starts (more than two pages) are all read and resumed from memory; with a 1 MiB
-/// budget, 1,500 rows of 4 KiB stop it after its first page (what that
-/// page holds beyond the budget is dropped), and the newest are still
-/// resumed from memory while the oldest cursor reads the log.
+/// Priming reads the newest events newest first, a page of 1,000 rows (or
+/// 2 MiB of payloads, `db::PAGE_BYTES`) at a time, until the budget is full.
+/// 2,500 rows written before the relay starts (more than two pages) are all
+/// read and resumed from memory; with a 1 MiB budget, 1,500 rows of 4 KiB
+/// stop it after its first page, which its bytes end at about 500 rows
+/// (what that page holds beyond the budget is dropped), and the newest are
+/// still resumed from memory while the oldest cursor reads the log.
 #[tokio::test]
 async fn priming_reads_newest_first_in_pages_until_the_budget_is_full() {
     let db = TestDb::demo("recent_prime_pages").await;
@@ -389,14 +390,7 @@ async fn priming_reads_newest_first_in_pages_until_the_budget_is_full() {
 
     let start = max_id(&db).await;
     let description = "d".repeat(4096);
-    client
-        .execute(
-            "INSERT INTO businesses (owner_id, name, description) \
-             SELECT 2, 'big ' || i, $1 FROM generate_series(1, 1500) AS i",
-            &[&description],
-        )
-        .await
-        .expect("insert 1,500 described businesses");
+    db.businesses_described(2, 1500, &description).await;
     let all = ids_after(&db, start).await;
     let mut args = args.to_vec();
     args.extend(["--replay-memory", "1"]);
@@ -413,5 +407,11 @@ async fn priming_reads_newest_first_in_pages_until_the_budget_is_full() {
     assert_eq!(from_memory, 1.0);
     let (status, log) = serve.stop().await;
     assert!(status.success(), "{status}: {log}");
-    assert!(log.contains("rows=1000 "), "one page read: {log}");
+    let rows: usize = log
+        .split("rows=")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no rows= in the log: {log}"));
+    assert!((400..600).contains(&rows), "one 2 MiB page read: {log}");
 }
