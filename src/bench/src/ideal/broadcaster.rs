@@ -293,8 +293,12 @@ fn forget(registry: &Registry, slot: &mut Option<Peer>) {
 /// One client socket.
 struct Peer {
     tcp: TcpStream,
-    /// What the socket has not taken yet, oldest first.
+    /// What the socket has not taken yet, oldest first: `pending[sent..]`.
     pending: Vec<u8>,
+    /// Bytes at the front of `pending` already written: moved out only once
+    /// they are half of it, so a socket far behind costs each byte one move
+    /// at most, not one a write.
+    sent: usize,
     /// Client bytes not parsed yet (part of a frame at most).
     inbox: Vec<u8>,
 }
@@ -311,6 +315,7 @@ impl Peer {
         Peer {
             tcp,
             pending: Vec::new(),
+            sent: 0,
             inbox: Vec::new(),
         }
     }
@@ -334,11 +339,18 @@ impl Peer {
 
     /// Writes pending bytes until the socket takes no more.
     fn flush(&mut self) -> io::Result<()> {
-        while !self.pending.is_empty() {
-            match write_some(&self.tcp, &self.pending)? {
+        while self.sent < self.pending.len() {
+            match write_some(&self.tcp, &self.pending[self.sent..])? {
                 0 => break,
-                n => drop(self.pending.drain(..n)),
+                n => self.sent += n,
             }
+        }
+        if self.sent == self.pending.len() {
+            self.pending.clear();
+            self.sent = 0;
+        } else if self.sent > self.pending.len() / 2 {
+            self.pending.drain(..self.sent);
+            self.sent = 0;
         }
         Ok(())
     }
@@ -439,6 +451,44 @@ mod tests {
             b = &b[at + len..];
         }
         texts
+    }
+
+    /// A socket whose client does not read keeps what it did not take, in
+    /// order, and gives it all once the client reads; the bytes already
+    /// written are moved out of the buffer, not kept for ever.
+    #[test]
+    fn a_socket_far_behind_gets_every_byte_in_order() {
+        let listener = net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        server.set_nonblocking(true).expect("non-blocking");
+        let mut peer = Peer::new(TcpStream::from_std(server));
+        // Far more than loopback's buffers take while nobody reads.
+        let chunks: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 256 << 10]).collect();
+        for chunk in &chunks {
+            peer.send(chunk).expect("send");
+        }
+        assert!(
+            peer.sent < peer.pending.len(),
+            "the client took it all unread"
+        );
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            (&client)
+                .take(64 * (256 << 10))
+                .read_to_end(&mut got)
+                .map(|_| got)
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !peer.pending.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "not flushed in 20 s");
+            peer.flush().expect("flush");
+            assert!(peer.sent <= peer.pending.len() / 2 || peer.pending.is_empty());
+            std::thread::yield_now();
+        }
+        let got = reader.join().expect("reader").expect("read");
+        assert_eq!(got, chunks.concat());
     }
 
     #[test]
