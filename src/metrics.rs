@@ -40,6 +40,38 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TurnLabels {
+    pub kind: &'static str,
+}
+
+/// What asked for a replay's turn (`replays`): the `kind` of a refusal.
+#[derive(Clone, Copy, Debug)]
+pub enum Turn {
+    Replay,
+    History,
+    ReadRequest,
+    ReadMessage,
+}
+
+impl Turn {
+    const ALL: [Turn; 4] = [
+        Turn::Replay,
+        Turn::History,
+        Turn::ReadRequest,
+        Turn::ReadMessage,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Turn::Replay => "replay",
+            Turn::History => "history",
+            Turn::ReadRequest => "read_request",
+            Turn::ReadMessage => "read_message",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<StreamLabels, Gauge>,
@@ -52,7 +84,7 @@ pub struct Metrics {
     pub listener_reconnects: Counter,
     pub replay_rows: Counter,
     pub replays_from_memory: Counter,
-    pub replays_refused: Counter,
+    pub replays_refused: Family<TurnLabels, Counter>,
     pub event_lag: Histogram,
     pub notification_queue_usage: Gauge<f64, AtomicU64>,
     pub listen_probe_ok: Gauge,
@@ -124,12 +156,18 @@ impl Default for Metrics {
              without a query or a replay turn",
             replays_from_memory.clone(),
         );
-        let replays_refused = Counter::default();
+        let replays_refused = Family::<TurnLabels, Counter>::default();
         registry.register(
             "replays_refused",
-            "Replays (closed with 1013), history pages and read marks (429 or 503; a read message is dropped) refused because too many ran at once",
+            "Replay turns refused because too many ran at once, by what asked: a replay \
+             (closed with 1013), a history page or a POST /read (429 or 503), a socket's \
+             read message (dropped)",
             replays_refused.clone(),
         );
+        // Every kind from the start, at 0, so that a rate over it is defined.
+        for turn in Turn::ALL {
+            drop(replays_refused.get_or_create(&TurnLabels { kind: turn.label() }));
+        }
         let event_lag = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "event_lag_seconds",
@@ -173,6 +211,13 @@ impl Default for Metrics {
 impl Metrics {
     pub fn refused(&self, reason: &'static str) {
         self.refusals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A replay's turn refused to `turn` (`pgrelay_replays_refused_total`).
+    pub fn turn_refused(&self, turn: Turn) {
+        self.replays_refused
+            .get_or_create(&TurnLabels { kind: turn.label() })
+            .inc();
     }
 
     pub fn connections(&self, stream: &str) -> Gauge {

@@ -63,7 +63,7 @@ use crate::auth::{presented_token, Identity, Presented};
 use crate::bell;
 use crate::coalesce::Coalesce;
 use crate::db::DbError;
-use crate::metrics::Format;
+use crate::metrics::{Format, Turn};
 use crate::replays::Busy;
 use crate::session;
 use crate::shared::Shared;
@@ -666,7 +666,11 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
     let _turn = match shared.replays.turn(&identity.user).await {
         Ok(turn) => turn,
         Err(busy) => {
-            shared.metrics.replays_refused.inc();
+            shared.metrics.turn_refused(if history {
+                Turn::History
+            } else {
+                Turn::ReadRequest
+            });
             let (status, why) = match busy {
                 Busy::User => (
                     StatusCode::TOO_MANY_REQUESTS,

@@ -33,7 +33,7 @@ use crate::bell;
 use crate::db::DbError;
 use crate::db::{Cursor, LogReader, Source, REPLAY_WINDOW};
 use crate::hub::{Delivery, Ring, Subscription};
-use crate::metrics::CloseLabels;
+use crate::metrics::{CloseLabels, Turn};
 use crate::parse::Event;
 use crate::recent::{Audience, Lost};
 use crate::replays::Busy;
@@ -421,7 +421,7 @@ async fn mark_read(
     let _turn = match shared.replays.try_turn(&identity.user) {
         Ok(turn) => turn,
         Err(busy) => {
-            shared.metrics.replays_refused.inc();
+            shared.metrics.turn_refused(Turn::ReadMessage);
             tracing::debug!(reason = %busy, "read message dropped: retry later");
             return Ok(());
         }
@@ -466,7 +466,7 @@ async fn replay<P: Peer>(
         return Ok(upto);
     };
     let _turn = shared.replays.turn(user).await.map_err(|busy| {
-        shared.metrics.replays_refused.inc();
+        shared.metrics.turn_refused(Turn::Replay);
         tracing::debug!(reason = %busy, "replay refused: retry later");
         match busy {
             Busy::User => End::Close(Close::ReplayBusy, reason::USER_REPLAYS_BUSY),

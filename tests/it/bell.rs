@@ -339,7 +339,12 @@ async fn a_read_message_takes_a_turn_and_without_one_starts_no_query() {
     let path = format!("/ws/notifications/?last_id=0&epoch={epoch}");
     let (locker, mut stuck) = hold_two_replays(&db, &relay, &path, &token("2", false)).await;
     let watcher = db.client().await;
-    let refused = || async { sample(&metrics(addr).await, "pgrelay_replays_refused_total") };
+    let refused = || async {
+        sample(
+            &metrics(addr).await,
+            r#"pgrelay_replays_refused_total{kind="read_message"}"#,
+        )
+    };
     assert_eq!(refused().await, Some(0.0));
     reader
         .send_text(&json!({"type": "read", "up_to": id}).to_string())
@@ -353,6 +358,22 @@ async fn a_read_message_takes_a_turn_and_without_one_starts_no_query() {
         2,
         "the read message started a query"
     );
+    // A history page and a `POST /read` get 429, each refusal counted by
+    // what asked.
+    let (status, body) = history(&relay, "/history/notifications/", "2").await;
+    assert_eq!(status, 429, "{body}");
+    let answer = post_read(&relay, "2", json!({"type": "read", "up_to": id})).await;
+    assert_eq!(answer.status, 429, "{}", answer.body);
+    let text = metrics(addr).await;
+    for (kind, n) in [
+        ("replay", 0.0),
+        ("history", 1.0),
+        ("read_request", 1.0),
+        ("read_message", 1.0),
+    ] {
+        let series = format!(r#"pgrelay_replays_refused_total{{kind="{kind}"}}"#);
+        assert_eq!(sample(&text, &series), Some(n), "{series}");
+    }
 
     locker.batch_execute("ROLLBACK").await.expect("unlock");
     for ws in &mut stuck {

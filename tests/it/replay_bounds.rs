@@ -214,6 +214,8 @@ async fn stuck_replays_are_stopped_by_the_server_and_capped_per_user() {
     let (code, reason) = third.close_code().await;
     assert_eq!(code, Close::ReplayBusy.code(), "{reason}");
     assert!(reason.contains("retry"), "{reason}");
+    let refused = r#"pgrelay_replays_refused_total{kind="replay"}"#;
+    assert_eq!(metric(relay.relay.addr(), refused).await, Some(1.0));
 
     // The server's statement timeout ends the waits; the sockets hear 1011.
     for ws in [&mut first, &mut second] {
