@@ -116,6 +116,14 @@ impl Subject {
         }
     }
 
+    /// What the rate counts, on the table's first line.
+    fn rate_unit(self) -> &'static str {
+        match self {
+            Subject::Pgrelay => "rows/s",
+            Subject::Ideal => "events/s",
+        }
+    }
+
     /// The end of the table's first line: how the events were made.
     fn source_line(self, args: &Args) -> String {
         match self {
@@ -411,10 +419,11 @@ impl Report {
         let w = self.window_s.max(f64::EPSILON);
         let _ = writeln!(
             t,
-            "pgrelay-bench{}: {}, {} rows/s for {} (warm-up {}), {}",
+            "pgrelay-bench{}: {}, {} {} for {} (warm-up {}), {}",
             self.quiet.mark(),
             args.sockets_line(),
             args.rate,
+            self.subject.rate_unit(),
             humantime::format_duration(args.duration),
             humantime::format_duration(args.warmup),
             self.subject.source_line(args),
