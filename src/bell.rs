@@ -4,7 +4,10 @@
 //! only what the user may see on that stream, within retention, and never
 //! what they cleared. Each request reads at most [`HISTORY_WINDOWS`] windows
 //! of `REPLAY_WINDOW` ids, like a replay, so its cost in PostgreSQL is
-//! bounded whatever the log holds; `next_before` says where to go on.
+//! bounded whatever the log holds, and stops at the window that takes its
+//! events' payloads to `PAGE_BYTES` (each window's page is bounded so too),
+//! so an answer holds twice that and one event at most; `next_before` says
+//! where to go on.
 //!
 //! Read state is one row per user and stream (`pgrelay.read_state`), moved
 //! only forward by `pgrelay.mark_read`, which also writes the change into the
@@ -14,7 +17,7 @@
 //! the read cursor and the unread count when the client asks (`?unread=1`).
 
 use crate::auth::Identity;
-use crate::db::{DbError, Visible, REPLAY_WINDOW};
+use crate::db::{DbError, Visible, PAGE_BYTES, REPLAY_WINDOW};
 use crate::parse::Event;
 use crate::route::KeyFilter;
 use crate::shared::Shared;
@@ -160,6 +163,8 @@ pub async fn history(
     let mut before = before.unwrap_or(i64::MAX).min(info.max_id + 1);
     let filter = Filter::for_endpoint(shared, endpoint, user);
     let mut events: Vec<Event> = Vec::new();
+    // The payloads read so far, seen or not.
+    let mut bytes = 0;
     for _ in 0..HISTORY_WINDOWS {
         if before <= lowest {
             return Ok(History {
@@ -174,9 +179,11 @@ pub async fn history(
             .db
             .history(filter.visible(), before, floor, wanted)
             .await?;
-        // Ended by its bytes rather than its rows (`db::PAGE_BYTES`): the
-        // answer is as large as one page may be, and stops here.
-        let bytes_full = page.more && (page.rows as i64) < wanted;
+        bytes += page
+            .events
+            .iter()
+            .map(|e| e.data.get().len())
+            .sum::<usize>();
         events.extend(
             page.events
                 .into_iter()
@@ -186,7 +193,7 @@ pub async fn history(
             Some(last) if page.more => last,
             _ => floor,
         };
-        if events.len() as i64 >= limit || bytes_full {
+        if events.len() as i64 >= limit || bytes as i64 >= PAGE_BYTES {
             break;
         }
     }

@@ -176,7 +176,7 @@ impl TestDb {
                 &[&owner, &name, &description],
             )
             .await
-            .unwrap_or_else(|e| panic!("insert a {}-byte description: {e}", description.len()))
+            .unwrap_or_else(|e| panic!("insert a {}-byte description: {e:?}", description.len()))
             .get(0)
     }
 

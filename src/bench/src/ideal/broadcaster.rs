@@ -296,8 +296,8 @@ struct Peer {
     /// What the socket has not taken yet, oldest first: `pending[sent..]`.
     pending: Vec<u8>,
     /// Bytes at the front of `pending` already written: moved out only once
-    /// they are half of it, so a socket far behind costs each byte one move
-    /// at most, not one a write.
+    /// they are half of it, so a socket far behind costs about one move a
+    /// byte written, not a move of all it has pending at every write.
     sent: usize,
     /// Client bytes not parsed yet (part of a frame at most).
     inbox: Vec<u8>,
@@ -464,8 +464,9 @@ mod tests {
         let (server, _) = listener.accept().expect("accept");
         server.set_nonblocking(true).expect("non-blocking");
         let mut peer = Peer::new(TcpStream::from_std(server));
-        // Far more than loopback's buffers take while nobody reads.
-        let chunks: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 256 << 10]).collect();
+        // 64 MiB: more than loopback's buffers take while nobody reads
+        // (tcp_rmem's and tcp_wmem's maximums: 32 and 4 MiB here).
+        let chunks: Vec<Vec<u8>> = (0..=255u8).map(|i| vec![i; 256 << 10]).collect();
         for chunk in &chunks {
             peer.send(chunk).expect("send");
         }
@@ -476,7 +477,7 @@ mod tests {
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
             (&client)
-                .take(64 * (256 << 10))
+                .take(256 * (256 << 10))
                 .read_to_end(&mut got)
                 .map(|_| got)
         });
