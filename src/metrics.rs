@@ -52,14 +52,16 @@ pub enum Turn {
     History,
     ReadRequest,
     ReadMessage,
+    UnreadCount,
 }
 
 impl Turn {
-    const ALL: [Turn; 4] = [
+    const ALL: [Turn; 5] = [
         Turn::Replay,
         Turn::History,
         Turn::ReadRequest,
         Turn::ReadMessage,
+        Turn::UnreadCount,
     ];
 
     fn label(self) -> &'static str {
@@ -68,6 +70,7 @@ impl Turn {
             Turn::History => "history",
             Turn::ReadRequest => "read_request",
             Turn::ReadMessage => "read_message",
+            Turn::UnreadCount => "unread_count",
         }
     }
 }
@@ -161,7 +164,7 @@ impl Default for Metrics {
             "replays_refused",
             "Replay turns refused because too many ran at once, by what asked: a replay \
              (closed with 1013), a history page or a POST /read (429 or 503), a socket's \
-             read message (dropped)",
+             read message (dropped), hello's unread count (hello goes without it)",
             replays_refused.clone(),
         );
         // Every kind from the start, at 0, so that a rate over it is defined.

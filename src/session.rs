@@ -394,6 +394,7 @@ async fn hello_unread(
     // behind replays for a badge, which the client can ask for again
     // (history carries it too).
     let Ok(_turn) = shared.replays.try_turn(user) else {
+        shared.metrics.turn_refused(Turn::UnreadCount);
         tracing::debug!("no turn free for the unread count; hello without it");
         return None;
     };

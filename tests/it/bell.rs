@@ -373,18 +373,24 @@ async fn a_read_message_takes_a_turn_and_without_one_starts_no_query() {
         2,
         "the read message started a query"
     );
-    // A history page and a `POST /read` get 429, each refusal counted by
-    // what asked.
+    // A history page and a `POST /read` get 429, a `hello` asked for its
+    // unread count goes without it, each refusal counted by what asked.
     let (status, body) = history(&relay, "/history/notifications/", "2").await;
     assert_eq!(status, 429, "{body}");
     let answer = post_read(&relay, "2", json!({"type": "read", "up_to": id})).await;
     assert_eq!(answer.status, 429, "{}", answer.body);
+    let mut badge = relay
+        .ws("/ws/notifications/?unread=1", &token("2", false))
+        .await;
+    let hello = badge.hello().await;
+    assert_eq!(hello["unread"], Value::Null, "{hello}");
     let text = metrics(addr).await;
     for (kind, n) in [
         ("replay", 0.0),
         ("history", 1.0),
         ("read_request", 1.0),
         ("read_message", 1.0),
+        ("unread_count", 1.0),
     ] {
         let series = format!(r#"pgrelay_replays_refused_total{{kind="{kind}"}}"#);
         assert_eq!(sample(&text, &series), Some(n), "{series}");
