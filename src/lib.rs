@@ -260,7 +260,10 @@ impl Relay {
             hub,
             db,
             // Two pool connections stay free for admin checks and the probe.
-            replays: ReplayLimits::new(config.pool_size.saturating_sub(2)),
+            replays: ReplayLimits::new(
+                config.pool_size.saturating_sub(2),
+                metrics.replays_refused.clone(),
+            ),
             routes: config.routes,
             metrics,
             status: Arc::clone(&status),

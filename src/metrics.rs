@@ -40,39 +40,10 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// What asked for a replay's turn that was refused (`replays::Asker`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TurnLabels {
     pub kind: &'static str,
-}
-
-/// What asked for a replay's turn (`replays`): the `kind` of a refusal.
-#[derive(Clone, Copy, Debug)]
-pub enum Turn {
-    Replay,
-    History,
-    ReadRequest,
-    ReadMessage,
-    UnreadCount,
-}
-
-impl Turn {
-    const ALL: [Turn; 5] = [
-        Turn::Replay,
-        Turn::History,
-        Turn::ReadRequest,
-        Turn::ReadMessage,
-        Turn::UnreadCount,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            Turn::Replay => "replay",
-            Turn::History => "history",
-            Turn::ReadRequest => "read_request",
-            Turn::ReadMessage => "read_message",
-            Turn::UnreadCount => "unread_count",
-        }
-    }
 }
 
 pub struct Metrics {
@@ -167,10 +138,6 @@ impl Default for Metrics {
              read message (dropped), hello's unread count (hello goes without it)",
             replays_refused.clone(),
         );
-        // Every kind from the start, at 0, so that a rate over it is defined.
-        for turn in Turn::ALL {
-            drop(replays_refused.get_or_create(&TurnLabels { kind: turn.label() }));
-        }
         let event_lag = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "event_lag_seconds",
@@ -214,13 +181,6 @@ impl Default for Metrics {
 impl Metrics {
     pub fn refused(&self, reason: &'static str) {
         self.refusals.get_or_create(&ReasonLabels { reason }).inc();
-    }
-
-    /// A replay's turn refused to `turn` (`pgrelay_replays_refused_total`).
-    pub fn turn_refused(&self, turn: Turn) {
-        self.replays_refused
-            .get_or_create(&TurnLabels { kind: turn.label() })
-            .inc();
     }
 
     pub fn connections(&self, stream: &str) -> Gauge {

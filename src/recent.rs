@@ -44,11 +44,12 @@
 //! 100,000 entries a connect at the default budget).
 //!
 //! Priming: at start, the newest events up to the head the listener starts
-//! from, read newest first in pages of [`PRIME_PAGE`] rows (each under the
-//! statement timeout, and `db::PAGE_BYTES`), until the budget is full, `REPLAY_WINDOW` ids or
-//! [`PRIME_ROWS`] rows are read, so a storm right after a restart finds the
-//! events written while pgrelay was down. What priming holds beyond the
-//! budget is one page at most (the oldest are dropped as they are pushed).
+//! from, read newest first in pages of [`PRIME_PAGE`] rows or
+//! `db::PAGE_BYTES` (each under the statement timeout), until the budget is
+//! full, `REPLAY_WINDOW` ids or [`PRIME_ROWS`] rows are read, so a storm
+//! right after a restart finds the events written while pgrelay was down.
+//! What priming holds beyond the budget is one page at most (the oldest are
+//! dropped as they are pushed).
 //! A page that fails after the first ends priming with what was read.
 //! Both meet at that head: no gap, no duplicate.
 //!
@@ -413,9 +414,9 @@ impl<D: Kept> Recent<D> {
         }
         let channels = routes.channels();
         let floor = head.saturating_sub(REPLAY_WINDOW);
-        // Newest first: (id, entry), and the bytes the entries cost.
         // The events someone may see, newest first (the others only move
-        // the range, which the head's push below does).
+        // the range, which the head's push below does), and the bytes
+        // they cost.
         let mut read: Vec<Entry<D>> = Vec::new();
         let (mut rows, mut bytes, mut below, mut pruned_through) = (0, 0, head, 0);
         // Where the range held starts: below the oldest row read, or the

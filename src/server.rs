@@ -63,8 +63,8 @@ use crate::auth::{presented_token, Identity, Presented};
 use crate::bell;
 use crate::coalesce::Coalesce;
 use crate::db::DbError;
-use crate::metrics::{Format, Turn};
-use crate::replays::Busy;
+use crate::metrics::Format;
+use crate::replays::{Asker, Busy};
 use crate::session;
 use crate::shared::Shared;
 use crate::sse;
@@ -663,14 +663,14 @@ async fn bell_route(req: Request<Incoming>, shared: &Shared, path: &str) -> Resp
     // take a replay's turn, under the same caps (two at once a user, the
     // pool's share in all), so a client looping on them cannot starve the
     // pool.
-    let _turn = match shared.replays.turn(&identity.user).await {
+    let asker = if history {
+        Asker::History
+    } else {
+        Asker::ReadRequest
+    };
+    let _turn = match shared.replays.turn(&identity.user, asker).await {
         Ok(turn) => turn,
         Err(busy) => {
-            shared.metrics.turn_refused(if history {
-                Turn::History
-            } else {
-                Turn::ReadRequest
-            });
             let (status, why) = match busy {
                 Busy::User => (
                     StatusCode::TOO_MANY_REQUESTS,

@@ -33,10 +33,10 @@ use crate::bell;
 use crate::db::DbError;
 use crate::db::{Cursor, LogReader, Source, REPLAY_WINDOW};
 use crate::hub::{Delivery, Ring, Subscription};
-use crate::metrics::{CloseLabels, Turn};
+use crate::metrics::CloseLabels;
 use crate::parse::Event;
 use crate::recent::{Audience, Lost};
-use crate::replays::Busy;
+use crate::replays::{Asker, Busy};
 use crate::shared::Shared;
 use crate::wire::{self, reason, ClientMessage, Close, Endpoint, EventFrame, Reset, Resume};
 
@@ -393,8 +393,7 @@ async fn hello_unread(
     // Only a turn free now: in a reconnect storm `hello` must not wait
     // behind replays for a badge, which the client can ask for again
     // (history carries it too).
-    let Ok(_turn) = shared.replays.try_turn(user) else {
-        shared.metrics.turn_refused(Turn::UnreadCount);
+    let Ok(_turn) = shared.replays.try_turn(user, Asker::UnreadCount) else {
         tracing::debug!("no turn free for the unread count; hello without it");
         return None;
     };
@@ -419,10 +418,9 @@ async fn mark_read(
     identity: &Identity,
     mark: bell::Mark,
 ) -> Result<(), End> {
-    let _turn = match shared.replays.try_turn(&identity.user) {
+    let _turn = match shared.replays.try_turn(&identity.user, Asker::ReadMessage) {
         Ok(turn) => turn,
         Err(busy) => {
-            shared.metrics.turn_refused(Turn::ReadMessage);
             tracing::debug!(reason = %busy, "read message dropped: retry later");
             return Ok(());
         }
@@ -466,14 +464,17 @@ async fn replay<P: Peer>(
     let Some(after) = from_memory(peer, shared, endpoint, user, resume, upto).await? else {
         return Ok(upto);
     };
-    let _turn = shared.replays.turn(user).await.map_err(|busy| {
-        shared.metrics.turn_refused(Turn::Replay);
-        tracing::debug!(reason = %busy, "replay refused: retry later");
-        match busy {
-            Busy::User => End::Close(Close::ReplayBusy, reason::USER_REPLAYS_BUSY),
-            Busy::Total => End::Close(Close::ReplayBusy, reason::REPLAYS_BUSY),
-        }
-    })?;
+    let _turn = shared
+        .replays
+        .turn(user, Asker::Replay)
+        .await
+        .map_err(|busy| {
+            tracing::debug!(reason = %busy, "replay refused: retry later");
+            match busy {
+                Busy::User => End::Close(Close::ReplayBusy, reason::USER_REPLAYS_BUSY),
+                Busy::Total => End::Close(Close::ReplayBusy, reason::REPLAYS_BUSY),
+            }
+        })?;
     let unavailable = |e: crate::db::DbError| {
         tracing::warn!(error = %e, "replay failed");
         End::from(Close::ReplayFailed)
