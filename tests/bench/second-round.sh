@@ -52,7 +52,8 @@ run() {
 for round in $(seq 1 "$RUNS"); do
     for point in $POINTS; do
         echo "round $round: $point" >&2
-        before=$(wc -l <"$OUT/$point.jsonl" 2>/dev/null || echo 0)
+        touch "$OUT/$point.jsonl"
+        before=$(wc -l <"$OUT/$point.jsonl")
         run "$point" --json "${NOISY[@]}" >>"$OUT/$point.jsonl" 2>>"$OUT/$point.log"
         status=$?
         after=$(wc -l <"$OUT/$point.jsonl")

@@ -245,9 +245,10 @@ impl Args {
                     "--scenario ideal starts its own broadcaster: drop --url",
                 ));
             }
-            if self.stream != StreamKind::Dashboard || self.transport != TransportKind::Websocket {
+            // (Over WebSocket: --transport sse is refused above.)
+            if self.stream != StreamKind::Dashboard {
                 return Err(BenchError::Usage(
-                    "--scenario ideal: every socket on the dashboard over WebSocket",
+                    "--scenario ideal: every socket on the dashboard (--stream dashboard)",
                 ));
             }
         }

@@ -1,5 +1,6 @@
 //! The bench's one error type. It is a program, not a library: every error
-//! ends as one line on stderr (`pgrelay-bench: error: ...`, exit 2) or as a
+//! ends as one line on stderr (`pgrelay-bench: error: ...`, exit 2, or 3
+//! for a refused quiet check) or as a
 //! client's first error in the report, so one enum whose variants keep the
 //! cause (`#[source]`) and say what was being done is all it needs.
 

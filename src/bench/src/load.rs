@@ -116,6 +116,14 @@ impl Subject {
         }
     }
 
+    /// How the server is told to stop.
+    fn stop_signal(self) -> &'static str {
+        match self {
+            Subject::Pgrelay => "SIGTERM",
+            Subject::Ideal => "the end of its stdin",
+        }
+    }
+
     /// What the rate counts, on the table's first line.
     fn rate_unit(self) -> &'static str {
         match self {
@@ -578,9 +586,10 @@ impl Report {
                 &mut t,
                 &format!("{name} shutdown"),
                 format!(
-                    "exit {} {:.2} s after SIGTERM",
+                    "exit {} {:.2} s after {}",
                     code.map_or("signal".into(), |c| c.to_string()),
-                    secs
+                    secs,
+                    self.subject.stop_signal()
                 ),
             );
         }

@@ -27,8 +27,9 @@
 //! ([`ideal`]: the load run against an ideal broadcaster, which is this
 //! executable again, with the hidden `--ideal-serve`). Each checks that the
 //! machine is quiet before it measures ([`quiet`]). This file
-//! only reads the command line, starts the runtime and the pgrelay under
-//! test, runs the scenario and prints its report.
+//! only reads the command line, starts the runtime and the server under
+//! test (pgrelay, or the broadcaster), runs the scenario and prints its
+//! report.
 
 // The load report's `json!` object has outgrown the macro's default depth.
 #![recursion_limit = "256"]

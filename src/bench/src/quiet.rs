@@ -5,7 +5,7 @@
 //! samples /proc for [`SAMPLE`] and computes what the machine was busy with
 //! besides the bench, its pgrelay and its PostgreSQL
 //! ([`crate::procfs::others_busy_s`]). Above `--quiet-max-busy` (% of one
-//! core) it refuses to measure (exit 2, naming the busiest other
+//! core) it refuses to measure (exit 3, naming the busiest other
 //! processes), unless `--allow-noisy`, which runs on and marks the report
 //! NOISY. The same figure over the measured window marks a run NOISY too
 //! (a window shorter than [`SAMPLE`] is not judged: at 10 ms a tick, a 40 ms
@@ -72,7 +72,7 @@ impl Window {
 }
 
 /// Samples the machine for [`SAMPLE`] with the run idle; refuses (an error,
-/// exit 2) when others used more than --quiet-max-busy, unless
+/// exit 3) when others used more than --quiet-max-busy, unless
 /// --allow-noisy.
 pub(crate) async fn check(args: &Args, server: &Server) -> Result<Quiet> {
     let ours = Ours::new(server);

@@ -328,17 +328,27 @@ impl Header {
     }
 }
 
-/// Appends a client frame (final, masked with a random key) to `out`.
-fn push_frame(out: &mut Vec<u8>, control: Control, payload: &[u8]) {
-    let mask: [u8; 4] = rand::random();
+/// Appends a final control frame to `out`: masked with a random key when
+/// `masked` (a client's), plain otherwise (a server's: the plain
+/// broadcaster's close).
+pub(crate) fn push_control(out: &mut Vec<u8>, control: Control, payload: &[u8], masked: bool) {
+    let mask: Option<[u8; 4]> = masked.then(rand::random);
     let header = FrameHeader {
         opcode: OpCode::Control(control),
-        mask: Some(mask),
+        mask,
         ..FrameHeader::default()
     };
     // Writing into a Vec does not fail.
     let _ = header.format(payload.len() as u64, out);
-    out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    match mask {
+        Some(mask) => out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m)),
+        None => out.extend_from_slice(payload),
+    }
+}
+
+/// Appends a client control frame (final, masked with a random key).
+fn push_frame(out: &mut Vec<u8>, control: Control, payload: &[u8]) {
+    push_control(out, control, payload, true);
 }
 
 #[cfg(test)]

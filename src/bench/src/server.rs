@@ -102,7 +102,7 @@ impl Serve {
     }
 }
 
-/// How the child pgrelay ended: (exit code, seconds from SIGTERM to exit).
+/// How our child ended: (exit code, seconds from being told to stop to exit).
 pub(crate) type Shutdown = Option<(Option<i32>, f64)>;
 
 impl Server {
@@ -228,7 +228,7 @@ impl Server {
                 "cannot run {} --ideal-serve",
                 bin.display()
             )))?;
-        let (Some(stdout), feed) = (child.stdout.take(), child.stdin.take()) else {
+        let (Some(stdout), Some(feed)) = (child.stdout.take(), child.stdin.take()) else {
             return Err(BenchError::run("the ideal broadcaster's pipes are missing"));
         };
         let mut line = String::new();
@@ -263,7 +263,7 @@ impl Server {
                 args.ideal_threads
             ),
             serve: None,
-            feed: feed.map(Feed::new),
+            feed: Some(Feed::new(feed)),
         })
     }
 
@@ -272,7 +272,7 @@ impl Server {
         self.feed.clone()
     }
 
-    /// SIGTERM to our child pgrelay (bounded wait, then SIGKILL), then the
+    /// Stops our child ([`Self::stop_child`]), then the
     /// throwaway cluster. Nothing for a running target.
     pub(crate) async fn stop(&mut self) -> Shutdown {
         let shutdown = self.stop_child().await;
@@ -284,30 +284,33 @@ impl Server {
         shutdown
     }
 
-    /// SIGTERM to our child pgrelay (bounded wait, then SIGKILL).
+    /// Stops our child: SIGTERM to pgrelay, the end of its stdin to the
+    /// ideal broadcaster (bounded wait, then SIGKILL).
     pub(crate) async fn stop_child(&mut self) -> Shutdown {
-        let mut shutdown = None;
-        if let Some(mut child) = self.child.take() {
-            if let Some(pid) = child.id() {
-                let began = Instant::now();
+        let mut child = self.child.take()?;
+        let began = Instant::now();
+        match (self.feed.take(), child.id()) {
+            // The feeding task has ended with the schedule: this is the last
+            // handle on the broadcaster's stdin.
+            (Some(feed), _) => drop(feed),
+            (None, Some(pid)) => {
                 let _ = tokio::process::Command::new("kill")
                     .args(["-TERM", &pid.to_string()])
                     .status()
                     .await;
-                match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-                    Ok(Ok(status)) => {
-                        shutdown = Some((status.code(), began.elapsed().as_secs_f64()));
-                    }
-                    _ => {
-                        eprintln!(
-                            "the server under test did not exit within 10 s of SIGTERM: killing it"
-                        );
-                        let _ = child.kill().await;
-                    }
-                }
+            }
+            (None, None) => return None,
+        }
+        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(Ok(status)) => Some((status.code(), began.elapsed().as_secs_f64())),
+            _ => {
+                eprintln!(
+                    "the server under test did not exit within 10 s of being stopped: killing it"
+                );
+                let _ = child.kill().await;
+                None
             }
         }
-        shutdown
     }
 
     /// Starts our child pgrelay again, on the same port, after [`Self::stop_child`].

@@ -8,22 +8,21 @@
 //! - An accept thread answers each upgrade (tungstenite's server
 //!   handshake, 5 s at most a read) and hands
 //!   the socket, non-blocking with TCP_NODELAY, to writer thread i mod N.
-//! - The main thread reads stdin: each line is a batch size B, sent by the
-//!   parent when the batch is due on its schedule. It builds the batch once:
-//!   B events with the next consecutive ids, each a frame shaped like
-//!   pgrelay's for an INSERT into the demo's `businesses` (built by
-//!   pgrelay's own `Event::frame`), `at` the wall clock now, each with its
-//!   unmasked header, all in one buffer shared by every writer. End of
-//!   stdin ends the process.
+//! - The main thread reads stdin: each line is a batch size B (1 to 1,000),
+//!   sent by the parent when the batch is due on its schedule. It builds the
+//!   batch once: B events with the next consecutive ids, each pgrelay's own
+//!   frame (`EventFrame::of`, header included) for an INSERT into the
+//!   demo's `businesses`, `at` the wall clock now, all in one buffer
+//!   shared by every writer. End of stdin ends the process.
 //! - A writer thread owns its sockets: on a new one it sends `hello`
 //!   (`last_id`: the last id it has sent, so the socket gets every later
 //!   one), on a batch one write a socket; batches that queued while it was
 //!   writing go out together, one write a socket for all of them (a
-//!   pgrelay socket's queue coalesces the same way). A partial or refused write keeps
-//!   the rest in the socket's own pending bytes, written before the next
-//!   batch or when epoll says the socket is writable: nothing is dropped,
-//!   and nothing bounds the pending bytes (the bench's clients read
-//!   everything). Client frames are read only for a close, answered with
+//!   pgrelay socket's queue coalesces the same way). A partial or refused
+//!   write keeps the rest in the socket's own pending bytes, written before
+//!   the next batch or when epoll says the socket is writable: nothing is
+//!   dropped, and nothing bounds the pending bytes (the bench's clients
+//!   read everything). Client frames are read only for a close, answered with
 //!   the same code before the socket is dropped.
 
 use std::io::{self, BufRead, Cursor, Read, Write};
@@ -33,17 +32,22 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hyper_tungstenite::tungstenite;
-use hyper_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use hyper_tungstenite::tungstenite::protocol::frame::coding::{Control, OpCode};
 use hyper_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use pgrelay::parse::Event;
-use pgrelay::wire::{self, Endpoint};
+use pgrelay::wire::{self, Endpoint, EventFrame};
 use serde_json::value::RawValue;
+
+use crate::rawws::push_control;
 
 /// The most a socket buffers of what its client sends before it is
 /// dropped (the bench's client sends a close, a few bytes).
 const MAX_INBOX: usize = 64 * 1024;
+
+/// Events in one batch at most (`--rows-per-insert`'s bound).
+const MAX_BATCH: u16 = 1000;
 
 /// The writer's own token for its waker; sockets are numbered from 0.
 const WAKE: Token = Token(usize::MAX);
@@ -64,10 +68,15 @@ pub(crate) fn serve(threads: usize) -> io::Result<()> {
         .spawn(move || accept(&listener, &for_accept))?;
     let mut next_id = 1;
     for line in io::stdin().lock().lines() {
-        let size: i64 = line?
+        let size = line?
             .trim()
-            .parse()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a batch size"))?;
+            .parse::<u16>()
+            .ok()
+            .filter(|size| (1..=MAX_BATCH).contains(size))
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "a batch size from 1 to 1000")
+            })?;
+        let size = i64::from(size);
         let batch = Arc::new(build_batch(next_id, size, SystemTime::now())?);
         next_id += size;
         for writer in writers.iter() {
@@ -105,28 +114,12 @@ fn build_batch(first: i64, size: i64, now: SystemTime) -> io::Result<Batch> {
             data: RawValue::from_string(row)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
         };
-        push_text(&mut frames, &event.frame());
+        frames.extend_from_slice(EventFrame::of(&event).websocket());
     }
     Ok(Batch {
         last_id: first + size - 1,
         frames,
     })
-}
-
-/// Appends a server text frame (final, unmasked) holding `json`.
-fn push_text(out: &mut Vec<u8>, json: &str) {
-    push_frame(out, OpCode::Data(Data::Text), json.as_bytes());
-}
-
-/// Appends a server frame (final, unmasked).
-fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
-    let header = FrameHeader {
-        opcode,
-        ..FrameHeader::default()
-    };
-    // Writing into a Vec does not fail.
-    let _ = header.format(payload.len() as u64, out);
-    out.extend_from_slice(payload);
 }
 
 /// Accepts until the writers are gone; a failed handshake costs only its
@@ -230,15 +223,14 @@ fn write_loop(mut poll: Poll, commands: &Receiver<Command>) -> io::Result<()> {
                         }
                         Ok(Command::Socket(tcp)) => {
                             broadcast(poll.registry(), &mut peers, &mut due);
-                            let mut hello = Vec::new();
                             let text =
                                 wire::hello(&Endpoint::Dashboard, "ideal", last_id, "ideal", None);
-                            push_text(&mut hello, &text);
+                            let hello = EventFrame::new(0, false, text);
                             let mut peer = Peer::new(TcpStream::from_std(tcp));
                             // Registered once it took its hello (a socket
                             // that failed it is dropped unregistered);
                             // registering reports its readiness now.
-                            if peer.send(&hello).is_ok() {
+                            if peer.send(hello.websocket()).is_ok() {
                                 poll.registry().register(
                                     &mut peer.tcp,
                                     Token(peers.len()),
@@ -377,10 +369,11 @@ impl Peer {
                 // the wire already), as far as the socket takes it now.
                 let mut close = Vec::new();
                 let code = code.map(u16::to_be_bytes);
-                push_frame(
+                push_control(
                     &mut close,
-                    OpCode::Control(Control::Close),
+                    Control::Close,
                     code.as_ref().map_or(&[][..], |c| &c[..]),
+                    false,
                 );
                 let _ = self.send(&close);
                 return Inbound::Done;
@@ -481,12 +474,19 @@ mod tests {
                 .read_to_end(&mut got)
                 .map(|_| got)
         });
+        // Flushed as the writer thread does: when epoll says writable.
+        let mut poll = Poll::new().expect("poll");
+        (poll.registry())
+            .register(&mut peer.tcp, Token(0), Interest::WRITABLE)
+            .expect("register");
+        let mut events = Events::with_capacity(4);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !peer.pending.is_empty() {
-            assert!(std::time::Instant::now() < deadline, "not flushed in 20 s");
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "not flushed in 20 s");
+            poll.poll(&mut events, Some(left)).expect("poll");
             peer.flush().expect("flush");
             assert!(peer.sent <= peer.pending.len() / 2 || peer.pending.is_empty());
-            std::thread::yield_now();
         }
         let got = reader.join().expect("reader").expect("read");
         assert_eq!(got, chunks.concat());

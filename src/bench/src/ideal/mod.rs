@@ -11,8 +11,8 @@
 //! made by the broadcaster instead of transactions. The bench keeps the
 //! schedule, as it does with its writers: when a batch is due it writes
 //! the batch's size on the broadcaster's stdin ([`Feed`], held open until
-//! the broadcaster is stopped with SIGTERM at the end of the run; should
-//! the bench die first, the end of stdin stops the broadcaster), and the
+//! the end of the run, when closing it stops the broadcaster, as it does
+//! should the bench die first), and the
 //! broadcaster stamps `at` when it builds the batch, so "commit" is the
 //! ideal's clock and the schedule's own lateness is not in the latency,
 //! as the writers' is not in pgrelay's. Event ids are 1, 2, ... in
