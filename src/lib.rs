@@ -73,6 +73,7 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod shared;
+pub mod shutdown;
 pub mod sse;
 pub mod websocket;
 pub mod wire;
@@ -85,7 +86,6 @@ pub use crate::shared::{ExtraRoutes, Status};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Lookup, Slots};
@@ -98,6 +98,7 @@ use crate::metrics::Metrics;
 use crate::recent::Recent;
 use crate::replays::ReplayLimits;
 use crate::shared::Shared;
+use crate::shutdown::Shutdown;
 
 /// WebSocket ping interval; a peer that has not answered the previous ping
 /// by the next one is dropped.
@@ -149,7 +150,7 @@ impl Default for StartOptions {
 /// shutdown token and task tracker.
 pub struct Relay {
     addr: SocketAddr,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
     tracker: TaskTracker,
     status: Arc<Status>,
     shared: Arc<Shared>,
@@ -189,7 +190,7 @@ impl Relay {
             source,
         })?;
 
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
         let status = Arc::new(Status::default());

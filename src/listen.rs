@@ -60,7 +60,6 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, Notification};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::db::{Cursor, Db, DbError, LogReader, Source};
@@ -70,6 +69,7 @@ use crate::parse::{parse_wakeup, Event};
 use crate::pgconn::Target;
 use crate::route::Routes;
 use crate::shared::Status;
+use crate::shutdown::Shutdown;
 
 /// Notifications read from the socket but not yet handled.
 const NOTIFY_QUEUE: usize = 16_384;
@@ -206,7 +206,7 @@ pub struct Listener {
     pub hub: Arc<Hub>,
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
-    pub shutdown: CancellationToken,
+    pub shutdown: Shutdown,
     pub tracker: TaskTracker,
 }
 

@@ -6,15 +6,14 @@
 
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::db::Db;
+use crate::shutdown::Shutdown;
 
 /// Rows per delete: small enough to keep each transaction short.
 const BATCH: i32 = 1_000;
 
 /// Prunes every `every` until shutdown.
-pub async fn run(db: Db, retention: Duration, every: Duration, shutdown: CancellationToken) {
+pub async fn run(db: Db, retention: Duration, every: Duration, shutdown: Shutdown) {
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {

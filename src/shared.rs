@@ -12,7 +12,6 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use hyper::body::Bytes;
 use hyper::{Method, Response};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Limits, Lookup, Slots};
@@ -22,6 +21,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::replays::ReplayLimits;
 use crate::route::Routes;
+use crate::shutdown::Shutdown;
 use crate::wire::Endpoint;
 
 /// Liveness facts the listener publishes and the server reads.
@@ -82,7 +82,7 @@ pub struct Shared {
     pub routes: Routes,
     pub metrics: Arc<Metrics>,
     pub status: Arc<Status>,
-    pub shutdown: CancellationToken,
+    pub shutdown: Shutdown,
     pub tracker: TaskTracker,
     pub ping_interval: Duration,
     pub leeway: Duration,
