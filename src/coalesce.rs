@@ -1,8 +1,9 @@
 //! A socket's write side: a queue of byte chunks that a flush sends with
 //! vectored writes and then gives back, so that a batch of frames costs one
 //! `writev` (up to [`MAX_SLICES`] frames: a live batch; a replay page of 500
-//! takes two) and an idle socket holds no write buffer (tungstenite's own
-//! buffer never shrinks, so it is switched off: see `server`).
+//! takes two) and an idle socket holds no write buffer, only room for a
+//! few chunks' pointers (tungstenite's own buffer never shrinks, so it is
+//! switched off: see `server`).
 //!
 //! Event frames are queued as the very buffers the hub shares between every
 //! socket ([`Coalesce::queue`], `wire::EventFrame`): nothing is encoded or
@@ -27,6 +28,8 @@ use crate::wire::EventFrame;
 const MAX_SLICES: usize = 257;
 /// Chunks per `writev` of a small batch.
 const FEW_SLICES: usize = 8;
+/// Chunks a sent queue keeps room for: its first allocation's (96 bytes).
+const KEEP_SLICES: usize = 4;
 
 pub struct Coalesce<T> {
     io: T,
@@ -101,8 +104,12 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
             }
             self.consume(n);
         }
-        // Everything is out: free the queue (the next batch allocates anew).
-        self.chunks = VecDeque::new();
+        // Everything is out. A queue of a live batch's few slots is kept for
+        // the next (no allocation per batch, which without thread caches
+        // takes an arena lock); a larger one, a replay page's, is freed.
+        if self.chunks.capacity() > KEEP_SLICES {
+            self.chunks = VecDeque::new();
+        }
         Poll::Ready(Ok(()))
     }
 
@@ -233,5 +240,25 @@ mod tests {
         assert_eq!(out.sent, 0);
         assert!(out.chunks.is_empty());
         assert_eq!(out.io.0, expected);
+        // A replay page's room is given back.
+        assert_eq!(out.chunks.capacity(), 0);
+    }
+
+    /// A live batch of a few frames leaves its queue's room for the next:
+    /// batch after batch allocates nothing.
+    #[tokio::test]
+    async fn a_small_batch_keeps_its_room() {
+        let mut out = Coalesce::new(Trickle::default());
+        for batch in 0..3 {
+            for i in 0..KEEP_SLICES {
+                out.queue(EventFrame::new(i as i64, false, format!("{batch}")));
+            }
+            tokio::time::timeout(Duration::from_secs(5), out.flush())
+                .await
+                .expect("flushed in time")
+                .expect("flush");
+            assert!(out.chunks.is_empty());
+            assert_eq!(out.chunks.capacity(), KEEP_SLICES);
+        }
     }
 }

@@ -121,6 +121,14 @@ pub enum Input {
 pub trait Peer {
     /// Sends the frames in one batch, within [`WRITE_TIMEOUT`].
     async fn send(&mut self, frames: Vec<Frame>) -> Result<(), End>;
+    /// Queues a live event's frame for the next [`Peer::flush`]. The live
+    /// path queues each frame as it takes it off the hub's queue, building
+    /// no batch of its own: a wake-up allocates nothing (pgrelay's allocator
+    /// has no thread caches, so each allocation takes an arena's lock).
+    fn queue(&mut self, frame: EventFrame);
+    /// Sends what [`Peer::queue`] queued, in one batch, within
+    /// [`WRITE_TIMEOUT`].
+    async fn flush(&mut self) -> Result<(), End>;
     /// The client's next input. Must be cancel-safe: the session waits on it
     /// beside the live queue.
     async fn input(&mut self) -> Input;
@@ -297,14 +305,15 @@ async fn session<P: Peer>(
                     Err(RecvError::Closed) => return Close::LogWentBack.into(),
                 };
                 // Coalesce: everything already queued goes out in one batch.
-                let mut batch = Vec::new();
+                let mut queued = 0;
                 let mut next = Some(first);
                 while let Some(delivery) = next.take() {
                     if delivery.id() > cursor {
                         cursor = delivery.id();
-                        batch.push(delivery.into());
+                        peer.queue(delivery);
+                        queued += 1;
                     }
-                    if batch.len() >= MAX_BATCH {
+                    if queued >= MAX_BATCH {
                         break;
                     }
                     match sub.rx.try_recv() {
@@ -313,11 +322,12 @@ async fn session<P: Peer>(
                         Err(_) => {}
                     }
                 }
-                let n = batch.len() as u64;
-                if let Err(end) = peer.send(batch).await {
-                    return end;
+                if queued > 0 {
+                    if let Err(end) = peer.flush().await {
+                        return end;
+                    }
+                    shared.metrics.deliveries.inc_by(queued as u64);
                 }
-                shared.metrics.deliveries.inc_by(n);
             },
         }
     }

@@ -26,7 +26,7 @@ use hyper::{Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::session::{within_write_timeout, End, Frame, Input, Peer, CLOSE_TIMEOUT};
-use crate::wire::{self, Close};
+use crate::wire::{self, Close, EventFrame};
 
 /// Chunks (batches of events) buffered between the session and hyper.
 const CHANNEL_CHUNKS: usize = 8;
@@ -38,6 +38,8 @@ pub type EventStreamBody = http_body_util::combinators::BoxBody<Bytes, Infallibl
 pub struct SsePeer {
     tx: mpsc::Sender<Bytes>,
     epoch: String,
+    /// The events queued since the last flush, as SSE text.
+    pending: Vec<u8>,
 }
 
 /// The response to send now and the peer the session writes into.
@@ -61,7 +63,14 @@ pub fn open(epoch: String) -> (Response<EventStreamBody>, SsePeer) {
     // One stream per connection: when it ends, so does the connection, so
     // an ended stream cannot leave an idle keep-alive connection behind.
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
-    (response, SsePeer { tx, epoch })
+    (
+        response,
+        SsePeer {
+            tx,
+            epoch,
+            pending: Vec::new(),
+        },
+    )
 }
 
 impl SsePeer {
@@ -73,23 +82,36 @@ impl SsePeer {
     fn id(&self, position: i64) -> String {
         wire::sse_id(&self.epoch, position)
     }
+
+    /// Appends `frame` as one SSE event to the chunk the next flush sends.
+    fn push(&mut self, frame: &Frame) {
+        let (kind, position) = match frame {
+            Frame::Hello { position, .. } => ("hello", *position),
+            Frame::Event(frame) => (
+                if frame.is_read() { "read" } else { "event" },
+                Some(frame.id()),
+            ),
+            Frame::Reset { position, .. } => ("reset", Some(*position)),
+        };
+        let id = position.map(|p| self.id(p));
+        wire::write_sse_event(&mut self.pending, kind, id.as_deref(), frame.json());
+    }
 }
 
 impl Peer for SsePeer {
     async fn send(&mut self, frames: Vec<Frame>) -> Result<(), End> {
-        let mut chunk = Vec::new();
         for frame in &frames {
-            let (kind, position) = match frame {
-                Frame::Hello { position, .. } => ("hello", *position),
-                Frame::Event(frame) => (
-                    if frame.is_read() { "read" } else { "event" },
-                    Some(frame.id()),
-                ),
-                Frame::Reset { position, .. } => ("reset", Some(*position)),
-            };
-            let id = position.map(|p| self.id(p));
-            wire::write_sse_event(&mut chunk, kind, id.as_deref(), frame.json());
+            self.push(frame);
         }
+        self.flush().await
+    }
+
+    fn queue(&mut self, frame: EventFrame) {
+        self.push(&Frame::Event(frame));
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        let chunk = std::mem::take(&mut self.pending);
         self.write(chunk).await
     }
 

@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{timeout, Instant};
 
 use crate::session::{within_write_timeout, End, Frame, Input, Peer, CLOSE_TIMEOUT, WRITE_TIMEOUT};
-use crate::wire::{reason, Close};
+use crate::wire::{reason, Close, EventFrame};
 
 /// An upgraded socket; writes are coalesced until flush (see `coalesce`).
 pub type HyperWebsocketStream = hyper_tungstenite::WebSocketStream<
@@ -81,6 +81,15 @@ impl Peer for WebSocketPeer {
             }
         }))
         .await
+    }
+
+    fn queue(&mut self, frame: EventFrame) {
+        self.ws.get_mut().queue(frame);
+    }
+
+    /// Events only: flushed on the socket's IO, past tungstenite.
+    async fn flush(&mut self) -> Result<(), End> {
+        within_write_timeout(pin!(self.ws.get_mut().flush())).await
     }
 
     /// Its two timed flushes (a close reply, a pong) are boxed: the input
