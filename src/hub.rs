@@ -3,7 +3,7 @@
 //! that may see it without copying. The lock covers `last_id` and the pushes
 //! into the rings, nothing else.
 //!
-//! Queues: one `tokio::sync::broadcast` ring for the dashboard, one per
+//! Queues: one ring (`fanout`) for the dashboard, one per
 //! connected user and one per open key of a configured stream (a
 //! [`Ring`]), each keyed ring created with its first socket and removed with
 //! its last. A ring is each socket's bounded queue; overflow policy: the publisher
@@ -22,8 +22,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::broadcast;
-
+use crate::fanout::{self, Receiver, Sender};
 use crate::parse::Event;
 use crate::recent::{Kept, Recent};
 use crate::route::Targets;
@@ -54,10 +53,10 @@ pub struct Hub {
 
 struct State {
     last_id: i64,
-    dashboard: broadcast::Sender<Delivery>,
-    users: HashMap<String, broadcast::Sender<Delivery>>,
+    dashboard: Sender<Delivery>,
+    users: HashMap<String, Sender<Delivery>>,
     /// (stream index, key) -> ring.
-    streams: HashMap<(usize, String), broadcast::Sender<Delivery>>,
+    streams: HashMap<(usize, String), Sender<Delivery>>,
 }
 
 /// A keyed ring: one user's, or one key of one stream.
@@ -68,7 +67,7 @@ pub enum Ring {
 }
 
 impl State {
-    fn ring(&self, ring: &Ring) -> Option<&broadcast::Sender<Delivery>> {
+    fn ring(&self, ring: &Ring) -> Option<&Sender<Delivery>> {
         match ring {
             Ring::User(user) => self.users.get(user),
             Ring::Stream(index, key) => self.streams.get(&(*index, key.clone())),
@@ -87,7 +86,7 @@ impl State {
 /// its queue. Dropping it unsubscribes.
 pub struct Subscription {
     pub last_id: i64,
-    pub rx: broadcast::Receiver<Delivery>,
+    pub rx: Receiver<Delivery>,
     keyed: Option<(Arc<Hub>, Ring)>,
 }
 
@@ -97,7 +96,7 @@ impl Hub {
         Arc::new(Hub {
             state: Mutex::new(State {
                 last_id: 0,
-                dashboard: broadcast::channel(dashboard_queue).0,
+                dashboard: fanout::channel(dashboard_queue),
                 users: HashMap::new(),
                 streams: HashMap::new(),
             }),
@@ -139,7 +138,7 @@ impl Hub {
         self.recent.reset(last_id);
         let mut state = self.state();
         state.last_id = last_id;
-        state.dashboard = broadcast::channel(self.dashboard_queue).0;
+        state.dashboard = fanout::channel(self.dashboard_queue);
         state.users.clear();
         state.streams.clear();
     }
@@ -157,17 +156,16 @@ impl Hub {
             return;
         };
         if targets.dashboard {
-            // `send` fails only when nobody listens: nothing to do then.
-            let _ = state.dashboard.send(delivery.clone());
+            state.dashboard.send(delivery.clone());
         }
         for user in &targets.users {
-            if let Some(tx) = state.users.get(user) {
-                let _ = tx.send(delivery.clone());
+            if let Some(tx) = state.users.get_mut(user) {
+                tx.send(delivery.clone());
             }
         }
         for target in &targets.streams {
-            if let Some(tx) = state.streams.get(target) {
-                let _ = tx.send(delivery.clone());
+            if let Some(tx) = state.streams.get_mut(target) {
+                tx.send(delivery.clone());
             }
         }
     }
@@ -189,12 +187,12 @@ impl Hub {
             Ring::User(user) => state
                 .users
                 .entry(user.clone())
-                .or_insert_with(|| broadcast::channel(self.user_queue).0)
+                .or_insert_with(|| fanout::channel(self.user_queue))
                 .subscribe(),
             Ring::Stream(index, key) => state
                 .streams
                 .entry((*index, key.clone()))
-                .or_insert_with(|| broadcast::channel(self.stream_queue).0)
+                .or_insert_with(|| fanout::channel(self.stream_queue))
                 .subscribe(),
         };
         Subscription {
@@ -219,7 +217,7 @@ impl Drop for Subscription {
             // After a restart the entry may be a new channel: leave that one.
             if state
                 .ring(ring)
-                .is_some_and(|tx| tx.receiver_count() <= 1 && tx.subscribe().same_channel(&self.rx))
+                .is_some_and(|tx| tx.receiver_count() <= 1 && tx.same_channel(&self.rx))
             {
                 state.remove(ring);
             }
@@ -308,7 +306,7 @@ mod tests {
         }
         assert!(matches!(
             alice.rx.try_recv(),
-            Err(broadcast::error::TryRecvError::Lagged(1))
+            Err(fanout::TryRecvError::Lagged(1))
         ));
     }
 
@@ -330,11 +328,11 @@ mod tests {
         let _ = dash.rx.try_recv();
         assert!(matches!(
             dash.rx.try_recv(),
-            Err(broadcast::error::TryRecvError::Closed)
+            Err(fanout::TryRecvError::Closed)
         ));
         assert!(matches!(
             old.rx.try_recv(),
-            Err(broadcast::error::TryRecvError::Closed)
+            Err(fanout::TryRecvError::Closed)
         ));
         let mut new = hub.subscribe(Ring::User("alice".into()));
         drop(old);

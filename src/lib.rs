@@ -60,6 +60,7 @@ pub mod bell;
 pub mod coalesce;
 pub mod config;
 pub mod db;
+pub mod fanout;
 pub mod hub;
 pub mod install;
 pub mod listen;

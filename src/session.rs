@@ -25,13 +25,13 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{timeout, Instant};
 
 use crate::auth::Identity;
 use crate::bell;
 use crate::db::DbError;
 use crate::db::{Cursor, LogReader, Source, REPLAY_WINDOW};
+use crate::fanout::{RecvError, TryRecvError};
 use crate::hub::{Delivery, Ring, Subscription};
 use crate::metrics::CloseLabels;
 use crate::parse::Event;
