@@ -17,6 +17,14 @@
 //! load; a socket with nothing to read registers its waker in its own
 //! `AtomicWaker`, which the publisher wakes after moving `tail`.
 //!
+//! A frame is let go once every receiver has taken it, as with tokio's
+//! broadcast, but without a count per slot (one more contended write per
+//! delivery): each receiver publishes its position beside its waker, and
+//! the publisher, which visits every receiver at each send to wake it, takes
+//! the lowest and empties the slots below. So a ring holds the frames its
+//! slowest socket has yet to take, plus those of the last send; a ring
+//! whose sockets all keep up holds next to nothing.
+//!
 //! One publisher by construction: [`Sender::send`] takes `&mut self` (the
 //! hub sends under its lock).
 
@@ -37,8 +45,9 @@ pub fn channel<T: Clone>(capacity: usize) -> Sender<T> {
             slots,
             tail: AtomicU64::new(0),
             closed: AtomicBool::new(false),
-            waiters: Mutex::new(Slab::new()),
+            readers: Mutex::new(Slab::new()),
         }),
+        released: 0,
     }
 }
 
@@ -46,6 +55,9 @@ pub fn channel<T: Clone>(capacity: usize) -> Sender<T> {
 /// is left, then [`RecvError::Closed`].
 pub struct Sender<T> {
     shared: Arc<Shared<T>>,
+    /// Positions below this are let go: their slots are empty, or hold
+    /// later frames.
+    released: u64,
 }
 
 /// A socket's end: its position in the ring.
@@ -53,9 +65,16 @@ pub struct Receiver<T> {
     shared: Arc<Shared<T>>,
     /// The position of the next frame this receiver takes.
     next: u64,
-    waker: Arc<AtomicWaker>,
-    /// Its entry in `waiters`.
+    reader: Arc<Reader>,
+    /// Its entry in `readers`.
     key: usize,
+}
+
+/// What the publisher sees of a receiver: where to wake it, and how far it
+/// has read (`next`, published after each take).
+struct Reader {
+    waker: AtomicWaker,
+    next: AtomicU64,
 }
 
 struct Shared<T> {
@@ -64,8 +83,8 @@ struct Shared<T> {
     tail: AtomicU64,
     /// Set by the sender's drop, after its last send.
     closed: AtomicBool,
-    /// Every receiver's waker, woken at each send.
-    waiters: Mutex<Slab<Arc<AtomicWaker>>>,
+    /// Every receiver, woken at each send.
+    readers: Mutex<Slab<Arc<Reader>>>,
 }
 
 struct Slot<T> {
@@ -91,15 +110,20 @@ pub enum TryRecvError {
 }
 
 impl<T> Shared<T> {
-    fn waiters(&self) -> MutexGuard<'_, Slab<Arc<AtomicWaker>>> {
+    fn readers(&self) -> MutexGuard<'_, Slab<Arc<Reader>>> {
         // Plain data: a panic elsewhere while holding it leaves it whole.
-        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+        self.readers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn wake_all(&self) {
-        for (_, waker) in self.waiters().iter() {
-            waker.wake();
+    /// Wakes every receiver; returns the lowest position any has yet to
+    /// take (`tail` when there are none).
+    fn wake_all(&self, tail: u64) -> u64 {
+        let mut lowest = tail;
+        for (_, reader) in self.readers().iter() {
+            reader.waker.wake();
+            lowest = lowest.min(reader.next.load(Ordering::Acquire));
         }
+        lowest
     }
 
     fn capacity(&self) -> u64 {
@@ -113,32 +137,50 @@ impl<T> Shared<T> {
 }
 
 impl<T: Clone> Sender<T> {
-    /// Puts `value` in the ring, over its oldest frame once full, and wakes
-    /// every waiting receiver. Never waits for a receiver (only, at most, for
-    /// one that is copying the pointer out of the slot being overwritten).
+    /// Puts `value` in the ring, over its oldest frame once full, wakes
+    /// every waiting receiver, and lets go of the frames every receiver has
+    /// taken. Never waits for a receiver (only, at most, for one that is
+    /// copying the pointer out of a slot being written).
     pub fn send(&mut self, value: T) {
         let shared = &*self.shared;
         // Only this sender moves `tail`.
         let pos = shared.tail.load(Ordering::Relaxed);
         *shared.slot(pos).write().unwrap_or_else(|e| e.into_inner()) = Some(Slot { pos, value });
         shared.tail.store(pos + 1, Ordering::Release);
-        shared.wake_all();
+        let lowest = shared.wake_all(pos + 1);
+        // Below `lowest` every receiver has taken its frame (a receiver
+        // publishes its position after its clone), and below
+        // `pos + 1 - capacity` the slots hold later frames already.
+        let start = self
+            .released
+            .max((pos + 1).saturating_sub(shared.capacity()));
+        for old in start..lowest {
+            let mut slot = shared.slot(old).write().unwrap_or_else(|e| e.into_inner());
+            if slot.as_ref().is_some_and(|s| s.pos == old) {
+                *slot = None;
+            }
+        }
+        self.released = self.released.max(lowest);
     }
 
     /// A receiver that takes every frame sent from now on.
     pub fn subscribe(&self) -> Receiver<T> {
-        let waker = Arc::new(AtomicWaker::new());
-        let key = self.shared.waiters().insert(Arc::clone(&waker));
+        let next = self.shared.tail.load(Ordering::Acquire);
+        let reader = Arc::new(Reader {
+            waker: AtomicWaker::new(),
+            next: AtomicU64::new(next),
+        });
+        let key = self.shared.readers().insert(Arc::clone(&reader));
         Receiver {
             shared: Arc::clone(&self.shared),
-            next: self.shared.tail.load(Ordering::Acquire),
-            waker,
+            next,
+            reader,
             key,
         }
     }
 
     pub fn receiver_count(&self) -> usize {
-        self.shared.waiters().len()
+        self.shared.readers().len()
     }
 
     /// Whether `rx` reads this sender's ring.
@@ -152,7 +194,8 @@ impl<T> Drop for Sender<T> {
         // After the last `tail` store: a receiver that sees `closed` then
         // reads the final `tail`.
         self.shared.closed.store(true, Ordering::Release);
-        self.shared.wake_all();
+        self.shared
+            .wake_all(self.shared.tail.load(Ordering::Relaxed));
     }
 }
 
@@ -183,6 +226,7 @@ impl<T: Clone> Receiver<T> {
         match taken {
             Some(value) => {
                 self.next += 1;
+                self.reader.next.store(self.next, Ordering::Release);
                 Ok(value)
             }
             // Overwritten since `tail` was read: `tail` passes a position
@@ -197,6 +241,7 @@ impl<T: Clone> Receiver<T> {
         let oldest = tail.saturating_sub(self.shared.capacity());
         let missed = oldest.saturating_sub(self.next);
         self.next = self.next.max(oldest);
+        self.reader.next.store(self.next, Ordering::Release);
         TryRecvError::Lagged(missed)
     }
 
@@ -209,7 +254,7 @@ impl<T: Clone> Receiver<T> {
 
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        self.shared.waiters().try_remove(self.key);
+        self.shared.readers().try_remove(self.key);
     }
 }
 
@@ -227,7 +272,7 @@ impl<T: Clone> Future for Recv<'_, T> {
             Err(TryRecvError::Empty) => {
                 // Registered before looking again: a send after the look
                 // wakes this waker.
-                rx.waker.register(cx.waker());
+                rx.reader.waker.register(cx.waker());
                 rx.try_recv()
             }
             taken => taken,
@@ -281,6 +326,39 @@ mod tests {
         tx.send(7);
         assert_eq!(rx.try_recv(), Ok(6));
         assert_eq!(rx.try_recv(), Ok(7));
+    }
+
+    #[test]
+    fn a_frame_is_let_go_once_every_receiver_took_it() {
+        let frames: Vec<Arc<u64>> = (0..4).map(Arc::new).collect();
+        let held = |n: usize| Arc::strong_count(&frames[n]) > 1;
+        let mut tx = channel(8);
+        let mut fast = tx.subscribe();
+        let mut slow = tx.subscribe();
+        tx.send(Arc::clone(&frames[0]));
+        tx.send(Arc::clone(&frames[1]));
+        assert_eq!(fast.try_recv().as_deref(), Ok(&0));
+        assert_eq!(fast.try_recv().as_deref(), Ok(&1));
+        assert_eq!(slow.try_recv().as_deref(), Ok(&0));
+        tx.send(Arc::clone(&frames[2]));
+        // 0 was taken by both; 1 not yet by the slow one; 2 is new.
+        assert!(!held(0));
+        assert!(held(1));
+        assert!(held(2));
+        assert_eq!(slow.try_recv().as_deref(), Ok(&1));
+        drop(slow);
+        assert_eq!(fast.try_recv().as_deref(), Ok(&2));
+        tx.send(Arc::clone(&frames[3]));
+        assert!(!held(1));
+        assert!(!held(2));
+        // Taken by every receiver, the last send's frame stays until the
+        // next send (the publisher lets go when it sends).
+        assert_eq!(fast.try_recv().as_deref(), Ok(&3));
+        assert!(held(3));
+        drop(tx);
+        assert!(held(3), "the receiver still shares the ring");
+        drop(fast);
+        assert!(!held(3));
     }
 
     #[test]

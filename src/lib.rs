@@ -29,7 +29,7 @@
 //! | a flag, env var or TOML key; `--print-config` | `config` (`ServeOptions`, one field per option) |
 //! | JWT checks, where a token is read from | `auth` |
 //! | who gets an event; the user-id rule; `--stream` specs | `route` |
-//! | slow-socket rings, `last_id` | `hub` |
+//! | slow-socket rings, `last_id` | `hub` (each ring a `fanout`) |
 //! | the newest events in memory (`--replay-memory`): resumes without a query, priming at start | `recent` |
 //! | a client's life: replay, live, refresh, when to close | `session` |
 //! | WebSocket frames out, client messages, pings, the close handshake | `websocket` |
@@ -40,6 +40,7 @@
 //! | replays at once | `replays` |
 //! | an event's frame built once, shared by every socket; one vectored write per batch | `wire::EventFrame`, `coalesce` |
 //! | what server, sessions and listener share (`Shared`, `Status`, `ExtraRoutes`) | `shared` |
+//! | the stop signal every task waits on | `shutdown` |
 //! | database targets, sslmode, the one connect | `pgconn` |
 //! | the SQL installed, `--watch` specs | `install` (sql/, triggers/) |
 //! | pruning | `retention` |
@@ -51,7 +52,7 @@
 //! events no longer in memory, the admin and stream queries (at the door and on
 //! refresh), and the bell's reads and marks (history, `?unread=1`, read
 //! messages and `POST /read`); every
-//! spawned task is tracked and ends on the one cancellation token. No module
+//! spawned task is tracked and ends on the one stop signal (`shutdown`). No module
 //! imports one that imports it back.
 
 pub mod admission;

@@ -36,7 +36,7 @@
 //! runs in the same span, so every warning names whose socket it was. Accept errors are logged and retried after a pause; they
 //! never stop the server. Upgraded sockets
 //! escape hyper's graceful shutdown, so their tasks are tracked here and close
-//! themselves on the shared cancellation token.
+//! themselves on the shared stop signal (`shutdown`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
