@@ -465,7 +465,7 @@ async fn handle(
     // config built there, rather than captured: whatever a task captures
     // stays in its state for the socket's whole life, beside the session's
     // own copy (measured with size_of_val: 3,416 bytes a task that way,
-    // 2,512 this way). It is 1,920 bytes now (measured the same way), which
+    // 2,512 this way). It is 1,896 bytes now (measured the same way), which
     // with tokio's task header fits jemalloc's 2,048-byte class: rare paths
     // (the heartbeat, a write that has to wait, the client's ping or
     // close) keep their futures boxed so that they do not widen every
