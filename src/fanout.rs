@@ -21,9 +21,10 @@
 //! broadcast, but without a count per slot (one more contended write per
 //! delivery): each receiver publishes its position beside its waker, and
 //! the publisher, which visits every receiver at each send to wake it, takes
-//! the lowest and empties the slots below. So a ring holds the frames its
-//! slowest socket has yet to take, plus those of the last send; a ring
-//! whose sockets all keep up holds next to nothing.
+//! the lowest and empties the slots below. So between sends a ring holds
+//! what its slowest socket had yet to take at the last send (at most the
+//! ring's length); a ring whose sockets keep up holds about one send's
+//! frame.
 //!
 //! One publisher by construction: [`Sender::send`] takes `&mut self` (the
 //! hub sends under its lock).
@@ -66,8 +67,8 @@ pub struct Receiver<T> {
     /// The position of the next frame this receiver takes.
     next: u64,
     reader: Arc<Reader>,
-    /// Its entry in `readers`.
-    key: usize,
+    /// Its entry in `readers`, until it leaves.
+    key: Option<usize>,
 }
 
 /// What the publisher sees of a receiver: where to wake it, and how far it
@@ -175,7 +176,7 @@ impl<T: Clone> Sender<T> {
             shared: Arc::clone(&self.shared),
             next,
             reader,
-            key,
+            key: Some(key),
         }
     }
 
@@ -220,19 +221,26 @@ impl<T: Clone> Receiver<T> {
             .read()
             .unwrap_or_else(|e| e.into_inner())
         {
-            Some(slot) if slot.pos == self.next => Some(slot.value.clone()),
-            _ => None,
+            Some(slot) if slot.pos == self.next => Ok(slot.value.clone()),
+            // Overwritten since `tail` was read (a slot only ever takes a
+            // later position). The publisher may not have moved `tail` past
+            // the overwriting frame yet: the frame itself says how far it is.
+            Some(slot) => Err(slot.pos + 1),
+            // Not reached: `tail` passes a position only once its slot
+            // holds it, and a slot is emptied only once every receiver is
+            // past it.
+            None => Err(self.next + 1),
         };
         match taken {
-            Some(value) => {
+            Ok(value) => {
                 self.next += 1;
                 self.reader.next.store(self.next, Ordering::Release);
                 Ok(value)
             }
-            // Overwritten since `tail` was read: `tail` passes a position
-            // only once its slot holds it, and a slot only ever takes a
-            // later position.
-            None => Err(self.lagged(self.shared.tail.load(Ordering::Acquire))),
+            Err(written) => {
+                let tail = self.shared.tail.load(Ordering::Acquire).max(written);
+                Err(self.lagged(tail))
+            }
         }
     }
 
@@ -252,9 +260,20 @@ impl<T: Clone> Receiver<T> {
     }
 }
 
+impl<T> Receiver<T> {
+    /// Stops counting as a receiver of the ring (and being woken), as a
+    /// drop does: the hub leaves under its own lock, so that of two sockets
+    /// leaving one ring at once, the second sees the first gone.
+    pub fn leave(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.shared.readers().try_remove(key);
+        }
+    }
+}
+
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        self.shared.readers().try_remove(self.key);
+        self.leave();
     }
 }
 
@@ -403,6 +422,74 @@ mod tests {
             .expect("the reader ran");
         assert_eq!(first, Ok(7));
         assert_eq!(second, Err(RecvError::Closed));
+    }
+
+    /// A receiver racing a publisher that laps it, over and over: every
+    /// frame is either taken, in order, or counted in a `Lagged`, and no
+    /// `Lagged` counts nothing.
+    #[test]
+    fn a_lapped_receiver_accounts_for_every_frame() {
+        const FRAMES: u64 = 2_000_000;
+        let mut tx = channel(4);
+        let mut rx = tx.subscribe();
+        let sender = std::thread::spawn(move || {
+            for n in 0..FRAMES {
+                tx.send(n);
+            }
+        });
+        let (mut taken, mut missed, mut last) = (0, 0, None);
+        loop {
+            match rx.try_recv() {
+                Ok(n) => {
+                    assert!(last.is_none_or(|last| n > last), "out of order");
+                    last = Some(n);
+                    taken += 1;
+                }
+                Err(TryRecvError::Lagged(n)) => {
+                    assert!(n > 0, "a lag of nothing");
+                    missed += n;
+                }
+                Err(TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(TryRecvError::Closed) => break,
+            }
+        }
+        sender.join().expect("the sender ran");
+        assert_eq!(taken + missed, FRAMES);
+    }
+
+    /// Send, then wait until every receiver has the frame, a few thousand
+    /// times: a wake-up lost between a receiver's look and its registering
+    /// leaves that receiver asleep, and the wait times out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn receivers_in_lockstep_are_woken_for_every_frame() {
+        const FRAMES: u32 = 3_000;
+        const RECEIVERS: usize = 8;
+        let mut tx = channel(4);
+        let (ack, acks) = std::sync::mpsc::channel();
+        for _ in 0..RECEIVERS {
+            let mut rx = tx.subscribe();
+            let ack = ack.clone();
+            tokio::spawn(async move {
+                while let Ok(n) = rx.recv().await {
+                    if ack.send(n).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let sender = tokio::task::spawn_blocking(move || {
+            for n in 0..FRAMES {
+                tx.send(n);
+                for _ in 0..RECEIVERS {
+                    let got = acks.recv_timeout(BOUND).expect("every receiver woken");
+                    assert_eq!(got, n);
+                }
+            }
+        });
+        tokio::time::timeout(BOUND * 2, sender)
+            .await
+            .expect("in time")
+            .expect("the sender ran");
     }
 
     /// Many receivers on other threads, each polled like a socket's task

@@ -209,19 +209,29 @@ impl Hub {
     }
 }
 
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        if let Some((hub, ring)) = &self.keyed {
+impl Subscription {
+    /// Leaves the hub, as a drop does (once): a keyed ring goes with its
+    /// last socket. The queue leaves under the hub's lock, so that of two
+    /// sockets leaving at once, the second to take the lock sees the first
+    /// gone and removes the ring. After a restart the entry may be a new
+    /// channel: that one stays.
+    fn leave(&mut self) {
+        if let Some((hub, ring)) = self.keyed.take() {
             let mut state = hub.state();
-            // Our own receiver is still alive here: 1 means it was the last.
-            // After a restart the entry may be a new channel: leave that one.
+            self.rx.leave();
             if state
-                .ring(ring)
-                .is_some_and(|tx| tx.receiver_count() <= 1 && tx.same_channel(&self.rx))
+                .ring(&ring)
+                .is_some_and(|tx| tx.receiver_count() == 0 && tx.same_channel(&self.rx))
             {
-                state.remove(ring);
+                state.remove(&ring);
             }
         }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 
@@ -350,6 +360,21 @@ mod tests {
             },
         );
         assert_eq!(new.rx.try_recv().map(|d| d.id()).ok(), Some(4));
+    }
+
+    /// Two sockets of one user leaving at once, on two workers: the
+    /// second takes the hub's lock after the first, before the first's
+    /// queue is dropped. The ring goes all the same.
+    #[test]
+    fn sockets_leaving_at_once_remove_their_ring() {
+        let hub = hub();
+        let mut first = hub.subscribe(Ring::User("alice".into()));
+        let mut second = hub.subscribe(Ring::User("alice".into()));
+        first.leave();
+        second.leave();
+        assert_eq!(hub.connected_users(), 0, "a ring outlived its sockets");
+        drop((first, second));
+        assert_eq!(hub.connected_users(), 0);
     }
 
     #[test]

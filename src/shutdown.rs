@@ -130,6 +130,32 @@ mod tests {
             .expect("already cancelled");
     }
 
+    #[tokio::test]
+    async fn a_wait_polled_by_one_task_then_another_is_woken_in_the_second() {
+        let shutdown: &'static Shutdown = Box::leak(Box::new(Shutdown::new()));
+        let mut wait = Box::pin(shutdown.cancelled());
+        async fn poll_once(wait: &mut Pin<Box<Cancelled<'static>>>) -> Poll<()> {
+            std::future::poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await
+        }
+        assert!(poll_once(&mut wait).await.is_pending());
+        let (polled, was_polled) = tokio::sync::oneshot::channel();
+        let other = tokio::spawn(async move {
+            // Another task's waker: the wait must register it.
+            assert!(poll_once(&mut wait).await.is_pending());
+            let _ = polled.send(());
+            wait.await
+        });
+        tokio::time::timeout(BOUND, was_polled)
+            .await
+            .expect("the other task polled in time")
+            .expect("the other task ran");
+        shutdown.cancel();
+        tokio::time::timeout(BOUND, other)
+            .await
+            .expect("the cancel woke the other task")
+            .expect("the other task ran");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_task_woken_by_other_things_still_sees_the_cancel() {
         // Like a socket's task: the wait is polled again at each of many

@@ -126,7 +126,10 @@ impl Peer for SsePeer {
     }
 
     async fn close(&mut self, kind: Close, reason: &'static str) {
-        let mut event = Vec::new();
+        // Events queued but not flushed (a socket that lagged in the middle
+        // of a batch) go out before the close, as a WebSocket's close frame
+        // follows its queued frames.
+        let mut event = std::mem::take(&mut self.pending);
         wire::write_sse_event(
             &mut event,
             "close",
