@@ -31,12 +31,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
-use slab::Slab;
 
 /// A ring of `capacity` frames (at least 1), and its publishing end.
 pub fn channel<T: Clone>(capacity: usize) -> Sender<T> {
@@ -46,7 +45,7 @@ pub fn channel<T: Clone>(capacity: usize) -> Sender<T> {
             slots,
             tail: AtomicU64::new(0),
             closed: AtomicBool::new(false),
-            readers: Mutex::new(Slab::new()),
+            readers: Mutex::new(Vec::new()),
         }),
         released: 0,
     }
@@ -67,8 +66,8 @@ pub struct Receiver<T> {
     /// The position of the next frame this receiver takes.
     next: u64,
     reader: Arc<Reader>,
-    /// Its entry in `readers`, until it leaves.
-    key: Option<usize>,
+    /// Whether it left `readers` already.
+    left: bool,
 }
 
 /// What the publisher sees of a receiver: where to wake it, and how far it
@@ -76,6 +75,8 @@ pub struct Receiver<T> {
 struct Reader {
     waker: AtomicWaker,
     next: AtomicU64,
+    /// Its place in `readers`: read and written under that lock only.
+    index: AtomicUsize,
 }
 
 struct Shared<T> {
@@ -84,8 +85,10 @@ struct Shared<T> {
     tail: AtomicU64,
     /// Set by the sender's drop, after its last send.
     closed: AtomicBool,
-    /// Every receiver, woken at each send.
-    readers: Mutex<Slab<Arc<Reader>>>,
+    /// Every receiver, woken at each send: kept dense (a leaving receiver's
+    /// place takes the last one), so a send visits the receivers there are,
+    /// not as many as there ever were.
+    readers: Mutex<Vec<Arc<Reader>>>,
 }
 
 struct Slot<T> {
@@ -111,7 +114,7 @@ pub enum TryRecvError {
 }
 
 impl<T> Shared<T> {
-    fn readers(&self) -> MutexGuard<'_, Slab<Arc<Reader>>> {
+    fn readers(&self) -> MutexGuard<'_, Vec<Arc<Reader>>> {
         // Plain data: a panic elsewhere while holding it leaves it whole.
         self.readers.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -120,7 +123,7 @@ impl<T> Shared<T> {
     /// take (`tail` when there are none).
     fn wake_all(&self, tail: u64) -> u64 {
         let mut lowest = tail;
-        for (_, reader) in self.readers().iter() {
+        for reader in self.readers().iter() {
             reader.waker.wake();
             lowest = lowest.min(reader.next.load(Ordering::Acquire));
         }
@@ -167,16 +170,19 @@ impl<T: Clone> Sender<T> {
     /// A receiver that takes every frame sent from now on.
     pub fn subscribe(&self) -> Receiver<T> {
         let next = self.shared.tail.load(Ordering::Acquire);
+        let mut readers = self.shared.readers();
         let reader = Arc::new(Reader {
             waker: AtomicWaker::new(),
             next: AtomicU64::new(next),
+            index: AtomicUsize::new(readers.len()),
         });
-        let key = self.shared.readers().insert(Arc::clone(&reader));
+        readers.push(Arc::clone(&reader));
+        drop(readers);
         Receiver {
             shared: Arc::clone(&self.shared),
             next,
             reader,
-            key: Some(key),
+            left: false,
         }
     }
 
@@ -265,8 +271,19 @@ impl<T> Receiver<T> {
     /// drop does: the hub leaves under its own lock, so that of two sockets
     /// leaving one ring at once, the second sees the first gone.
     pub fn leave(&mut self) {
-        if let Some(key) = self.key.take() {
-            self.shared.readers().try_remove(key);
+        if std::mem::replace(&mut self.left, true) {
+            return;
+        }
+        let mut readers = self.shared.readers();
+        let index = self.reader.index.load(Ordering::Relaxed);
+        readers.swap_remove(index);
+        if let Some(moved) = readers.get(index) {
+            moved.index.store(index, Ordering::Relaxed);
+        }
+        // After a storm the list gives back most of its room.
+        let left = readers.len();
+        if left < readers.capacity() / 4 {
+            readers.shrink_to(left * 2);
         }
     }
 }
@@ -388,6 +405,35 @@ mod tests {
         drop(tx);
         assert_eq!(rx.try_recv(), Ok(1));
         assert_eq!(rx.try_recv(), Err(TryRecvError::Closed));
+    }
+
+    /// Receivers leave in any order: each takes its own place with it, the
+    /// others are still woken, and the list's room follows their number.
+    #[tokio::test]
+    async fn receivers_leave_in_any_order_and_the_rest_are_still_woken() {
+        let mut tx = channel::<u32>(4);
+        let mut many: Vec<_> = (0..100).map(|_| tx.subscribe()).collect();
+        let kept = many.swap_remove(50);
+        // From the front, the back and the middle.
+        drop(many.remove(0));
+        drop(many.pop());
+        drop(many.remove(40));
+        assert_eq!(tx.receiver_count(), 97);
+        drop(many);
+        assert_eq!(tx.receiver_count(), 1);
+        assert!(
+            tx.shared.readers().capacity() < 8,
+            "the room was given back"
+        );
+        let mut kept = kept;
+        let reader = tokio::spawn(async move { kept.recv().await });
+        tokio::task::yield_now().await;
+        tx.send(9);
+        let got = tokio::time::timeout(BOUND, reader)
+            .await
+            .expect("the last receiver was woken")
+            .expect("the reader ran");
+        assert_eq!(got, Ok(9));
     }
 
     #[test]

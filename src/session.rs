@@ -238,8 +238,8 @@ async fn session<P: Peer>(
     }
 
     // Made once and polled on every wake-up: made anew in the loop, each
-    // would register with the runtime's timer and the shared shutdown
-    // token (a lock every socket contends) at every event. The timer is
+    // would register with the runtime's timer and with the stop signal's
+    // waiter list (a lock every socket shares) at every event. The timer is
     // boxed: inline, its 100-odd bytes would put every socket's task in
     // jemalloc's next size class (512 bytes more).
     //
