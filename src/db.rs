@@ -270,8 +270,10 @@ pub const PAGE_BYTES: i64 = 2 << 20;
 /// (the first row always), with a seventh column, `more`: whether rows of
 /// the page were left out after it (on the last row returned, whether the
 /// byte bound ended the page). The window runs over the limited rows as
-/// they stream from the index (no sort, no rows held), so PostgreSQL reads
-/// what it read before, and only pgrelay's share is cut.
+/// they stream from the index (no sort), but PostgreSQL still builds every
+/// row under the limit before the bound cuts them: a read that goes on
+/// after a page its bytes ended asks for fewer rows ([`Page::next_limit`]),
+/// or a run of large events would be built again at every page.
 macro_rules! sized {
     ($order:literal, $($inner:expr),+ $(,)?) => {
         concat!(
@@ -389,6 +391,24 @@ pub struct Page {
     pub more: bool,
 }
 
+impl Page {
+    /// The row limit of the page after this one, read under `limit`, for a
+    /// read whose own limit is `max`. After a page its bytes ended, twice
+    /// its rows: the rows that follow are likely as large, and PostgreSQL
+    /// builds every row under the limit before [`PAGE_BYTES`] cuts them, so
+    /// it builds at most about twice what it returns (with `max` each page,
+    /// a run of large events cost it the square of its length). After a
+    /// page its rows ended, twice the limit again, up to `max`.
+    pub fn next_limit(&self, limit: i64, max: i64) -> i64 {
+        let rows = self.rows as i64;
+        if self.more && rows < limit {
+            (2 * rows).clamp(1, max)
+        } else {
+            limit.saturating_mul(2).min(max)
+        }
+    }
+}
+
 /// The rows on `channels` with `floor <= id < before`, newest first, at
 /// most `limit` ([`CHANNEL_HISTORY`]).
 async fn channel_history(
@@ -470,6 +490,8 @@ pub enum Source<'a> {
 pub struct LogReader<'a> {
     source: Source<'a>,
     cursor: Cursor,
+    /// The next page's row limit, at most the cursor's ([`Page::next_limit`]).
+    limit: i64,
     /// The id of the last row read, readable or not (the start before any).
     last: i64,
 }
@@ -479,6 +501,7 @@ impl<'a> LogReader<'a> {
         LogReader {
             source,
             last: cursor.after,
+            limit: cursor.page,
             cursor,
         }
     }
@@ -489,7 +512,7 @@ impl<'a> LogReader<'a> {
         let Some((after, end)) = self.cursor.next() else {
             return Ok(None);
         };
-        let limit = self.cursor.page;
+        let limit = self.limit;
         let page = match self.source {
             Source::Connection { client, channels } => {
                 let read = read_events(client, after, end, channels, limit);
@@ -503,6 +526,7 @@ impl<'a> LogReader<'a> {
             }
         };
         self.cursor.advance(end, &page);
+        self.limit = page.next_limit(limit, self.cursor.page);
         self.last = page.last_id.unwrap_or(self.last);
         Ok(Some(page))
     }
@@ -940,6 +964,26 @@ mod tests {
             &[(2, Some(8), true), (1, Some(9), false)],
             &[(5, i64::MAX), (8, i64::MAX)],
         );
+    }
+
+    #[test]
+    fn a_page_its_bytes_ended_makes_the_next_ask_for_twice_its_rows() {
+        let page = |rows, more| Page {
+            rows,
+            more,
+            ..Page::default()
+        };
+        // Three rows of 500 came back before the bytes ran out: ask for 6.
+        assert_eq!(page(3, true).next_limit(500, 500), 6);
+        // One huge row: ask for 2, never for none.
+        assert_eq!(page(1, true).next_limit(6, 500), 2);
+        // Rows ended the page (small events again): double, up to the read's own.
+        assert_eq!(page(6, true).next_limit(6, 500), 12);
+        assert_eq!(page(400, true).next_limit(400, 500), 500);
+        // A short page without more ended its range; the next range starts
+        // at twice the limit, capped.
+        assert_eq!(page(2, false).next_limit(6, 500), 12);
+        assert_eq!(page(0, false).next_limit(500, 500), 500);
     }
 
     /// The bound written into the page queries is [`PAGE_BYTES`].

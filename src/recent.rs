@@ -45,7 +45,8 @@
 //!
 //! Priming: at start, the newest events up to the head the listener starts
 //! from, read newest first in pages of [`PRIME_PAGE`] rows or
-//! `db::PAGE_BYTES` (each under the statement timeout), until the budget is
+//! `db::PAGE_BYTES` (each under the statement timeout; fewer rows after a
+//! page its bytes ended: `db::Page::next_limit`), until the budget is
 //! full, `REPLAY_WINDOW` ids or [`PRIME_ROWS`] rows are read, so a storm
 //! right after a restart finds the events written while pgrelay was down.
 //! What priming holds beyond the budget is one page at most (the oldest are
@@ -421,9 +422,11 @@ impl<D: Kept> Recent<D> {
         let (mut rows, mut bytes, mut below, mut pruned_through) = (0, 0, head, 0);
         // Where the range held starts: below the oldest row read, or the
         // floor once every row above it is read.
+        // Pages shrink after one its bytes ended (see `Page::next_limit`).
+        let mut page_limit = PRIME_PAGE as i64;
         let oldest = loop {
-            let limit = PRIME_PAGE.min(PRIME_ROWS - rows);
-            let (page, pruned) = match db.newest(&channels, below, floor, limit as i64).await {
+            let limit = page_limit.min((PRIME_ROWS - rows) as i64);
+            let (page, pruned) = match db.newest(&channels, below, floor, limit).await {
                 Ok(read) => read,
                 Err(e) if rows == 0 => return Err(e),
                 // What the pages before held is whole down to `below`.
@@ -435,6 +438,7 @@ impl<D: Kept> Recent<D> {
             // Retention may have deleted rows up to `pruned` (read after
             // the page's rows): not held.
             pruned_through = pruned_through.max(pruned);
+            page_limit = page.next_limit(limit, PRIME_PAGE as i64);
             rows += page.rows;
             for event in &page.events {
                 let targets = routes.route(event);
