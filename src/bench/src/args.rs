@@ -11,6 +11,10 @@ use pgrelay::wire::Transport;
 use crate::error::{BenchError, Result};
 use crate::resume;
 
+/// `--rows-per-insert` at most: the rows of one INSERT, or one batch of the
+/// plain broadcaster's.
+pub(crate) const MAX_ROWS_PER_INSERT: u16 = 1000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Scenario {
     /// N sockets, R inserts/s: deliveries, latency, loss, memory (the default).
@@ -200,7 +204,7 @@ impl Args {
                 "--transport sse is for --scenario load and resume-storm",
             ));
         }
-        if !(1..=1000).contains(&self.rows_per_insert) {
+        if !(1..=u32::from(MAX_ROWS_PER_INSERT)).contains(&self.rows_per_insert) {
             return Err(BenchError::Usage(
                 "--rows-per-insert must be between 1 and 1000",
             ));

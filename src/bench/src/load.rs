@@ -35,6 +35,17 @@ use crate::stats::{
 use crate::workload::{workload, Workload};
 use crate::writer::{Rows, WriterCounts, Writers};
 
+/// Aborts its tasks when dropped, so that a run that ends early stops them.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// The drain ends after this long without any delivery.
 const DRAIN_QUIET: Duration = Duration::from_secs(5);
 
@@ -173,13 +184,7 @@ pub(crate) async fn measure(
         args.sockets,
     ));
     // Stop the progress line whatever happens below.
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _progress_guard = AbortOnDrop(progress_task);
+    let _progress_guard = AbortOnDrop(vec![progress_task]);
 
     let rss_before_connect = proc_sample(server.pid);
     let (connect_s, handles) = spawn_all(&ctx, specs, || Plain).await?;
@@ -192,7 +197,11 @@ pub(crate) async fn measure(
     // Sockets idle, no rows yet: is anyone else using the machine?
     let mut quiet = quiet::check(args, server).await?;
 
+    // Stopped if the run ends early (an error, Ctrl-C): the broadcaster's
+    // feeder holds its stdin open, and pgrelay's writers would go on
+    // inserting.
     let (start, writer_tasks) = source.start(args, server, &counts).await?;
+    let mut writer_tasks = AbortOnDrop(writer_tasks);
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
     *lock(&progress.phase) = Phase::Warmup;
@@ -214,7 +223,7 @@ pub(crate) async fn measure(
     let (at_end, load) = quiet.close(window, server);
     let transactions_in_window = counts.transactions.load(Relaxed) - transactions_at_start;
     *lock(&progress.phase) = Phase::Drain;
-    for task in writer_tasks {
+    for task in std::mem::take(&mut writer_tasks.0) {
         let _ = task.await;
     }
     let inserted_in_window = counts.inserted.load(Relaxed) - inserted_at_start;

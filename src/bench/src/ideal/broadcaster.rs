@@ -40,14 +40,12 @@ use pgrelay::parse::Event;
 use pgrelay::wire::{self, Endpoint, EventFrame};
 use serde_json::value::RawValue;
 
+use crate::args::MAX_ROWS_PER_INSERT;
 use crate::rawws::push_control;
 
 /// The most a socket buffers of what its client sends before it is
 /// dropped (the bench's client sends a close, a few bytes).
 const MAX_INBOX: usize = 64 * 1024;
-
-/// Events in one batch at most (`--rows-per-insert`'s bound).
-const MAX_BATCH: u16 = 1000;
 
 /// The writer's own token for its waker; sockets are numbered from 0.
 const WAKE: Token = Token(usize::MAX);
@@ -72,7 +70,7 @@ pub(crate) fn serve(threads: usize) -> io::Result<()> {
             .trim()
             .parse::<u16>()
             .ok()
-            .filter(|size| (1..=MAX_BATCH).contains(size))
+            .filter(|size| (1..=MAX_ROWS_PER_INSERT).contains(size))
             .ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidData, "a batch size from 1 to 1000")
             })?;
@@ -98,7 +96,7 @@ fn build_batch(first: i64, size: i64, now: SystemTime) -> io::Result<Batch> {
     let at = humantime::format_rfc3339_micros(now).to_string();
     // The row's timestamps as PostgreSQL writes a timestamptz in jsonb.
     let stamp = at.replace('Z', "+00:00");
-    let mut frames = Vec::with_capacity(400 * size.max(0) as usize);
+    let mut frames = Vec::with_capacity(400 * size as usize);
     for id in first..first + size {
         // The demo `businesses` row as `to_jsonb` lays it out (shorter keys
         // first), owner 1 as in the load scenario's dashboard runs.
@@ -457,22 +455,26 @@ mod tests {
         let (server, _) = listener.accept().expect("accept");
         server.set_nonblocking(true).expect("non-blocking");
         let mut peer = Peer::new(TcpStream::from_std(server));
-        // 64 MiB: more than loopback's buffers take while nobody reads
-        // (tcp_rmem's and tcp_wmem's maximums: 32 and 4 MiB here).
-        let chunks: Vec<Vec<u8>> = (0..=255u8).map(|i| vec![i; 256 << 10]).collect();
-        for chunk in &chunks {
-            peer.send(chunk).expect("send");
+        // Chunks of 256 KiB until the kernel's buffers, which nobody reads,
+        // are full and the peer holds at least 16 MiB itself (64 MiB in all
+        // at least; tcp_rmem's and tcp_wmem's maximums are 32 and 4 MiB
+        // here), at most 1 GiB.
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        while chunks.len() < 4096
+            && (chunks.len() < 256 || peer.pending.len() - peer.sent < 16 << 20)
+        {
+            let chunk = vec![chunks.len() as u8; 256 << 10];
+            peer.send(&chunk).expect("send");
+            chunks.push(chunk);
         }
         assert!(
             peer.sent < peer.pending.len(),
             "the client took it all unread"
         );
+        let total = chunks.iter().map(Vec::len).sum::<usize>() as u64;
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
-            (&client)
-                .take(256 * (256 << 10))
-                .read_to_end(&mut got)
-                .map(|_| got)
+            (&client).take(total).read_to_end(&mut got).map(|_| got)
         });
         // Flushed as the writer thread does: when epoll says writable.
         let mut poll = Poll::new().expect("poll");
@@ -488,6 +490,8 @@ mod tests {
             peer.flush().expect("flush");
             assert!(peer.sent <= peer.pending.len() / 2 || peer.pending.is_empty());
         }
+        // Closed: a reader short of bytes ends, and the comparison fails.
+        drop(peer);
         let got = reader.join().expect("reader").expect("read");
         assert_eq!(got, chunks.concat());
     }
